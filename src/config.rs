@@ -1,0 +1,335 @@
+//! The daemon's configuration: one strict TOML file, every key documented in README.md.
+//!
+//! Unknown keys are rejected (`deny_unknown_fields`), every default is a named constant, and
+//! [`Config::validate`] checks what the type system cannot (mode-specific keys, port ranges), so
+//! `ftp-alg check-config FILE` and `ftp-alg run` report the same errors before anything starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon listens in gateway mode: the port that tcp/21 is redirected to.
+pub const DEFAULT_GATEWAY_LISTEN: &[&str] = &["0.0.0.0:2121", "[::]:2121"];
+/// First port handed out for rewritten announcements; above Linux's default
+/// `ip_local_port_range` (32768-60999) so it never collides with the kernel's own ephemeral ports.
+pub const DEFAULT_PORT_MIN: u16 = 61000;
+/// Last port handed out for rewritten announcements.
+pub const DEFAULT_PORT_MAX: u16 = 64999;
+/// Kernel-side lifetime of a pinhole: long enough for a client to dial, short enough that a
+/// crashed daemon leaks nothing for long. The daemon removes pinholes earlier, at the transfer's
+/// final reply or at the end of the session.
+pub const DEFAULT_PINHOLE_TIMEOUT_SECS: u64 = 30;
+/// A released port is not handed out again for this long: the connection that used it sits in
+/// TIME_WAIT (60 s on Linux) and a new connection on the same tuple would be refused.
+pub const DEFAULT_PORT_REUSE_DELAY_SECS: u64 = 120;
+/// The connection mark that ftp-alg sets on every connection it lets through; an existing
+/// firewall accepts it with the one line `ct mark 0x0000f7a0 accept`.
+pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
+/// Longest control-channel line accepted, in bytes, terminator included.
+pub const DEFAULT_MAX_LINE: usize = 2048;
+/// How long the connection to the upstream server may take before the client gets a 421.
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+
+/// Errors found while reading or checking a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// The values parse but do not make sense together.
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// How ftp-alg sits between clients and servers (see DESIGN.md's mode table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Clients behind this host reach any server; tcp/21 is redirected to the daemon, which
+    /// reads the original destination from the socket.
+    Gateway,
+    /// In front of one legacy server (sidecar or reverse proxy).
+    Reverse,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Control-channel proxy settings.
+    pub proxy: ProxyConfig,
+    /// Pinhole and nftables settings.
+    #[serde(default)]
+    pub pinholes: PinholeConfig,
+}
+
+/// `[proxy]`: where to listen and where to go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `gateway` or `reverse`.
+    pub mode: Mode,
+    /// Addresses to accept control connections on.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Reverse mode only: the legacy server's control address.
+    #[serde(default)]
+    pub upstream: Option<SocketAddr>,
+    /// Reverse mode only: the address to announce in 227 replies instead of the address the
+    /// client dialled (for a host behind a 1:1 NAT, such as a cloud public address).
+    #[serde(default)]
+    pub announce: Option<IpAddr>,
+    /// Gateway mode only: interfaces whose tcp/21 traffic the daemon's table redirects to the
+    /// first listen port. Empty: the operator's own ruleset redirects.
+    #[serde(default)]
+    pub intercept: Vec<String>,
+    /// Longest control line accepted, in bytes.
+    #[serde(default = "default_max_line")]
+    pub max_line: usize,
+    /// Seconds allowed for the upstream TCP connect.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+/// `[pinholes]`: how data connections are let through.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinholeConfig {
+    /// First port handed out for rewritten announcements.
+    #[serde(default = "default_port_min")]
+    pub port_min: u16,
+    /// Last port handed out for rewritten announcements.
+    #[serde(default = "default_port_max")]
+    pub port_max: u16,
+    /// Kernel-side timeout of each pinhole, in seconds.
+    #[serde(default = "default_pinhole_timeout")]
+    pub timeout_secs: u64,
+    /// Seconds before a released port is handed out again.
+    #[serde(default = "default_reuse_delay")]
+    pub reuse_delay_secs: u64,
+    /// Connection mark set on every connection a pinhole lets through.
+    #[serde(default = "default_ct_mark")]
+    pub ct_mark: u32,
+    /// The nft executable.
+    #[serde(default = "default_nft")]
+    pub nft: PathBuf,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    DEFAULT_GATEWAY_LISTEN
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+fn default_max_line() -> usize {
+    DEFAULT_MAX_LINE
+}
+fn default_connect_timeout() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_SECS
+}
+fn default_port_min() -> u16 {
+    DEFAULT_PORT_MIN
+}
+fn default_port_max() -> u16 {
+    DEFAULT_PORT_MAX
+}
+fn default_pinhole_timeout() -> u64 {
+    DEFAULT_PINHOLE_TIMEOUT_SECS
+}
+fn default_reuse_delay() -> u64 {
+    DEFAULT_PORT_REUSE_DELAY_SECS
+}
+fn default_ct_mark() -> u32 {
+    DEFAULT_CT_MARK
+}
+fn default_nft() -> PathBuf {
+    PathBuf::from("nft")
+}
+
+impl Default for PinholeConfig {
+    fn default() -> Self {
+        PinholeConfig {
+            port_min: DEFAULT_PORT_MIN,
+            port_max: DEFAULT_PORT_MAX,
+            timeout_secs: DEFAULT_PINHOLE_TIMEOUT_SECS,
+            reuse_delay_secs: DEFAULT_PORT_REUSE_DELAY_SECS,
+            ct_mark: DEFAULT_CT_MARK,
+            nft: default_nft(),
+        }
+    }
+}
+
+impl Config {
+    /// The built-in default: gateway mode on port 2121, all other values at their defaults.
+    pub fn builtin_gateway() -> Config {
+        Config {
+            proxy: ProxyConfig {
+                mode: Mode::Gateway,
+                listen: default_listen(),
+                upstream: None,
+                announce: None,
+                intercept: Vec::new(),
+                max_line: DEFAULT_MAX_LINE,
+                connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
+            },
+            pinholes: PinholeConfig::default(),
+        }
+    }
+
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parse and validate configuration text; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that span several keys; returns the first problem found.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.proxy;
+        if p.listen.is_empty() {
+            return Err("proxy.listen: at least one address is needed".into());
+        }
+        match p.mode {
+            Mode::Gateway => {
+                if p.upstream.is_some() {
+                    return Err("proxy.upstream is for reverse mode; a gateway reads each connection's original destination".into());
+                }
+                if p.announce.is_some() {
+                    return Err("proxy.announce is for reverse mode only".into());
+                }
+            }
+            Mode::Reverse => {
+                if p.upstream.is_none() {
+                    return Err("proxy.upstream is required in reverse mode".into());
+                }
+                if !p.intercept.is_empty() {
+                    return Err("proxy.intercept is for gateway mode only".into());
+                }
+            }
+        }
+        if p.max_line < 64 {
+            return Err(format!(
+                "proxy.max_line = {} is too small: FTP needs at least 64",
+                p.max_line
+            ));
+        }
+        if p.connect_timeout_secs == 0 {
+            return Err("proxy.connect_timeout_secs must be at least 1".into());
+        }
+        let ph = &self.pinholes;
+        if ph.port_min < 1024 {
+            return Err(format!(
+                "pinholes.port_min = {}: data ports below 1024 are refused",
+                ph.port_min
+            ));
+        }
+        if ph.port_min > ph.port_max {
+            return Err(format!(
+                "pinholes.port_min ({}) is above pinholes.port_max ({})",
+                ph.port_min, ph.port_max
+            ));
+        }
+        if ph.timeout_secs == 0 || ph.timeout_secs > 3600 {
+            return Err(format!(
+                "pinholes.timeout_secs = {}: must be 1..=3600",
+                ph.timeout_secs
+            ));
+        }
+        if ph.ct_mark == 0 {
+            return Err(
+                "pinholes.ct_mark must not be 0: every connection starts with mark 0".into(),
+            );
+        }
+        for iface in &p.intercept {
+            let ok = !iface.is_empty()
+                && iface.len() < 16
+                && iface
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "proxy.intercept: {iface:?} is not an interface name"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kernel-side pinhole timeout.
+    pub fn pinhole_timeout(&self) -> Duration {
+        Duration::from_secs(self.pinholes.timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_gateway_uses_defaults() {
+        let c = parse("[proxy]\nmode = \"gateway\"\n").unwrap();
+        assert_eq!(c.proxy.listen.len(), 2);
+        assert_eq!(c.pinholes.port_min, DEFAULT_PORT_MIN);
+        assert_eq!(c.pinholes.ct_mark, DEFAULT_CT_MARK);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = parse("[proxy]\nmode = \"gateway\"\nlisten_on = []\n").unwrap_err();
+        assert!(e.to_string().contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn reverse_needs_upstream() {
+        let e = parse("[proxy]\nmode = \"reverse\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream"), "{e}");
+    }
+
+    #[test]
+    fn privileged_port_range_is_rejected() {
+        let e = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nport_min = 20\n").unwrap_err();
+        assert!(e.to_string().contains("below 1024"), "{e}");
+    }
+
+    #[test]
+    fn builtin_default_is_valid() {
+        Config::builtin_gateway().validate().unwrap();
+    }
+
+    #[test]
+    fn shipped_examples_parse() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}

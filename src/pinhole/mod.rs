@@ -1,0 +1,408 @@
+//! Pinholes: the firewall side of ftp-alg.
+//!
+//! A pinhole lets exactly one kind of new connection through the kernel's firewall: from one
+//! source address to one destination address and port, optionally translated (DNAT to where
+//! the data endpoint really listens, SNAT so the peer sees the address it expects), for a
+//! limited time enforced by the kernel. [`Pinholes`] hands out public ports, keeps the registry of
+//! what is open and drives a [`Backend`]; [`nft`] is the real backend. Sessions never touch any
+//! of this directly: they ask for pinholes through `session::Action::Open`.
+
+pub mod nft;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::ports::PortPool;
+
+/// Identifies an open pinhole within one daemon run.
+pub type PinholeId = u64;
+
+/// What the kernel must let through, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinhole {
+    /// The only address the data connection may come from.
+    pub source: IpAddr,
+    /// The address and port the data connection is addressed to when it arrives.
+    pub dial: SocketAddr,
+    /// Where the connection is sent instead of `dial`, if anywhere.
+    pub dnat: Option<SocketAddr>,
+    /// The source address the connection is given on its way out, if rewritten.
+    pub snat: Option<IpAddr>,
+    /// Who the pinhole is for; stored with it in the kernel.
+    pub label: Label,
+    /// Kernel-side lifetime.
+    pub timeout: Duration,
+}
+
+impl Pinhole {
+    /// The tuple a translated connection has after DNAT: what the SNAT map is keyed on.
+    pub fn translated(&self) -> SocketAddr {
+        self.dnat.unwrap_or(self.dial)
+    }
+}
+
+/// Who a pinhole belongs to: kept in the kernel element's comment, so that `pinholes list`
+/// can say it even when the daemon is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Label {
+    /// The session that opened it.
+    pub session: u64,
+    /// The control connection's client.
+    pub client: IpAddr,
+    /// The control connection's server.
+    pub server: IpAddr,
+}
+
+impl Label {
+    /// The kernel comment form: `session=7 client=198.18.0.2 server=203.0.113.2`.
+    pub fn to_comment(&self) -> String {
+        format!(
+            "session={} client={} server={}",
+            self.session, self.client, self.server
+        )
+    }
+
+    /// Parse [`Label::to_comment`]'s output; `None` for anything else.
+    pub fn from_comment(comment: &str) -> Option<Label> {
+        let mut session = None;
+        let mut client = None;
+        let mut server = None;
+        for field in comment.split_whitespace() {
+            match field.split_once('=')? {
+                ("session", v) => session = v.parse().ok(),
+                ("client", v) => client = v.parse().ok(),
+                ("server", v) => server = v.parse().ok(),
+                _ => return None,
+            }
+        }
+        Some(Label {
+            session: session?,
+            client: client?,
+            server: server?,
+        })
+    }
+}
+
+/// A session's request for a pinhole; the manager picks the public port when asked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinholeRequest {
+    /// The only address the data connection may come from.
+    pub source: IpAddr,
+    /// The address the data connection will be addressed to.
+    pub dial_ip: IpAddr,
+    /// The port it will be addressed to; `None`: allocate one from the pool.
+    pub dial_port: Option<u16>,
+    /// Where to send it instead.
+    pub dnat: Option<SocketAddr>,
+    /// Source address to give it.
+    pub snat: Option<IpAddr>,
+    /// Who it is for.
+    pub label: Label,
+}
+
+/// A pinhole as the kernel holds it, for `pinholes list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PinholeEntry {
+    /// Session id, or `None` when the element has no ftp-alg label.
+    pub session: Option<u64>,
+    /// The control connection's client.
+    pub client: Option<IpAddr>,
+    /// The control connection's server.
+    pub server: Option<IpAddr>,
+    /// The only source allowed.
+    pub source: IpAddr,
+    /// What the data connection dials.
+    pub dial: SocketAddr,
+    /// Where it is sent instead.
+    pub maps_to: Option<SocketAddr>,
+    /// The source address it is given.
+    pub snat: Option<IpAddr>,
+    /// Seconds until the kernel drops the pinhole.
+    pub seconds_left: u64,
+}
+
+/// Errors of a firewall backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The nft program could not be started or talked to.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    /// nft ran and refused the change.
+    #[error("{program} failed ({status}): {stderr}")]
+    Refused {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    /// nft's output could not be understood.
+    #[error("unexpected output from {program}: {message}")]
+    Output { program: String, message: String },
+    /// The batching worker is gone (the daemon is shutting down).
+    #[error("the firewall worker has stopped")]
+    WorkerGone,
+}
+
+/// Why a pinhole could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Every port in the configured range is in use or waiting out TIME_WAIT.
+    #[error("no free data port in the configured range")]
+    PortsExhausted,
+    /// The firewall refused or failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// The firewall operations ftp-alg needs; the nftables backend is the real one.
+pub trait Backend: Send + Sync + 'static {
+    /// Install pinholes, all or none.
+    fn install(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Remove pinholes; one that has already expired is not an error.
+    fn remove(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// A pinhole opened by this daemon run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Handle for closing it.
+    pub id: PinholeId,
+    /// The port the data connection dials (allocated or as requested).
+    pub dial_port: u16,
+}
+
+struct Registry {
+    ports: PortPool,
+    open: HashMap<PinholeId, (Pinhole, bool)>,
+    next_id: PinholeId,
+}
+
+/// The registry of open pinholes, the port pool, and the backend that makes them real.
+pub struct Pinholes<B> {
+    backend: B,
+    timeout: Duration,
+    registry: Mutex<Registry>,
+}
+
+impl<B: Backend> Pinholes<B> {
+    /// `timeout` is the kernel-side lifetime of each pinhole.
+    pub fn new(backend: B, ports: PortPool, timeout: Duration) -> Self {
+        Pinholes {
+            backend,
+            timeout,
+            registry: Mutex::new(Registry {
+                ports,
+                open: HashMap::new(),
+                next_id: 1,
+            }),
+        }
+    }
+
+    /// The backend, for operations beyond open and close (listing, flushing).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Allocate a port if asked to, install the pinhole, and return once the kernel has it.
+    pub async fn open(&self, request: &PinholeRequest) -> Result<Opened, OpenError> {
+        let (id, pinhole, allocated) = {
+            let mut reg = self.lock();
+            let (port, allocated) = match request.dial_port {
+                Some(port) => (port, false),
+                None => (
+                    reg.ports
+                        .allocate(Instant::now())
+                        .ok_or(OpenError::PortsExhausted)?,
+                    true,
+                ),
+            };
+            let id = reg.next_id;
+            reg.next_id += 1;
+            let pinhole = Pinhole {
+                source: request.source,
+                dial: SocketAddr::new(request.dial_ip, port),
+                dnat: request.dnat,
+                snat: request.snat,
+                label: request.label,
+                timeout: self.timeout,
+            };
+            (id, pinhole, allocated)
+        };
+        match self.backend.install(vec![pinhole.clone()]).await {
+            Ok(()) => {
+                let port = pinhole.dial.port();
+                self.lock().open.insert(id, (pinhole, allocated));
+                Ok(Opened {
+                    id,
+                    dial_port: port,
+                })
+            }
+            Err(e) => {
+                if allocated {
+                    self.lock()
+                        .ports
+                        .release(pinhole.dial.port(), Instant::now());
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Remove pinholes from the kernel and release their ports. Unknown ids are ignored.
+    pub async fn close(&self, ids: &[PinholeId]) -> Result<(), BackendError> {
+        let removed: Vec<Pinhole> = {
+            let mut reg = self.lock();
+            let now = Instant::now();
+            let mut removed = Vec::new();
+            for id in ids {
+                if let Some((pinhole, allocated)) = reg.open.remove(id) {
+                    if allocated {
+                        reg.ports.release(pinhole.dial.port(), now);
+                    }
+                    removed.push(pinhole);
+                }
+            }
+            removed
+        };
+        if removed.is_empty() {
+            return Ok(());
+        }
+        self.backend.remove(removed).await
+    }
+
+    /// Number of pinholes this run has open.
+    pub fn open_count(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // The registry holds no invariant that a panicking holder could break half-way, so a
+        // poisoned lock is still safe to use.
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn label_round_trips_through_the_kernel_comment() {
+        let label = Label {
+            session: 42,
+            client: "2001:db8:a::2".parse().unwrap(),
+            server: "203.0.113.2".parse().unwrap(),
+        };
+        assert_eq!(Label::from_comment(&label.to_comment()), Some(label));
+        assert_eq!(Label::from_comment("hand-made element"), None);
+        assert_eq!(Label::from_comment("session=1 client=x server=y"), None);
+    }
+
+    /// Records calls; fails installs when told to.
+    #[derive(Default)]
+    struct Recorder {
+        fail: bool,
+        installed: Mutex<Vec<Pinhole>>,
+        removed: Mutex<Vec<Pinhole>>,
+    }
+
+    impl Backend for Arc<Recorder> {
+        async fn install(&self, p: Vec<Pinhole>) -> Result<(), BackendError> {
+            if self.fail {
+                return Err(BackendError::WorkerGone);
+            }
+            self.installed.lock().unwrap().extend(p);
+            Ok(())
+        }
+        async fn remove(&self, p: Vec<Pinhole>) -> Result<(), BackendError> {
+            self.removed.lock().unwrap().extend(p);
+            Ok(())
+        }
+    }
+
+    fn request(port: Option<u16>) -> PinholeRequest {
+        PinholeRequest {
+            source: "203.0.113.2".parse().unwrap(),
+            dial_ip: "203.0.113.1".parse().unwrap(),
+            dial_port: port,
+            dnat: Some("198.18.0.2:40000".parse().unwrap()),
+            snat: None,
+            label: Label {
+                session: 1,
+                client: "198.18.0.2".parse().unwrap(),
+                server: "203.0.113.2".parse().unwrap(),
+            },
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn open_allocates_installs_and_close_releases() {
+        let rec = Arc::new(Recorder::default());
+        let pinholes = Pinholes::new(
+            rec.clone(),
+            PortPool::new(61000, 61001, Duration::ZERO),
+            Duration::from_secs(30),
+        );
+        let opened = block_on(pinholes.open(&request(None))).unwrap();
+        assert_eq!(opened.dial_port, 61000);
+        assert_eq!(
+            rec.installed.lock().unwrap()[0].dial,
+            "203.0.113.1:61000".parse().unwrap()
+        );
+        block_on(pinholes.close(&[opened.id, 999])).unwrap();
+        assert_eq!(rec.removed.lock().unwrap().len(), 1);
+        assert_eq!(pinholes.open_count(), 0);
+    }
+
+    #[test]
+    fn failed_install_gives_the_port_back() {
+        let rec = Arc::new(Recorder {
+            fail: true,
+            ..Default::default()
+        });
+        let pinholes = Pinholes::new(
+            rec,
+            PortPool::new(61000, 61000, Duration::ZERO),
+            Duration::from_secs(30),
+        );
+        assert!(block_on(pinholes.open(&request(None))).is_err());
+        assert!(block_on(pinholes.open(&request(None))).is_err());
+        assert_eq!(pinholes.lock().ports.in_use(), 0);
+    }
+
+    #[test]
+    fn fixed_port_is_not_taken_from_the_pool() {
+        let rec = Arc::new(Recorder::default());
+        let pinholes = Pinholes::new(
+            rec,
+            PortPool::new(61000, 61000, Duration::ZERO),
+            Duration::from_secs(30),
+        );
+        let opened = block_on(pinholes.open(&request(Some(40001)))).unwrap();
+        assert_eq!(opened.dial_port, 40001);
+        assert_eq!(pinholes.lock().ports.in_use(), 0);
+    }
+}

@@ -1,0 +1,500 @@
+//! The nftables backend: the only code in ftp-alg that talks to the kernel firewall.
+//!
+//! The daemon's table (`rules/ftp-alg.nft`) is loaded as nft text at start-up. Pinholes are set
+//! and map elements, built as typed JSON with the `nftables` crate and applied with `nft -j -f -`.
+//! Requests that arrive while an nft process runs are queued and applied together in the next
+//! transaction, so the cost of one nft process (a few milliseconds) is paid per batch, not per
+//! pinhole. A failed batch is retried one request at a time, so one bad request cannot fail the
+//! others.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use nftables::batch::Batch;
+use nftables::expr::{Elem, Expression, NamedExpression};
+use nftables::helper::{self, NftablesError};
+use nftables::schema::{Element, NfListObject};
+use nftables::types::NfFamily;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Backend, BackendError, Label, Pinhole, PinholeEntry};
+
+/// The table the daemon owns (family inet); fixed so that any tool can find it.
+pub const TABLE: &str = "ftp_alg";
+/// The table definition shipped in `rules/`.
+pub const RULES: &str = include_str!("../../rules/ftp-alg.nft");
+/// Most requests applied in one nft transaction.
+const MAX_BATCH: usize = 512;
+
+/// The full script that (re)creates the daemon's table: definitions, an atomic replacement of
+/// any previous table (which sweeps its stale pinholes), and the interfaces to intercept.
+pub fn table_script(ct_mark: u32, intercept_port: u16, intercept: &[String]) -> String {
+    let mut script = format!(
+        "define ALG_MARK = {ct_mark:#010x}\ndefine INTERCEPT_PORT = {intercept_port}\n\
+         table inet {TABLE}\ndelete table inet {TABLE}\n{RULES}\n"
+    );
+    for iface in intercept {
+        script.push_str(&format!(
+            "add element inet {TABLE} intercept_ifaces {{ \"{iface}\" }}\n"
+        ));
+    }
+    script
+}
+
+/// Run nft on a text script (`nft -f -`).
+pub async fn run_script(nft: &Path, script: &str) -> Result<(), BackendError> {
+    let program = nft.display().to_string();
+    let spawn_err = |source| BackendError::Spawn {
+        program: program.clone(),
+        source,
+    };
+    let mut child = tokio::process::Command::new(nft)
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(spawn_err)?;
+    }
+    let output = child.wait_with_output().await.map_err(spawn_err)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(BackendError::Refused {
+            program,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Load (or reload) the daemon's table.
+pub async fn load_table(
+    nft: &Path,
+    ct_mark: u32,
+    intercept_port: u16,
+    intercept: &[String],
+) -> Result<(), BackendError> {
+    run_script(nft, &table_script(ct_mark, intercept_port, intercept)).await
+}
+
+/// Delete the daemon's table and every pinhole in it; a missing table is not an error.
+pub async fn delete_table(nft: &Path) -> Result<(), BackendError> {
+    run_script(
+        nft,
+        &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
+    )
+    .await
+}
+
+/// Read every pinhole from the kernel.
+pub async fn list(nft: &Path) -> Result<Vec<PinholeEntry>, BackendError> {
+    let args = ["list", "table", "inet", TABLE];
+    let raw = helper::get_current_ruleset_raw_async(Some(nft), args)
+        .await
+        .map_err(|e| backend_error(nft, e))?;
+    parse_listing(&raw).map_err(|message| BackendError::Output {
+        program: nft.display().to_string(),
+        message,
+    })
+}
+
+/// Turn `nft -j list table inet ftp_alg` output into pinholes, joining each pin element with its
+/// dnat and snat map entries.
+fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
+    let doc: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    let objects = doc["nftables"].as_array().ok_or("no \"nftables\" array")?;
+    let mut pins = Vec::new();
+    let mut dnat = std::collections::HashMap::new();
+    let mut snat = std::collections::HashMap::new();
+    for object in objects {
+        let (set, is_map) = match (object.get("set"), object.get("map")) {
+            (Some(set), _) => (set, false),
+            (None, Some(map)) => (map, true),
+            (None, None) => continue,
+        };
+        let name = set["name"].as_str().unwrap_or_default();
+        let Some(elems) = set["elem"].as_array() else {
+            continue;
+        };
+        for elem in elems {
+            if is_map {
+                let (Some(key), Some(value)) = (elem.get(0), elem.get(1)) else {
+                    continue;
+                };
+                let Some(tuple) = key_tuple(&key["elem"]["val"]) else {
+                    continue;
+                };
+                if name.starts_with("dnat_") {
+                    if let Some(to) = value_endpoint(value) {
+                        dnat.insert(tuple, to);
+                    }
+                } else if name.starts_with("snat_") {
+                    if let Some(to) = value.as_str().and_then(|s| s.parse().ok()) {
+                        snat.insert(tuple, to);
+                    }
+                }
+            } else if name.starts_with("pin_") {
+                let inner = &elem["elem"];
+                if let Some(tuple) = key_tuple(&inner["val"]) {
+                    let label = inner["comment"].as_str().and_then(Label::from_comment);
+                    let left = inner["expires"].as_u64().unwrap_or(0);
+                    pins.push((tuple, label, left));
+                }
+            }
+        }
+    }
+    Ok(pins
+        .into_iter()
+        .map(|((source, dial), label, seconds_left)| {
+            let maps_to = dnat.get(&(source, dial)).copied();
+            let translated = maps_to.unwrap_or(dial);
+            PinholeEntry {
+                session: label.map(|l| l.session),
+                client: label.map(|l| l.client),
+                server: label.map(|l| l.server),
+                source,
+                dial,
+                maps_to,
+                snat: snat.get(&(source, translated)).copied(),
+                seconds_left,
+            }
+        })
+        .collect())
+}
+
+/// `{"concat": [source, address, port]}` as (source, address:port).
+fn key_tuple(val: &serde_json::Value) -> Option<(IpAddr, SocketAddr)> {
+    let parts = val["concat"].as_array()?;
+    let [source, addr, port] = parts.as_slice() else {
+        return None;
+    };
+    let source: IpAddr = source.as_str()?.parse().ok()?;
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    let port = u16::try_from(port.as_u64()?).ok()?;
+    Some((source, SocketAddr::new(addr, port)))
+}
+
+/// `{"concat": [address, port]}` as address:port.
+fn value_endpoint(val: &serde_json::Value) -> Option<SocketAddr> {
+    let parts = val["concat"].as_array()?;
+    let [addr, port] = parts.as_slice() else {
+        return None;
+    };
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    Some(SocketAddr::new(addr, u16::try_from(port.as_u64()?).ok()?))
+}
+
+fn backend_error(nft: &Path, e: NftablesError) -> BackendError {
+    let program = nft.display().to_string();
+    match e {
+        NftablesError::NftExecution { inner, .. } => BackendError::Spawn {
+            program,
+            source: inner,
+        },
+        NftablesError::NftFailed { stderr, hint, .. } => BackendError::Refused {
+            program,
+            status: hint,
+            stderr: stderr.trim().to_owned(),
+        },
+        other => BackendError::Output {
+            program,
+            message: other.to_string(),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Install,
+    Remove,
+}
+
+struct Job {
+    op: Op,
+    pinholes: Vec<Pinhole>,
+    done: oneshot::Sender<Result<(), BackendError>>,
+}
+
+/// The nftables backend: a handle to the worker task that batches requests into transactions.
+#[derive(Clone)]
+pub struct NftBackend {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl NftBackend {
+    /// Start the batching worker on the current tokio runtime.
+    pub fn start(nft: PathBuf) -> NftBackend {
+        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(worker(nft, rx));
+        NftBackend { jobs }
+    }
+
+    async fn submit(&self, op: Op, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
+        let (done, result) = oneshot::channel();
+        self.jobs
+            .send(Job { op, pinholes, done })
+            .await
+            .map_err(|_| BackendError::WorkerGone)?;
+        result.await.map_err(|_| BackendError::WorkerGone)?
+    }
+}
+
+impl Backend for NftBackend {
+    async fn install(&self, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
+        self.submit(Op::Install, pinholes).await
+    }
+
+    async fn remove(&self, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
+        self.submit(Op::Remove, pinholes).await
+    }
+}
+
+async fn worker(nft: PathBuf, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = apply(&nft, &jobs).await;
+        match result {
+            Err(e) if jobs.len() > 1 => {
+                tracing::debug!(error = %e, jobs = jobs.len(), "batch refused; retrying one by one");
+                for job in jobs {
+                    let result = apply(&nft, std::slice::from_ref(&job)).await;
+                    let _ = job.done.send(result);
+                }
+            }
+            result => {
+                for job in jobs {
+                    // A requester that went away no longer needs the answer.
+                    let _ = job.done.send(clone_result(&result));
+                }
+            }
+        }
+    }
+}
+
+fn clone_result(result: &Result<(), BackendError>) -> Result<(), BackendError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(BackendError::Refused {
+            program,
+            status,
+            stderr,
+        }) => Err(BackendError::Refused {
+            program: program.clone(),
+            status: status.clone(),
+            stderr: stderr.clone(),
+        }),
+        Err(BackendError::Spawn { program, source }) => Err(BackendError::Spawn {
+            program: program.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        }),
+        Err(BackendError::Output { program, message }) => Err(BackendError::Output {
+            program: program.clone(),
+            message: message.clone(),
+        }),
+        Err(BackendError::WorkerGone) => Err(BackendError::WorkerGone),
+    }
+}
+
+async fn apply(nft: &Path, jobs: &[Job]) -> Result<(), BackendError> {
+    let mut batch = Batch::new();
+    for job in jobs {
+        for pinhole in &job.pinholes {
+            let elements = elements(pinhole).map_err(|message| BackendError::Output {
+                program: nft.display().to_string(),
+                message,
+            })?;
+            for element in elements {
+                match job.op {
+                    Op::Install => batch.add(NfListObject::Element(element)),
+                    // nft 1.0.6 has no `destroy`, and deleting an element that has already
+                    // timed out fails the whole transaction; adding it first (a no-op when it
+                    // exists) makes the delete succeed either way.
+                    Op::Remove => {
+                        batch.add(NfListObject::Element(element.clone()));
+                        batch.delete(NfListObject::Element(element));
+                    }
+                }
+            }
+        }
+    }
+    let payload =
+        serde_json::to_string(&batch.to_nftables()).map_err(|e| BackendError::Output {
+            program: nft.display().to_string(),
+            message: e.to_string(),
+        })?;
+    helper::apply_ruleset_raw_async(&payload, Some(nft), std::iter::empty::<&str>())
+        .await
+        .map(drop)
+        .map_err(|e| backend_error(nft, e))
+}
+
+/// The set and map elements that make up one pinhole.
+fn elements(p: &Pinhole) -> Result<Vec<Element<'static>>, String> {
+    let v6 = match (p.source, p.dial.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => false,
+        (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        _ => return Err(format!("pinhole mixes address families: {p:?}")),
+    };
+    let translated = p.translated();
+    if translated.is_ipv6() != v6 || p.snat.is_some_and(|s| s.is_ipv6() != v6) {
+        return Err(format!("pinhole mixes address families: {p:?}"));
+    }
+    let suffix = if v6 { "v6" } else { "v4" };
+    let timeout = u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX);
+    let key = |addr: SocketAddr, comment: Option<String>| {
+        Expression::Named(NamedExpression::Elem(Elem {
+            val: Box::new(concat(&[p.source, addr.ip()], Some(addr.port()))),
+            timeout: Some(timeout),
+            expires: None,
+            comment: comment.map(Cow::Owned),
+            counter: None,
+        }))
+    };
+    let element = |name: &str, elem: Expression<'static>| Element {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Owned(format!("{name}_{suffix}")),
+        elem: Cow::Owned(vec![elem]),
+    };
+    let mut out = vec![element("pin", key(p.dial, Some(p.label.to_comment())))];
+    if let Some(to) = p.dnat {
+        out.push(element(
+            "dnat",
+            Expression::List(vec![key(p.dial, None), concat(&[to.ip()], Some(to.port()))]),
+        ));
+    }
+    if let Some(from) = p.snat {
+        out.push(element(
+            "snat",
+            Expression::List(vec![
+                key(translated, None),
+                Expression::String(Cow::Owned(from.to_string())),
+            ]),
+        ));
+    }
+    Ok(out)
+}
+
+fn concat(addrs: &[IpAddr], port: Option<u16>) -> Expression<'static> {
+    let mut parts: Vec<Expression<'static>> = addrs
+        .iter()
+        .map(|a| Expression::String(Cow::Owned(a.to_string())))
+        .collect();
+    parts.extend(port.map(|p| Expression::Number(u32::from(p))));
+    Expression::Named(NamedExpression::Concat(parts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pinhole() -> Pinhole {
+        Pinhole {
+            source: "198.18.0.2".parse().unwrap(),
+            dial: "198.18.0.1:61000".parse().unwrap(),
+            dnat: Some("203.0.113.2:40000".parse().unwrap()),
+            snat: Some("203.0.113.1".parse().unwrap()),
+            label: Label {
+                session: 3,
+                client: "198.18.0.2".parse().unwrap(),
+                server: "203.0.113.2".parse().unwrap(),
+            },
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The JSON equals what `nft -j` prints for
+    /// `add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s comment "..." }`
+    /// and the dnat/snat map elements keyed on the arriving and the translated tuple.
+    #[test]
+    fn install_json_matches_nft_schema() {
+        let elements = elements(&pinhole()).unwrap();
+        let json = without_nulls(serde_json::to_value(&elements).unwrap());
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"family": "inet", "table": "ftp_alg", "name": "pin_v4", "elem": [
+                    {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30,
+                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}}]},
+                {"family": "inet", "table": "ftp_alg", "name": "dnat_v4", "elem": [[
+                    {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30}},
+                    {"concat": ["203.0.113.2", 40000]}]]},
+                {"family": "inet", "table": "ftp_alg", "name": "snat_v4", "elem": [[
+                    {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30}},
+                    "203.0.113.1"]]},
+            ])
+        );
+    }
+
+    /// The crate writes absent optional fields as `null`, which nft accepts and ignores.
+    fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k, without_nulls(v)))
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        let mut p = pinhole();
+        p.dnat = Some("[2001:db8::2]:40000".parse().unwrap());
+        assert!(elements(&p).is_err());
+    }
+
+    #[test]
+    fn listing_joins_pin_and_map_elements() {
+        let raw = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"set": {"family": "inet", "name": "pin_v4", "table": "ftp_alg", "elem": [
+            {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30, "expires": 27,
+                      "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}}]}},
+          {"map": {"family": "inet", "name": "dnat_v4", "table": "ftp_alg", "elem": [[
+            {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30, "expires": 27}},
+            {"concat": ["203.0.113.2", 40000]}]]}},
+          {"map": {"family": "inet", "name": "snat_v4", "table": "ftp_alg", "elem": [[
+            {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30, "expires": 27}},
+            "203.0.113.1"]]}}]}"#;
+        let entries = parse_listing(raw).unwrap();
+        assert_eq!(
+            entries,
+            vec![PinholeEntry {
+                session: Some(3),
+                client: Some("198.18.0.2".parse().unwrap()),
+                server: Some("203.0.113.2".parse().unwrap()),
+                source: "198.18.0.2".parse().unwrap(),
+                dial: "198.18.0.1:61000".parse().unwrap(),
+                maps_to: Some("203.0.113.2:40000".parse().unwrap()),
+                snat: Some("203.0.113.1".parse().unwrap()),
+                seconds_left: 27,
+            }]
+        );
+    }
+
+    #[test]
+    fn table_script_defines_mark_and_intercepts() {
+        let script = table_script(0xf7a0, 2121, &["lan0".into()]);
+        assert!(script.starts_with("define ALG_MARK = 0x0000f7a0\ndefine INTERCEPT_PORT = 2121\n"));
+        assert!(script.contains("add element inet ftp_alg intercept_ifaces { \"lan0\" }"));
+    }
+}

@@ -1,0 +1,257 @@
+//! The tokio shell: listeners, control connections, and carrying out each session's actions in
+//! order.
+//!
+//! This module only moves bytes and calls the pinhole manager; every decision is made by
+//! [`crate::session::Session`]. While a pinhole is being installed the session's connections are
+//! not read, which keeps the order of lines and pushes back on a peer that floods.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::config::{Config, Mode};
+use crate::origdst::original_destination;
+use crate::pinhole::nft::{self, NftBackend};
+use crate::pinhole::Pinholes;
+use crate::ports::PortPool;
+use crate::session::{Action, Session, SessionContext};
+
+const READ_BUFFER: usize = 8192;
+
+/// Shared by every session of a daemon run.
+struct Shared {
+    config: Config,
+    pinholes: Pinholes<NftBackend>,
+    next_session: AtomicU64,
+}
+
+/// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
+/// delete the table, which removes every pinhole (established data connections live on in
+/// conntrack).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let nft_path = config.pinholes.nft.clone();
+    let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
+    nft::load_table(
+        &nft_path,
+        config.pinholes.ct_mark,
+        intercept_port,
+        &config.proxy.intercept,
+    )
+    .await
+    .with_context(|| format!("loading the nftables table inet {}", nft::TABLE))?;
+
+    let mut listeners = Vec::new();
+    for addr in &config.proxy.listen {
+        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
+    }
+    let pinholes = Pinholes::new(
+        NftBackend::start(nft_path.clone()),
+        PortPool::new(
+            config.pinholes.port_min,
+            config.pinholes.port_max,
+            Duration::from_secs(config.pinholes.reuse_delay_secs),
+        ),
+        config.pinhole_timeout(),
+    );
+    let shared = Arc::new(Shared {
+        config,
+        pinholes,
+        next_session: AtomicU64::new(1),
+    });
+    for listener in listeners {
+        let local = listener.local_addr()?;
+        tracing::info!(mode = ?shared.config.proxy.mode, "listening on {local}");
+        tokio::spawn(accept_loop(listener, shared.clone()));
+    }
+
+    shutdown_signal().await?;
+    tracing::info!(
+        open_pinholes = shared.pinholes.open_count(),
+        "shutting down: removing the nftables table"
+    );
+    nft::delete_table(&nft_path)
+        .await
+        .context("removing the nftables table")?;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+    }
+    Ok(())
+}
+
+/// Bind a listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]` can share a port.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::info_span!("session", id, client = %canonical(peer), server = tracing::field::Empty);
+                tokio::spawn(session(stream, id, shared.clone()).instrument(span));
+            }
+            Err(e) => {
+                // Running out of file descriptors is transient: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
+    let cfg = &shared.config.proxy;
+    let addresses = client
+        .peer_addr()
+        .and_then(|p| Ok((p, client.local_addr()?)));
+    let Ok((peer, local)) = addresses else {
+        return;
+    };
+    let server = match cfg.mode {
+        Mode::Reverse => cfg.upstream,
+        Mode::Gateway => match original_destination(&client, local) {
+            Ok(dst) if canonical(dst) != canonical(local) => Some(canonical(dst)),
+            Ok(_) => {
+                tracing::warn!("connection was not redirected: no server to proxy to");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the original destination");
+                None
+            }
+        },
+    };
+    let Some(server) = server else {
+        let _ = client
+            .write_all(b"421 No FTP server to proxy to (connection was not redirected).\r\n")
+            .await;
+        return;
+    };
+    tracing::Span::current().record("server", tracing::field::display(server));
+    let connect = tokio::time::timeout(
+        Duration::from_secs(cfg.connect_timeout_secs),
+        TcpStream::connect(server),
+    );
+    let upstream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refuse_unreachable(client, &e.to_string()).await,
+        Err(_) => return refuse_unreachable(client, "connect timed out").await,
+    };
+    let Ok(upstream_local) = upstream.local_addr() else {
+        return;
+    };
+    tracing::info!("session started");
+    let ctx = SessionContext {
+        id,
+        mode: cfg.mode,
+        client: canonical(peer),
+        client_local: canonical(local),
+        server,
+        upstream_local: canonical(upstream_local),
+        announce: cfg.announce,
+        max_line: cfg.max_line,
+    };
+    let mut session = Session::new(ctx);
+    if let Err(e) = relay(&mut session, client, upstream, &shared).await {
+        tracing::info!(error = %e, "connection error");
+    }
+    // Whatever ended the session, its pinholes go with it.
+    session.handle_eof();
+    while let Some(action) = session.poll_action() {
+        if let Action::Close(ids) = action {
+            close(&shared, ids);
+        }
+    }
+    tracing::info!("session ended");
+}
+
+async fn refuse_unreachable(mut client: TcpStream, why: &str) {
+    tracing::warn!(error = why, "upstream server unreachable");
+    let _ = client
+        .write_all(b"421 Service not available: cannot reach the FTP server.\r\n")
+        .await;
+}
+
+/// Move bytes between the peers through the session until one side closes.
+async fn relay(
+    session: &mut Session,
+    client: TcpStream,
+    server: TcpStream,
+    shared: &Arc<Shared>,
+) -> std::io::Result<()> {
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let mut client_buf = vec![0u8; READ_BUFFER];
+    let mut server_buf = vec![0u8; READ_BUFFER];
+    loop {
+        while let Some(action) = session.poll_action() {
+            match action {
+                Action::ToServer(bytes) => server_tx.write_all(&bytes).await?,
+                Action::ToClient(bytes) => client_tx.write_all(&bytes).await?,
+                Action::Open(request) => {
+                    let result = shared.pinholes.open(&request).await;
+                    match &result {
+                        Ok(opened) => {
+                            tracing::debug!(pinhole = opened.id, ?request, "pinhole open")
+                        }
+                        Err(e) => tracing::error!(error = %e, ?request, "cannot open pinhole"),
+                    }
+                    session.handle_opened(result.ok());
+                }
+                Action::Close(ids) => close(shared, ids),
+                Action::Shutdown => return Ok(()),
+            }
+        }
+        tokio::select! {
+            read = client_rx.read(&mut client_buf) => match read? {
+                0 => session.handle_eof(),
+                n => session.handle_client_data(&client_buf[..n]),
+            },
+            read = server_rx.read(&mut server_buf) => match read? {
+                0 => session.handle_eof(),
+                n => session.handle_server_data(&server_buf[..n]),
+            },
+        }
+    }
+}
+
+/// Closing is not ordered with the control channel (the kernel timeout is the backstop), so
+/// it does not hold up the reply that triggered it.
+fn close(shared: &Arc<Shared>, ids: Vec<u64>) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = shared.pinholes.close(&ids).await {
+            tracing::warn!(error = %e, ?ids, "cannot remove pinholes; they expire by timeout");
+        }
+    });
+}

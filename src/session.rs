@@ -1,0 +1,733 @@
+//! The per-control-connection state machine: the ALG's policy, without any I/O.
+//!
+//! Bytes from the client and from the server go in (`handle_client_data`,
+//! `handle_server_data`); actions come out (`poll_action`): forward this line, answer the client,
+//! open a pinhole, close pinholes, shut down. A line that announces a data endpoint (PORT, EPRT,
+//! 227, 229) makes the session ask for a pinhole and wait: nothing more comes out until the proxy
+//! reports the result with `handle_opened`, so the rewritten line can never overtake its
+//! pinhole, and a failed pinhole turns into a 425 instead of the announcement. Everything that
+//! is not rewritten is forwarded byte for byte.
+//!
+//! What each mode rewrites and which pinhole it asks for is DESIGN.md's mode table; the functions
+//! [`Session::active_request`] and [`Session::passive_request`] hold it.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+
+use crate::config::Mode;
+use crate::ftp::command::Command;
+use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
+use crate::ftp::{framing, FramingError, LineBuffer};
+use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
+
+/// Lowest data port accepted in any announcement (DESIGN.md, safety defaults).
+const MIN_DATA_PORT: u16 = 1024;
+
+/// The addresses of one control connection, as the proxy sees them.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    /// Session id, unique within a daemon run.
+    pub id: u64,
+    /// Gateway or reverse.
+    pub mode: Mode,
+    /// The client's address (peer of the accepted socket).
+    pub client: SocketAddr,
+    /// The address the client's connection arrived on (what the client dialled, after any
+    /// 1:1 NAT in front of this host).
+    pub client_local: SocketAddr,
+    /// The server's address (original destination in gateway mode, upstream in reverse mode).
+    pub server: SocketAddr,
+    /// This host's address on the upstream connection.
+    pub upstream_local: SocketAddr,
+    /// Reverse mode: address to announce in 227 replies instead of `client_local`.
+    pub announce: Option<IpAddr>,
+    /// Longest line accepted from either side.
+    pub max_line: usize,
+}
+
+/// What the proxy must do next, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write these bytes to the server.
+    ToServer(Vec<u8>),
+    /// Write these bytes to the client.
+    ToClient(Vec<u8>),
+    /// Open this pinhole, then call [`Session::handle_opened`] with the result.
+    Open(PinholeRequest),
+    /// Close these pinholes (their transfer is over or they were superseded).
+    Close(Vec<PinholeId>),
+    /// Close both connections.
+    Shutdown,
+}
+
+/// Why the session refused a line; each maps to one reply and one log reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// PORT/EPRT names an address other than the control connection's client: an FTP bounce
+    /// attempt (RFC 2577 §3) or a client confused by NAT.
+    ThirdPartyAddress,
+    /// A data port below 1024 (RFC 2577 §3: "the server should not ... connect to ports
+    /// below 1024").
+    PrivilegedPort,
+    /// A PORT/EPRT argument that does not parse.
+    BadArgument,
+    /// A line longer than `proxy.max_line`.
+    LineTooLong,
+    /// AUTH (TLS): ftp-alg cannot see inside TLS, so it refuses it and the client goes on in
+    /// plain text; passing it would leave data connections without pinholes.
+    TlsRefused,
+    /// The client and the data endpoint are of different address families; a kernel pinhole
+    /// cannot translate between IPv4 and IPv6.
+    FamilyMismatch,
+    /// The pinhole could not be installed (firewall error, no free port).
+    PinholeFailed,
+}
+
+impl Reject {
+    /// The reason as it appears in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::ThirdPartyAddress => "third_party_address",
+            Reject::PrivilegedPort => "privileged_port",
+            Reject::BadArgument => "bad_argument",
+            Reject::LineTooLong => "line_too_long",
+            Reject::TlsRefused => "tls_refused",
+            Reject::FamilyMismatch => "family_mismatch",
+            Reject::PinholeFailed => "pinhole_failed",
+        }
+    }
+
+    /// The reply the client gets when it sent the refused line.
+    fn client_reply(self) -> &'static [u8] {
+        match self {
+            Reject::ThirdPartyAddress => b"501 Refused: the data address must be your own.\r\n",
+            Reject::PrivilegedPort => b"501 Refused: data ports below 1024 are not allowed.\r\n",
+            Reject::BadArgument => b"501 Syntax error in PORT/EPRT argument.\r\n",
+            Reject::LineTooLong => b"500 Line too long.\r\n",
+            Reject::TlsRefused => {
+                b"534 AUTH refused: this FTP gateway cannot inspect TLS; continue without it.\r\n"
+            }
+            Reject::FamilyMismatch => {
+                b"522 Network protocol not supported: use the address family of this connection.\r\n"
+            }
+            Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
+        }
+    }
+
+    /// The reply the client gets instead of a refused 227/229 from the server.
+    fn passive_reply(self) -> &'static [u8] {
+        match self {
+            Reject::LineTooLong => b"421 Server reply too long; closing control connection.\r\n",
+            Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
+            _ => b"425 Can't open data connection: the server announced an unusable endpoint.\r\n",
+        }
+    }
+}
+
+/// A rewrite waiting for its pinhole.
+#[derive(Debug)]
+enum Pending {
+    /// The client's PORT or EPRT; `eprt` remembers which verb to answer with.
+    Active { eprt: bool },
+    /// The server's 227 or 229.
+    Passive(PassiveReply),
+}
+
+/// One control connection's state.
+#[derive(Debug)]
+pub struct Session {
+    ctx: SessionContext,
+    from_client: LineBuffer,
+    from_server: LineBuffer,
+    replies: ReplyTracker,
+    actions: VecDeque<Action>,
+    pending: Option<Pending>,
+    /// Pinholes serving the current data endpoint.
+    pinholes: Vec<PinholeId>,
+    /// A 150/125 has been seen since the last announcement: the next final reply ends the
+    /// transfer, and with it its pinholes.
+    transferring: bool,
+    closed: bool,
+}
+
+impl Session {
+    /// A session for one accepted and connected control connection.
+    pub fn new(ctx: SessionContext) -> Session {
+        let max_line = ctx.max_line;
+        Session {
+            ctx,
+            from_client: LineBuffer::new(max_line),
+            from_server: LineBuffer::new(max_line),
+            replies: ReplyTracker::new(),
+            actions: VecDeque::new(),
+            pending: None,
+            pinholes: Vec::new(),
+            transferring: false,
+            closed: false,
+        }
+    }
+
+    /// The session's addresses.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Bytes read from the client.
+    pub fn handle_client_data(&mut self, data: &[u8]) {
+        self.from_client.push(data);
+    }
+
+    /// Bytes read from the server.
+    pub fn handle_server_data(&mut self, data: &[u8]) {
+        self.from_server.push(data);
+    }
+
+    /// One side closed its connection: forward what is left and shut down.
+    pub fn handle_eof(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let rest = self.from_server.take_pending();
+        if !rest.is_empty() {
+            self.actions.push_back(Action::ToClient(rest));
+        }
+        let rest = self.from_client.take_pending();
+        if !rest.is_empty() {
+            self.actions.push_back(Action::ToServer(rest));
+        }
+        self.close_pinholes();
+        self.actions.push_back(Action::Shutdown);
+    }
+
+    /// The result of the last [`Action::Open`].
+    pub fn handle_opened(&mut self, result: Option<Opened>) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let Some(opened) = result else {
+            let reply = match pending {
+                Pending::Active { .. } => Reject::PinholeFailed.client_reply(),
+                Pending::Passive(_) => Reject::PinholeFailed.passive_reply(),
+            };
+            self.refuse(Reject::PinholeFailed, reply);
+            return;
+        };
+        self.pinholes.push(opened.id);
+        match pending {
+            Pending::Active { eprt } => {
+                let ip = self.ctx.upstream_local.ip();
+                let command = match ip {
+                    IpAddr::V4(v4) if !eprt => {
+                        Command::Port(SocketAddrV4::new(v4, opened.dial_port))
+                    }
+                    _ => Command::Eprt(SocketAddr::new(ip, opened.dial_port)),
+                };
+                tracing::info!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
+                if let Some(line) = command.encode() {
+                    self.actions.push_back(Action::ToServer(line));
+                }
+            }
+            Pending::Passive(reply) => {
+                let endpoint = match self.ctx.mode {
+                    Mode::Gateway => SocketAddr::new(self.ctx.server.ip(), opened.dial_port),
+                    Mode::Reverse => SocketAddr::new(self.announced_ip(), opened.dial_port),
+                };
+                match reply.rewrite(endpoint) {
+                    Ok(line) => {
+                        tracing::info!(announce = %endpoint, "rewrote passive announcement");
+                        self.actions.push_back(Action::ToClient(line));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot announce {endpoint}");
+                        self.close_pinholes();
+                        self.refuse(
+                            Reject::FamilyMismatch,
+                            Reject::FamilyMismatch.passive_reply(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next thing to do, or `None` until more input arrives (or a pinhole result, when an
+    /// [`Action::Open`] is outstanding).
+    pub fn poll_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(action) = self.actions.pop_front() {
+                return Some(action);
+            }
+            if self.pending.is_some() || self.closed {
+                return None;
+            }
+            if let Some(line) = self.from_server.next_line() {
+                self.server_line(line);
+            } else if let Some(line) = self.from_client.next_line() {
+                self.client_line(line);
+            } else {
+                return None;
+            }
+        }
+    }
+
+    fn client_line(&mut self, line: Result<Vec<u8>, FramingError>) {
+        let raw = match line {
+            Ok(raw) => raw,
+            Err(_) => return self.refuse(Reject::LineTooLong, Reject::LineTooLong.client_reply()),
+        };
+        let text = framing::text_of(&raw);
+        match Command::parse(&text) {
+            Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
+            Command::Eprt(addr) => self.active(addr, true),
+            Command::BadArgument { .. } => {
+                self.refuse(Reject::BadArgument, Reject::BadArgument.client_reply())
+            }
+            Command::Other { verb } if verb == "AUTH" => {
+                self.refuse(Reject::TlsRefused, Reject::TlsRefused.client_reply())
+            }
+            Command::Other { verb } if verb == "REIN" => {
+                // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
+                // announced before it is void.
+                self.close_pinholes();
+                self.actions.push_back(Action::ToServer(raw));
+            }
+            _ => self.actions.push_back(Action::ToServer(raw)),
+        }
+    }
+
+    fn server_line(&mut self, line: Result<Vec<u8>, FramingError>) {
+        let raw = match line {
+            Ok(raw) => raw,
+            Err(_) => {
+                self.refuse(Reject::LineTooLong, Reject::LineTooLong.passive_reply());
+                self.handle_eof();
+                return;
+            }
+        };
+        let text = framing::text_of(&raw);
+        let reply = self.replies.classify(&text);
+        let code = reply.code.unwrap_or(0);
+        if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
+            if let Ok(parsed) = PassiveReply::parse(&text) {
+                return self.passive(parsed);
+            }
+        }
+        if matches!(reply.position, ReplyPosition::Single | ReplyPosition::First)
+            && (code == 125 || code == 150)
+        {
+            self.transferring = true;
+        }
+        let final_reply = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last)
+            && (200..600).contains(&code);
+        if final_reply && self.transferring {
+            self.transferring = false;
+            self.close_pinholes();
+        }
+        self.actions.push_back(Action::ToClient(raw));
+    }
+
+    /// PORT/EPRT from the client: the server will connect to a port of this host, which the
+    /// pinhole sends on to the client's port.
+    fn active(&mut self, target: SocketAddr, eprt: bool) {
+        let client = self.ctx.client.ip();
+        if target.ip() != client {
+            tracing::warn!(reason = Reject::ThirdPartyAddress.as_str(), %target, "refused active announcement");
+            return self.refuse(
+                Reject::ThirdPartyAddress,
+                Reject::ThirdPartyAddress.client_reply(),
+            );
+        }
+        if target.port() < MIN_DATA_PORT {
+            return self.refuse(
+                Reject::PrivilegedPort,
+                Reject::PrivilegedPort.client_reply(),
+            );
+        }
+        if client.is_ipv4() != self.ctx.upstream_local.is_ipv4() {
+            return self.refuse(
+                Reject::FamilyMismatch,
+                Reject::FamilyMismatch.client_reply(),
+            );
+        }
+        let request = self.active_request(target);
+        self.request_pinhole(request, Pending::Active { eprt });
+    }
+
+    /// 227/229 from the server: the client will connect to the announced port, which the
+    /// pinhole lets through (and in reverse mode sends on to the server).
+    fn passive(&mut self, reply: PassiveReply) {
+        if reply.port() < MIN_DATA_PORT {
+            return self.refuse(
+                Reject::PrivilegedPort,
+                Reject::PrivilegedPort.passive_reply(),
+            );
+        }
+        // A 227 carries an IPv4 address, which must be announced to the client; and a pinhole
+        // cannot join an IPv4 client to an IPv6 server or the reverse.
+        let announced_v4 = self.ctx.mode == Mode::Gateway || self.announced_ip().is_ipv4();
+        let family_ok = self.ctx.client.is_ipv4() == self.ctx.server.is_ipv4()
+            && (announced_v4 || !matches!(reply, PassiveReply::Pasv { .. }));
+        if !family_ok {
+            return self.refuse(
+                Reject::FamilyMismatch,
+                Reject::FamilyMismatch.passive_reply(),
+            );
+        }
+        let request = self.passive_request(reply.port());
+        self.request_pinhole(request, Pending::Passive(reply));
+    }
+
+    /// DESIGN.md: gateway `S → G_out:Q DNAT to C:P`; reverse `S → G_priv:Q DNAT to C:P, SNAT to
+    /// G_pub`. G_out and G_priv are both this host's address on the upstream connection.
+    fn active_request(&self, target: SocketAddr) -> PinholeRequest {
+        PinholeRequest {
+            source: self.ctx.server.ip(),
+            dial_ip: self.ctx.upstream_local.ip(),
+            dial_port: None,
+            dnat: Some(target),
+            snat: match self.ctx.mode {
+                Mode::Gateway => None,
+                Mode::Reverse => Some(self.ctx.client_local.ip()),
+            },
+            label: self.label(),
+        }
+    }
+
+    /// DESIGN.md: gateway `C → S:P`; reverse `C → G_pub:Q DNAT to S:P, SNAT to G_priv`. The
+    /// server's own address is used whatever the 227 said, so a pinhole never leads to a third
+    /// host. In gateway mode the source is also rewritten to this host's upstream address, so that
+    /// the server sees the data connection come from its control connection's peer (vsftpd's
+    /// default `pasv_promiscuous=NO` refuses anything else). In reverse mode the pinhole is keyed
+    /// on the address the client dialled, which is also what curl and ftplib use when they
+    /// ignore the 227 address.
+    fn passive_request(&self, port: u16) -> PinholeRequest {
+        let server = self.ctx.server.ip();
+        let (dial_ip, dial_port, dnat) = match self.ctx.mode {
+            Mode::Gateway => (server, Some(port), None),
+            Mode::Reverse => (
+                self.ctx.client_local.ip(),
+                None,
+                Some(SocketAddr::new(server, port)),
+            ),
+        };
+        PinholeRequest {
+            source: self.ctx.client.ip(),
+            dial_ip,
+            dial_port,
+            dnat,
+            snat: Some(self.ctx.upstream_local.ip()),
+            label: self.label(),
+        }
+    }
+
+    fn request_pinhole(&mut self, request: PinholeRequest, pending: Pending) {
+        // A new announcement voids the previous data endpoint (RFC 959 §3.2).
+        self.close_pinholes();
+        self.transferring = false;
+        self.pending = Some(pending);
+        self.actions.push_back(Action::Open(request));
+    }
+
+    fn refuse(&mut self, reason: Reject, reply: &[u8]) {
+        tracing::warn!(reason = reason.as_str(), "refused");
+        self.actions.push_back(Action::ToClient(reply.to_vec()));
+    }
+
+    fn close_pinholes(&mut self) {
+        if !self.pinholes.is_empty() {
+            self.actions
+                .push_back(Action::Close(std::mem::take(&mut self.pinholes)));
+        }
+    }
+
+    fn announced_ip(&self) -> IpAddr {
+        self.ctx.announce.unwrap_or(self.ctx.client_local.ip())
+    }
+
+    fn label(&self) -> Label {
+        Label {
+            session: self.ctx.id,
+            client: self.ctx.client.ip(),
+            server: self.ctx.server.ip(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(mode: Mode) -> SessionContext {
+        match mode {
+            Mode::Gateway => SessionContext {
+                id: 7,
+                mode,
+                client: "198.18.0.2:50000".parse().unwrap(),
+                client_local: "198.18.0.1:2121".parse().unwrap(),
+                server: "203.0.113.2:21".parse().unwrap(),
+                upstream_local: "203.0.113.1:45000".parse().unwrap(),
+                announce: None,
+                max_line: 512,
+            },
+            Mode::Reverse => SessionContext {
+                id: 7,
+                mode,
+                client: "198.18.0.2:50000".parse().unwrap(),
+                client_local: "198.18.0.1:21".parse().unwrap(),
+                server: "203.0.113.2:21".parse().unwrap(),
+                upstream_local: "203.0.113.1:45000".parse().unwrap(),
+                announce: None,
+                max_line: 512,
+            },
+        }
+    }
+
+    fn drain(s: &mut Session) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn opened(id: PinholeId, port: u16) -> Option<Opened> {
+        Some(Opened {
+            id,
+            dial_port: port,
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn other_lines_pass_byte_for_byte_in_both_directions() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"USER anonymous\r\nrEtR  file name \r\n");
+        s.handle_server_data(b"211-Features:\r\n 227 (1,2,3,4,5,6)\r\n211 End\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"211-Features:\r\n".to_vec()),
+                Action::ToClient(b" 227 (1,2,3,4,5,6)\r\n".to_vec()),
+                Action::ToClient(b"211 End\r\n".to_vec()),
+                Action::ToServer(b"USER anonymous\r\n".to_vec()),
+                Action::ToServer(b"rEtR  file name \r\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn gateway_port_waits_for_its_pinhole_then_announces_the_gateway() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"port 198,18,0,2,156,64\r\nRETR f\r\n");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions,
+            vec![Action::Open(PinholeRequest {
+                source: ip("203.0.113.2"),
+                dial_ip: ip("203.0.113.1"),
+                dial_port: None,
+                dnat: Some("198.18.0.2:40000".parse().unwrap()),
+                snat: None,
+                label: Label {
+                    session: 7,
+                    client: ip("198.18.0.2"),
+                    server: ip("203.0.113.2"),
+                },
+            })]
+        );
+        s.handle_opened(opened(1, 61000));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToServer(b"PORT 203,0,113,1,238,72\r\n".to_vec()),
+                Action::ToServer(b"RETR f\r\n".to_vec()),
+            ]
+        );
+        s.handle_server_data(b"150 Opening\r\n226 Done\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"150 Opening\r\n".to_vec()),
+                Action::Close(vec![1]),
+                Action::ToClient(b"226 Done\r\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_pinhole_answers_425_and_never_forwards_the_announcement() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"EPRT |1|198.18.0.2|40000|\r\n");
+        assert!(matches!(drain(&mut s)[..], [Action::Open(_)]));
+        s.handle_opened(None);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                b"425 Can't open data connection (firewall).\r\n".to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn gateway_eprt_is_answered_with_eprt() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"EPRT |1|198.18.0.2|40000|\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(1, 61001));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(b"EPRT |1|203.0.113.1|61001|\r\n".to_vec())]
+        );
+    }
+
+    #[test]
+    fn gateway_227_keeps_the_server_port_and_replaces_a_foreign_address() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,156,65).\r\n");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions,
+            vec![Action::Open(PinholeRequest {
+                source: ip("198.18.0.2"),
+                dial_ip: ip("203.0.113.2"),
+                dial_port: Some(40001),
+                dnat: None,
+                snat: Some(ip("203.0.113.1")),
+                label: Label {
+                    session: 7,
+                    client: ip("198.18.0.2"),
+                    server: ip("203.0.113.2"),
+                },
+            })]
+        );
+        s.handle_opened(opened(2, 40001));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                b"227 Entering Passive Mode (203,0,113,2,156,65).\r\n".to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn reverse_227_announces_the_dialled_address_and_a_pool_port() {
+        let mut s = Session::new(ctx(Mode::Reverse));
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+        match &drain(&mut s)[..] {
+            [Action::Open(r)] => {
+                assert_eq!(r.dial_ip, ip("198.18.0.1"));
+                assert_eq!(r.dial_port, None);
+                assert_eq!(r.dnat, Some("203.0.113.2:40001".parse().unwrap()));
+                assert_eq!(r.snat, Some(ip("203.0.113.1")));
+            }
+            other => panic!("{other:?}"),
+        }
+        s.handle_opened(opened(3, 61002));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                b"227 Entering Passive Mode (198,18,0,1,238,74)\r\n".to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn reverse_229_rewrites_only_the_port() {
+        let mut s = Session::new(ctx(Mode::Reverse));
+        s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(3, 61002));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                b"229 Entering Extended Passive Mode (|||61002|)\r\n".to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn reverse_port_snats_to_the_address_the_client_dialled() {
+        let mut s = Session::new(ctx(Mode::Reverse));
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        match &drain(&mut s)[..] {
+            [Action::Open(r)] => {
+                assert_eq!(r.source, ip("203.0.113.2"));
+                assert_eq!(r.dial_ip, ip("203.0.113.1"));
+                assert_eq!(r.snat, Some(ip("198.18.0.1")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounce_and_privileged_ports_are_refused_without_a_pinhole() {
+        for line in [
+            &b"PORT 203,0,113,9,156,64\r\n"[..],
+            b"PORT 198,18,0,2,0,22\r\n",
+            b"EPRT |1|203.0.113.9|40000|\r\n",
+            b"PORT 198,18,0,2,256,1\r\n",
+            b"AUTH TLS\r\n",
+        ] {
+            let mut s = Session::new(ctx(Mode::Gateway));
+            s.handle_client_data(line);
+            let actions = drain(&mut s);
+            assert!(
+                matches!(&actions[..], [Action::ToClient(r)] if r[0] == b'5'),
+                "{:?} -> {actions:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn privileged_passive_port_is_replaced_by_425() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,0,25)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
+    }
+
+    #[test]
+    fn new_announcement_closes_the_previous_pinhole() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(1, 40001));
+        drain(&mut s);
+        s.handle_server_data(b"229 Entering Extended Passive Mode (|||40002|)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::Close(ids), Action::Open(_)] if ids == &[1]));
+    }
+
+    #[test]
+    fn eof_flushes_partial_lines_and_closes_pinholes() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(1, 40001));
+        drain(&mut s);
+        s.handle_server_data(b"221 Bye");
+        s.handle_eof();
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"221 Bye".to_vec()),
+                Action::Close(vec![1]),
+                Action::Shutdown
+            ]
+        );
+    }
+
+    #[test]
+    fn overlong_client_line_is_answered_and_the_session_goes_on() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut long = vec![b'A'; 600];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        s.handle_client_data(&long);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"500 Line too long.\r\n".to_vec()),
+                Action::ToServer(b"NOOP\r\n".to_vec()),
+            ]
+        );
+    }
+}
