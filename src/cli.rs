@@ -56,7 +56,7 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     let p = &config.proxy;
     println!("{}: ok", file.display());
-    println!("  mode:     {:?}", p.mode);
+    println!("  mode:     {}", p.mode);
     for addr in &p.listen {
         println!("  listen:   {addr}");
     }

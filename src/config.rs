@@ -60,6 +60,15 @@ pub enum Mode {
     Reverse,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Gateway => "gateway",
+            Mode::Reverse => "reverse",
+        })
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

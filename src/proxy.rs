@@ -66,7 +66,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     for listener in listeners {
         let local = listener.local_addr()?;
-        tracing::info!(mode = ?shared.config.proxy.mode, "listening on {local}");
+        tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
         tokio::spawn(accept_loop(listener, shared.clone()));
     }
 

@@ -23,7 +23,6 @@ const ALG: &str = env!("CARGO_BIN_EXE_ftp-alg");
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/gateway-policy.nft");
 /// The one line of the shipped policy that lets ftp-alg's pinholes through.
 const MARK_RULE: &str = "ct mark 0x0000f7a0 accept";
-const MARK: &str = "0x0000f7a0";
 
 const C4: &str = "198.18.0.2";
 const G_LAN4: &str = "198.18.0.1";
@@ -218,13 +217,7 @@ impl Scenario {
             "{self:?}: expected a {} per data operation, the server saw {verbs:?}",
             self.mode.verb()
         );
-        let peer = lab.addrs().server_sees;
-        assert!(
-            log.peers().iter().all(|p| *p == peer),
-            "{self:?}: every control connection must reach the server from the ALG ({peer}), \
-             the server saw {:?}",
-            log.peers()
-        );
+        log.assert_control_from(lab.addrs().server_sees);
     }
 
     /// The same download with the daemon running but the policy's `ct mark` accept line
@@ -281,7 +274,10 @@ impl Scenario {
             !log.text.contains("OK DOWNLOAD"),
             "{self:?} {setup:?}: the server completed a download"
         );
-        if setup == Setup::AlgWithoutMarkRule {
+        if setup == Setup::AlgStopped {
+            log.assert_control_from(lab.addrs().client);
+        } else {
+            log.assert_control_from(lab.addrs().server_sees);
             lab.assert_no_pinholes_left();
         }
     }
@@ -658,16 +654,23 @@ impl ServerLog {
         })
     }
 
-    /// Addresses the server saw control connections from.
-    fn peers(&self) -> BTreeSet<IpAddr> {
-        self.events()
+    /// Asserts that every control connection reached the server from `peer`: from the ALG
+    /// when it runs, from the client itself when it does not.
+    fn assert_control_from(&self, peer: IpAddr) {
+        let peers: BTreeSet<IpAddr> = self
+            .events()
             .into_iter()
             .map(|(_, client, _)| {
                 client
                     .parse()
                     .unwrap_or_else(|e| panic!("vsftpd logged client {client:?}: {e}"))
             })
-            .collect()
+            .collect();
+        assert_eq!(
+            peers,
+            BTreeSet::from([peer]),
+            "control connections reached the server from {peers:?}, expected {peer}"
+        );
     }
 }
 
@@ -888,6 +891,9 @@ impl Lab {
     /// G). A sidecar's active data connection starts on G itself, so its policy also makes the
     /// output chain default-deny with the same `ct mark` line; without that the negative
     /// control of a sidecar's PORT would pass through the shipped policy's open output chain.
+    /// Local traffic is accepted by destination (`fib daddr type local`), not by `oif lo`:
+    /// the output hook still reports `lo` for a connection to G's own address that the
+    /// pinhole's DNAT has just sent out of lan0.
     fn load_policy(&self, setup: Setup) {
         self.nft(&["-f", POLICY]);
         if matches!(self.topology, Topology::Reverse | Topology::Sidecar) {
@@ -898,8 +904,8 @@ impl Lab {
         if self.topology == Topology::Sidecar {
             for rule in [
                 "ct state established,related accept",
-                "oif lo accept",
-                &format!("ct mark {MARK} accept"),
+                "fib daddr type local accept",
+                MARK_RULE,
             ] {
                 self.nft(&["add rule inet gateway output", rule]);
             }
@@ -962,15 +968,18 @@ impl Lab {
         let conf_path = self.dir.join("vsftpd.conf");
         fs::write(&conf_path, conf).expect("write vsftpd.conf");
         let out = self.dir.join("vsftpd.out");
-        let child = self
+        let mut child = self
             .exec(&self.server_ns(), &["vsftpd", &conf_path.to_string_lossy()])
             .stdin(Stdio::null())
             .stdout(create(&out))
             .stderr(create(&out))
             .spawn()
             .expect("spawn vsftpd");
+        let ready = self.wait_ready(&mut child, &self.server_ns(), a.server_port, &out, || true);
         self.vsftpd = Some(child);
-        self.wait_ready("vsftpd", &self.server_ns(), a.server_port, &out, |_| true);
+        if let Err(e) = ready {
+            panic!("vsftpd {e}");
+        }
     }
 
     fn start_alg(&mut self) {
@@ -997,7 +1006,7 @@ impl Lab {
         let conf_path = self.dir.join("ftp-alg.toml");
         fs::write(&conf_path, conf).expect("write ftp-alg.toml");
         let log = self.dir.join("daemon.log");
-        let child = self
+        let mut child = self
             .exec(
                 &self.gateway_ns(),
                 &[ALG, "run", "--config", &conf_path.to_string_lossy()],
@@ -1009,42 +1018,40 @@ impl Lab {
             .stderr(create(&log))
             .spawn()
             .expect("spawn ftp-alg");
-        self.alg = Some(child);
         let port = match self.topology {
             Topology::Gateway(_) => 2121,
             Topology::Reverse | Topology::Sidecar => a.dial.port(),
         };
         let g = self.gateway_ns();
-        self.wait_ready("ftp-alg", &g, port, &log, |lab| {
-            lab.exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
+        let table_loaded = || {
+            self.exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
                 .output()
                 .is_ok_and(|o| o.status.success())
-        });
+        };
+        let ready = self.wait_ready(&mut child, &g, port, &log, table_loaded);
+        self.alg = Some(child);
+        if let Err(e) = ready {
+            panic!("ftp-alg {e}");
+        }
     }
 
-    /// Waits until `what` listens on `port` in `ns` (or logs `listening on`) and `extra`
-    /// holds; panics with its log if it exits or takes longer than 10 s.
+    /// Waits until `child` listens on `port` in `ns` (or logs `listening on`) and `extra`
+    /// holds; says why not if it exits or takes longer than 10 s.
     fn wait_ready(
-        &mut self,
-        what: &str,
+        &self,
+        child: &mut Child,
         ns: &str,
         port: u16,
         log: &Path,
-        extra: impl Fn(&Lab) -> bool,
-    ) {
+        extra: impl Fn() -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let child = if what == "vsftpd" {
-                self.vsftpd.as_mut()
-            } else {
-                self.alg.as_mut()
-            }
-            .expect("started");
             if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "{what} exited at start-up ({status}):\n{}",
+                return Err(format!(
+                    "exited at start-up ({status}):\n{}",
                     fs::read_to_string(log).unwrap_or_default()
-                );
+                ));
             }
             let logged = fs::read_to_string(log).is_ok_and(|t| t.contains("listening on"));
             let sport = format!(":{port}");
@@ -1052,14 +1059,16 @@ impl Lab {
                 .exec(ns, &["ss", "-Hltn", "sport", "=", &sport])
                 .output()
                 .is_ok_and(|o| !o.stdout.is_empty());
-            if (logged || listening) && extra(self) {
-                return;
+            if (logged || listening) && extra() {
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what} not ready after 10 s:\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not ready after 10 s (listening: {listening}, extra check: {}):\n{}",
+                    extra(),
+                    fs::read_to_string(log).unwrap_or_default()
+                ));
+            }
             sleep(Duration::from_millis(50));
         }
     }
