@@ -516,8 +516,10 @@ impl RawSession {
     }
 }
 
-/// A pinhole as `ftp-alg pinholes list --json` reports it.
-#[derive(Debug)]
+/// A pinhole as `ftp-alg pinholes list --json` reports it; written out here rather than
+/// taken from the library, so that a change of the JSON interface fails these tests.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Pinhole {
     session: u64,
     client: IpAddr,
@@ -530,44 +532,6 @@ struct Pinhole {
 }
 
 impl Pinhole {
-    fn from_json(v: &Json) -> Pinhole {
-        let field = |key: &str| {
-            v.get(key)
-                .unwrap_or_else(|| panic!("pinhole without {key:?}: {v:?}"))
-        };
-        let text = |key: &str| match field(key) {
-            Json::String(s) => s.clone(),
-            other => panic!("pinhole {key:?} is not a string: {other:?}"),
-        };
-        let number = |key: &str| match field(key) {
-            Json::Number(n) if *n >= 0.0 && n.fract() == 0.0 => *n as u64,
-            other => panic!("pinhole {key:?} is not a count: {other:?}"),
-        };
-        let optional = |key: &str| match field(key) {
-            Json::Null => None,
-            Json::String(s) => Some(s.clone()),
-            other => panic!("pinhole {key:?} is neither null nor a string: {other:?}"),
-        };
-        let parse_ip = |s: String| -> IpAddr {
-            s.parse()
-                .unwrap_or_else(|e| panic!("not an address {s:?}: {e}"))
-        };
-        let parse_sa = |s: String| -> SocketAddr {
-            s.parse()
-                .unwrap_or_else(|e| panic!("not an address:port {s:?}: {e}"))
-        };
-        Pinhole {
-            session: number("session"),
-            client: parse_ip(text("client")),
-            server: parse_ip(text("server")),
-            source: parse_ip(text("source")),
-            dial: parse_sa(text("dial")),
-            maps_to: optional("maps_to").map(parse_sa),
-            snat: optional("snat").map(parse_ip),
-            seconds_left: number("seconds_left"),
-        }
-    }
-
     /// Where the data connection ends up.
     fn destination(&self) -> SocketAddr {
         self.maps_to.unwrap_or(self.dial)
@@ -1241,10 +1205,8 @@ impl Lab {
     /// `ftp-alg pinholes list --json` in G.
     fn pinholes(&self) -> Vec<Pinhole> {
         let text = must(self.exec(&self.gateway_ns(), &[ALG, "pinholes", "list", "--json"]));
-        match Json::parse(&text) {
-            Ok(Json::Array(items)) => items.iter().map(Pinhole::from_json).collect(),
-            other => panic!("pinholes list --json printed {text:?}: {other:?}"),
-        }
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("pinholes list --json printed {text:?}: {e}"))
     }
 
     fn assert_no_pinholes_left(&self) {
@@ -1464,166 +1426,4 @@ fn parse_host_port(s: &str) -> SocketAddr {
         IpAddr::from([h1, h2, h3, h4]),
         u16::from(p1) << 8 | u16::from(p2),
     )
-}
-
-/// Just enough JSON for `pinholes list --json`.
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Number(f64),
-    String(String),
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(text: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.skip_ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at byte {}", p.i));
-        }
-        Ok(v)
-    }
-
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn skip_ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, b: u8) -> bool {
-        self.skip_ws();
-        let hit = self.s.get(self.i) == Some(&b);
-        if hit {
-            self.i += 1;
-        }
-        hit
-    }
-
-    fn expect(&mut self, b: u8) -> Result<(), String> {
-        if self.eat(b) {
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at byte {}", b as char, self.i))
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.skip_ws();
-        let rest = &self.s[self.i..];
-        for (word, v) in [
-            ("null", Json::Null),
-            ("true", Json::Bool(true)),
-            ("false", Json::Bool(false)),
-        ] {
-            if rest.starts_with(word.as_bytes()) {
-                self.i += word.len();
-                return Ok(v);
-            }
-        }
-        match rest.first() {
-            Some(b'"') => self.string().map(Json::String),
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                if !self.eat(b']') {
-                    loop {
-                        items.push(self.value()?);
-                        if self.eat(b']') {
-                            break;
-                        }
-                        self.expect(b',')?;
-                    }
-                }
-                Ok(Json::Array(items))
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                if !self.eat(b'}') {
-                    loop {
-                        self.skip_ws();
-                        let key = self.string()?;
-                        self.expect(b':')?;
-                        fields.push((key, self.value()?));
-                        if self.eat(b'}') {
-                            break;
-                        }
-                        self.expect(b',')?;
-                    }
-                }
-                Ok(Json::Object(fields))
-            }
-            Some(b'-' | b'0'..=b'9') => {
-                let len = rest
-                    .iter()
-                    .position(|b| !matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
-                    .unwrap_or(rest.len());
-                let text = std::str::from_utf8(&rest[..len]).map_err(|e| e.to_string())?;
-                self.i += len;
-                text.parse()
-                    .map(Json::Number)
-                    .map_err(|e| format!("{text:?}: {e}"))
-            }
-            _ => Err(format!("unexpected input at byte {}", self.i)),
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.expect(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            let b = *self.s.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match b {
-                b'"' => break,
-                b'\\' => {
-                    let e = *self.s.get(self.i).ok_or("unterminated escape")?;
-                    self.i += 1;
-                    let c = match e {
-                        b'"' | b'\\' | b'/' => e as char,
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let hex = self.s.get(self.i..self.i + 4).ok_or("short \\u")?;
-                            self.i += 4;
-                            let code = u32::from_str_radix(
-                                std::str::from_utf8(hex).map_err(|e| e.to_string())?,
-                                16,
-                            )
-                            .map_err(|e| e.to_string())?;
-                            char::from_u32(code).unwrap_or('\u{fffd}')
-                        }
-                        _ => return Err(format!("bad escape at byte {}", self.i)),
-                    };
-                    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-                }
-                _ => out.push(b),
-            }
-        }
-        String::from_utf8(out).map_err(|e| e.to_string())
-    }
 }
