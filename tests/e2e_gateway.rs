@@ -29,3 +29,8 @@ common::scenarios! {
 fn v4_pinholes_follow_the_session() {
     common::pinholes_follow_session(Gateway(V4));
 }
+
+#[test]
+fn stale_pinholes_are_swept_at_start() {
+    common::stale_pinholes_swept_at_start();
+}

@@ -355,6 +355,23 @@ impl Topology {
     }
 }
 
+/// What a crashed daemon leaves behind, a table with a pinhole in it, is gone once the daemon
+/// has started again: it replaces its table in the same transaction that loads it.
+pub fn stale_pinholes_swept_at_start() {
+    let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::AlgStopped);
+    lab.nft(&[
+        "add table inet ftp_alg; \
+         add set inet ftp_alg pin_v4 { type ipv4_addr . ipv4_addr . inet_service; flags timeout; }; \
+         add element inet ftp_alg pin_v4 { 203.0.113.2 . 203.0.113.1 . 61000 timeout 1h \
+         comment \"session=1 client=198.18.0.2 server=203.0.113.2\" }",
+    ]);
+    let stale = lab.pinholes();
+    assert_eq!(stale.len(), 1, "the planted pinhole: {stale:#?}");
+    lab.start_alg();
+    let left = lab.pinholes();
+    assert!(left.is_empty(), "left after start-up: {left:#?}");
+}
+
 /// While a raw control session sits between PASV and its transfer (and then between PORT and
 /// its transfer), `pinholes list --json` shows exactly the pinhole the mode table asks for;
 /// after QUIT the list is empty. IPv4 topologies only (the raw client speaks PASV/PORT).
