@@ -459,27 +459,18 @@ mod tests {
     use super::*;
 
     fn ctx(mode: Mode) -> SessionContext {
-        match mode {
-            Mode::Gateway => SessionContext {
-                id: 7,
-                mode,
-                client: "198.18.0.2:50000".parse().unwrap(),
-                client_local: "198.18.0.1:2121".parse().unwrap(),
-                server: "203.0.113.2:21".parse().unwrap(),
-                upstream_local: "203.0.113.1:45000".parse().unwrap(),
-                announce: None,
-                max_line: 512,
+        SessionContext {
+            id: 7,
+            mode,
+            client: "198.18.0.2:50000".parse().unwrap(),
+            client_local: match mode {
+                Mode::Gateway => "198.18.0.1:2121".parse().unwrap(),
+                Mode::Reverse => "198.18.0.1:21".parse().unwrap(),
             },
-            Mode::Reverse => SessionContext {
-                id: 7,
-                mode,
-                client: "198.18.0.2:50000".parse().unwrap(),
-                client_local: "198.18.0.1:21".parse().unwrap(),
-                server: "203.0.113.2:21".parse().unwrap(),
-                upstream_local: "203.0.113.1:45000".parse().unwrap(),
-                announce: None,
-                max_line: 512,
-            },
+            server: "203.0.113.2:21".parse().unwrap(),
+            upstream_local: "203.0.113.1:45000".parse().unwrap(),
+            announce: None,
+            max_line: 512,
         }
     }
 
@@ -729,5 +720,57 @@ mod tests {
                 Action::ToServer(b"NOOP\r\n".to_vec()),
             ]
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Chunks that are often FTP-shaped, so that announcements are really exercised.
+        fn chunk() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                r"(PORT|EPRT|PASV|EPSV|227|229|150|226|AUTH|REIN) [ -~]{0,40}\r\n"
+                    .prop_map(String::into_bytes),
+                r"(PORT (198,18,0,2|203,0,113,9),[0-9]{1,3},[0-9]{1,3}|227 \(([0-9]{1,3},){5}[0-9]{1,3}\))\r\n"
+                    .prop_map(String::into_bytes),
+            ]
+        }
+
+        proptest! {
+            /// Whatever either peer sends, the core does not panic, and every pinhole it asks
+            /// for joins the session's own client and server: never a third host.
+            #[test]
+            fn pinholes_only_ever_join_the_sessions_peers(
+                reverse in any::<bool>(),
+                steps in proptest::collection::vec((any::<bool>(), chunk(), any::<bool>()), 0..24),
+            ) {
+                let mode = if reverse { Mode::Reverse } else { Mode::Gateway };
+                let ctx = ctx(mode);
+                let peers = [ctx.client.ip(), ctx.server.ip()];
+                let mut s = Session::new(ctx);
+                let mut next_id = 1;
+                for (from_client, data, open_ok) in steps {
+                    if from_client {
+                        s.handle_client_data(&data);
+                    } else {
+                        s.handle_server_data(&data);
+                    }
+                    while let Some(action) = s.poll_action() {
+                        if let Action::Open(r) = action {
+                            prop_assert!(peers.contains(&r.source), "{r:?}");
+                            let target = r.dnat.map_or(r.dial_ip, |d| d.ip());
+                            prop_assert!(peers.contains(&target), "{r:?}");
+                            prop_assert!(r.dial_port.is_none_or(|p| p >= MIN_DATA_PORT), "{r:?}");
+                            prop_assert!(r.dnat.is_none_or(|d| d.port() >= MIN_DATA_PORT), "{r:?}");
+                            next_id += 1;
+                            s.handle_opened(open_ok.then_some(Opened { id: next_id, dial_port: 61000 }));
+                        }
+                    }
+                }
+                s.handle_eof();
+                while s.poll_action().is_some() {}
+            }
+        }
     }
 }
