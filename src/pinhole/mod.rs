@@ -162,17 +162,20 @@ pub enum OpenError {
 }
 
 /// The firewall operations ftp-alg needs; the nftables backend is the real one.
+///
+/// Both calls queue their request before they return, so requests are applied in call order
+/// even when the returned futures are awaited later, elsewhere, or not at all.
 pub trait Backend: Send + Sync + 'static {
     /// Install pinholes, all or none.
     fn install(
         &self,
         pinholes: Vec<Pinhole>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<Self>;
     /// Remove pinholes; one that has already expired is not an error.
     fn remove(
         &self,
         pinholes: Vec<Pinhole>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<Self>;
 }
 
 /// A pinhole opened by this daemon run.
@@ -209,11 +212,6 @@ impl<B: Backend> Pinholes<B> {
                 next_id: 1,
             }),
         }
-    }
-
-    /// The backend, for operations beyond open and close (listing, flushing).
-    pub fn backend(&self) -> &B {
-        &self.backend
     }
 
     /// Allocate a port if asked to, install the pinhole, and return once the kernel has it.
@@ -261,8 +259,12 @@ impl<B: Backend> Pinholes<B> {
         }
     }
 
-    /// Remove pinholes from the kernel and release their ports. Unknown ids are ignored.
-    pub async fn close(&self, ids: &[PinholeId]) -> Result<(), BackendError> {
+    /// Remove pinholes from the kernel and release their ports. Unknown ids are ignored. The
+    /// removal is queued before this returns (see [`Backend`]); the future reports its result.
+    pub fn close(
+        &self,
+        ids: &[PinholeId],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let removed: Vec<Pinhole> = {
             let mut reg = self.lock();
             let now = Instant::now();
@@ -277,10 +279,13 @@ impl<B: Backend> Pinholes<B> {
             }
             removed
         };
-        if removed.is_empty() {
-            return Ok(());
+        let removal = (!removed.is_empty()).then(|| self.backend.remove(removed));
+        async move {
+            match removal {
+                Some(removal) => removal.await,
+                None => Ok(()),
+            }
         }
-        self.backend.remove(removed).await
     }
 
     /// Number of pinholes this run has open.
@@ -323,16 +328,24 @@ mod tests {
     }
 
     impl Backend for Arc<Recorder> {
-        async fn install(&self, p: Vec<Pinhole>) -> Result<(), BackendError> {
-            if self.fail {
-                return Err(BackendError::WorkerGone);
-            }
-            self.installed.lock().unwrap().extend(p);
-            Ok(())
+        fn install(
+            &self,
+            p: Vec<Pinhole>,
+        ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+            let result = if self.fail {
+                Err(BackendError::WorkerGone)
+            } else {
+                self.installed.lock().unwrap().extend(p);
+                Ok(())
+            };
+            std::future::ready(result)
         }
-        async fn remove(&self, p: Vec<Pinhole>) -> Result<(), BackendError> {
+        fn remove(
+            &self,
+            p: Vec<Pinhole>,
+        ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
             self.removed.lock().unwrap().extend(p);
-            Ok(())
+            std::future::ready(Ok(()))
         }
     }
 

@@ -8,12 +8,13 @@
 //! others.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use nftables::batch::Batch;
 use nftables::expr::{Elem, Expression, NamedExpression};
-use nftables::helper::{self, NftablesError};
 use nftables::schema::{Element, NfListObject};
 use nftables::types::NfFamily;
 use tokio::io::AsyncWriteExt;
@@ -27,6 +28,8 @@ pub const TABLE: &str = "ftp_alg";
 pub const RULES: &str = include_str!("../../rules/ftp-alg.nft");
 /// Most requests applied in one nft transaction.
 const MAX_BATCH: usize = 512;
+/// Longest an nft run may take before it is killed and its requests fail.
+const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The full script that (re)creates the daemon's table: definitions, an atomic replacement of
 /// any previous table (which sweeps its stale pinholes), and the interfaces to intercept.
@@ -43,29 +46,39 @@ pub fn table_script(ct_mark: u32, intercept_port: u16, intercept: &[String]) -> 
     script
 }
 
-/// Run nft on a text script (`nft -f -`).
-pub async fn run_script(nft: &Path, script: &str) -> Result<(), BackendError> {
+/// Run nft with `args`, feeding it `input` on stdin; its stdout on success. nft's stderr is
+/// kept in the error, since it is the only place that says what nft objected to.
+async fn run_nft(nft: &Path, args: &[&str], input: &str) -> Result<String, BackendError> {
     let program = nft.display().to_string();
     let spawn_err = |source| BackendError::Spawn {
         program: program.clone(),
         source,
     };
     let mut child = tokio::process::Command::new(nft)
-        .args(["-f", "-"])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(spawn_err)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .await
-            .map_err(spawn_err)?;
-    }
-    let output = child.wait_with_output().await.map_err(spawn_err)?;
+    let run = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).await?;
+        }
+        child.wait_with_output().await
+    };
+    // A hung nft would stall every session waiting for a pinhole; kill_on_drop ends it.
+    let output = tokio::time::timeout(NFT_TIMEOUT, run)
+        .await
+        .map_err(|_| BackendError::Refused {
+            program: program.clone(),
+            status: format!("no answer within {} s", NFT_TIMEOUT.as_secs()),
+            stderr: String::new(),
+        })?
+        .map_err(spawn_err)?;
     if output.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(BackendError::Refused {
             program,
@@ -73,6 +86,11 @@ pub async fn run_script(nft: &Path, script: &str) -> Result<(), BackendError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
     }
+}
+
+/// Run nft on a text script (`nft -f -`).
+pub async fn run_script(nft: &Path, script: &str) -> Result<(), BackendError> {
+    run_nft(nft, &["-f", "-"], script).await.map(drop)
 }
 
 /// Load (or reload) the daemon's table.
@@ -96,10 +114,7 @@ pub async fn delete_table(nft: &Path) -> Result<(), BackendError> {
 
 /// Read every pinhole from the kernel.
 pub async fn list(nft: &Path) -> Result<Vec<PinholeEntry>, BackendError> {
-    let args = ["list", "table", "inet", TABLE];
-    let raw = helper::get_current_ruleset_raw_async(Some(nft), args)
-        .await
-        .map_err(|e| backend_error(nft, e))?;
+    let raw = run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await?;
     parse_listing(&raw).map_err(|message| BackendError::Output {
         program: nft.display().to_string(),
         message,
@@ -192,25 +207,6 @@ fn value_endpoint(val: &serde_json::Value) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr, u16::try_from(port.as_u64()?).ok()?))
 }
 
-fn backend_error(nft: &Path, e: NftablesError) -> BackendError {
-    let program = nft.display().to_string();
-    match e {
-        NftablesError::NftExecution { inner, .. } => BackendError::Spawn {
-            program,
-            source: inner,
-        },
-        NftablesError::NftFailed { stderr, hint, .. } => BackendError::Refused {
-            program,
-            status: hint,
-            stderr: stderr.trim().to_owned(),
-        },
-        other => BackendError::Output {
-            program,
-            message: other.to_string(),
-        },
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Install,
@@ -223,64 +219,173 @@ struct Job {
     done: oneshot::Sender<Result<(), BackendError>>,
 }
 
+/// A set or map element as the kernel identifies it: the set's name and the key.
+type ElementKey = (String, IpAddr, SocketAddr);
+
 /// The nftables backend: a handle to the worker task that batches requests into transactions.
+///
+/// Requests are queued when `install` or `remove` is called, not when the returned future is
+/// first polled, so they reach the kernel in call order even when a caller does not wait.
 #[derive(Clone)]
 pub struct NftBackend {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
 }
 
 impl NftBackend {
     /// Start the batching worker on the current tokio runtime.
     pub fn start(nft: PathBuf) -> NftBackend {
-        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(worker(nft, rx));
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            nft,
+            owners: HashMap::new(),
+        };
+        tokio::spawn(worker.run(rx));
         NftBackend { jobs }
     }
 
-    async fn submit(&self, op: Op, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
+    fn submit(
+        &self,
+        op: Op,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        self.jobs
-            .send(Job { op, pinholes, done })
-            .await
-            .map_err(|_| BackendError::WorkerGone)?;
-        result.await.map_err(|_| BackendError::WorkerGone)?
+        let queued = self.jobs.send(Job { op, pinholes, done }).is_ok();
+        async move {
+            if !queued {
+                return Err(BackendError::WorkerGone);
+            }
+            result.await.map_err(|_| BackendError::WorkerGone)?
+        }
     }
 }
 
 impl Backend for NftBackend {
-    async fn install(&self, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
-        self.submit(Op::Install, pinholes).await
+    fn install(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+        self.submit(Op::Install, pinholes)
     }
 
-    async fn remove(&self, pinholes: Vec<Pinhole>) -> Result<(), BackendError> {
-        self.submit(Op::Remove, pinholes).await
+    fn remove(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+        self.submit(Op::Remove, pinholes)
     }
 }
 
-async fn worker(nft: PathBuf, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+/// Applies queued jobs, and counts how many open pinholes use each element: two pinholes can
+/// share one (two sessions of one client reaching the same server port, or a server that
+/// announces the same passive port twice), and closing one must not remove the other's.
+struct Worker {
+    nft: PathBuf,
+    owners: HashMap<ElementKey, usize>,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
             }
-        }
-        let result = apply(&nft, &jobs).await;
-        match result {
-            Err(e) if jobs.len() > 1 => {
-                tracing::debug!(error = %e, jobs = jobs.len(), "batch refused; retrying one by one");
+            let before = self.owners.clone();
+            let result = self.apply(&jobs).await;
+            if result.is_err() && jobs.len() > 1 {
+                self.owners = before;
+                tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
                 for job in jobs {
-                    let result = apply(&nft, std::slice::from_ref(&job)).await;
+                    let before = self.owners.clone();
+                    let result = self.apply(std::slice::from_ref(&job)).await;
+                    if result.is_err() && job.op == Op::Install {
+                        self.owners = before;
+                    }
                     let _ = job.done.send(result);
                 }
+                continue;
             }
-            result => {
-                for job in jobs {
-                    // A requester that went away no longer needs the answer.
-                    let _ = job.done.send(clone_result(&result));
+            if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
+                self.owners = before;
+            }
+            for job in jobs {
+                // A requester that went away no longer needs the answer.
+                let _ = job.done.send(clone_result(&result));
+            }
+        }
+    }
+
+    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
+    /// that fails is forgotten all the same: its elements expire by their kernel timeout.
+    async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
+        let mut batch = Batch::new();
+        let mut empty = true;
+        for job in jobs {
+            for pinhole in &job.pinholes {
+                let elements = elements(pinhole).map_err(|message| BackendError::Output {
+                    program: self.nft.display().to_string(),
+                    message,
+                })?;
+                for (key, element) in elements {
+                    empty &= !self.stage(job.op, key, element, &mut batch);
                 }
             }
+        }
+        if empty {
+            return Ok(());
+        }
+        let payload =
+            serde_json::to_string(&batch.to_nftables()).map_err(|e| BackendError::Output {
+                program: self.nft.display().to_string(),
+                message: e.to_string(),
+            })?;
+        run_nft(&self.nft, &["-j", "-f", "-"], &payload)
+            .await
+            .map(drop)
+    }
+
+    /// Add one element's commands to `batch`; false when the kernel needs no change.
+    fn stage(
+        &mut self,
+        op: Op,
+        key: ElementKey,
+        element: Element<'static>,
+        batch: &mut Batch<'static>,
+    ) -> bool {
+        let add = |batch: &mut Batch<'static>| batch.add(NfListObject::Element(element.clone()));
+        let delete =
+            |batch: &mut Batch<'static>| batch.delete(NfListObject::Element(element.clone()));
+        match op {
+            Op::Install => {
+                let owners = self.owners.entry(key).or_insert(0);
+                if *owners > 0 {
+                    // Already there for another pinhole: replace it, so that the timeout and
+                    // the label are the new pinhole's.
+                    add(batch);
+                    delete(batch);
+                }
+                add(batch);
+                *owners += 1;
+                true
+            }
+            Op::Remove => match self.owners.get_mut(&key) {
+                Some(owners) if *owners > 1 => {
+                    *owners -= 1;
+                    false
+                }
+                _ => {
+                    self.owners.remove(&key);
+                    // nft 1.0.6 has no `destroy`, and deleting an element that has already
+                    // timed out fails the whole transaction; adding it first (a no-op when it
+                    // exists) makes the delete succeed either way.
+                    add(batch);
+                    delete(batch);
+                    true
+                }
+            },
         }
     }
 }
@@ -309,41 +414,8 @@ fn clone_result(result: &Result<(), BackendError>) -> Result<(), BackendError> {
     }
 }
 
-async fn apply(nft: &Path, jobs: &[Job]) -> Result<(), BackendError> {
-    let mut batch = Batch::new();
-    for job in jobs {
-        for pinhole in &job.pinholes {
-            let elements = elements(pinhole).map_err(|message| BackendError::Output {
-                program: nft.display().to_string(),
-                message,
-            })?;
-            for element in elements {
-                match job.op {
-                    Op::Install => batch.add(NfListObject::Element(element)),
-                    // nft 1.0.6 has no `destroy`, and deleting an element that has already
-                    // timed out fails the whole transaction; adding it first (a no-op when it
-                    // exists) makes the delete succeed either way.
-                    Op::Remove => {
-                        batch.add(NfListObject::Element(element.clone()));
-                        batch.delete(NfListObject::Element(element));
-                    }
-                }
-            }
-        }
-    }
-    let payload =
-        serde_json::to_string(&batch.to_nftables()).map_err(|e| BackendError::Output {
-            program: nft.display().to_string(),
-            message: e.to_string(),
-        })?;
-    helper::apply_ruleset_raw_async(&payload, Some(nft), std::iter::empty::<&str>())
-        .await
-        .map(drop)
-        .map_err(|e| backend_error(nft, e))
-}
-
-/// The set and map elements that make up one pinhole.
-fn elements(p: &Pinhole) -> Result<Vec<Element<'static>>, String> {
+/// The set and map elements that make up one pinhole, each with its key.
+fn elements(p: &Pinhole) -> Result<Vec<(ElementKey, Element<'static>)>, String> {
     let v6 = match (p.source, p.dial.ip()) {
         (IpAddr::V4(_), IpAddr::V4(_)) => false,
         (IpAddr::V6(_), IpAddr::V6(_)) => true,
@@ -364,22 +436,32 @@ fn elements(p: &Pinhole) -> Result<Vec<Element<'static>>, String> {
             counter: None,
         }))
     };
-    let element = |name: &str, elem: Expression<'static>| Element {
-        family: NfFamily::INet,
-        table: Cow::Borrowed(TABLE),
-        name: Cow::Owned(format!("{name}_{suffix}")),
-        elem: Cow::Owned(vec![elem]),
+    let element = |set: &str, addr: SocketAddr, elem: Expression<'static>| {
+        let name = format!("{set}_{suffix}");
+        let element = Element {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Owned(name.clone()),
+            elem: Cow::Owned(vec![elem]),
+        };
+        ((name, p.source, addr), element)
     };
-    let mut out = vec![element("pin", key(p.dial, Some(p.label.to_comment())))];
+    let mut out = vec![element(
+        "pin",
+        p.dial,
+        key(p.dial, Some(p.label.to_comment())),
+    )];
     if let Some(to) = p.dnat {
         out.push(element(
             "dnat",
+            p.dial,
             Expression::List(vec![key(p.dial, None), concat(&[to.ip()], Some(to.port()))]),
         ));
     }
     if let Some(from) = p.snat {
         out.push(element(
             "snat",
+            translated,
             Expression::List(vec![
                 key(translated, None),
                 Expression::String(Cow::Owned(from.to_string())),
@@ -423,7 +505,11 @@ mod tests {
     /// and the dnat/snat map elements keyed on the arriving and the translated tuple.
     #[test]
     fn install_json_matches_nft_schema() {
-        let elements = elements(&pinhole()).unwrap();
+        let elements: Vec<_> = elements(&pinhole())
+            .unwrap()
+            .into_iter()
+            .map(|(_, element)| element)
+            .collect();
         let json = without_nulls(serde_json::to_value(&elements).unwrap());
         assert_eq!(
             json,
@@ -454,6 +540,51 @@ mod tests {
             Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
             other => other,
         }
+    }
+
+    /// Stage one op of `pinhole` and return the batch's commands, e.g. `["add pin_v4", ...]`.
+    fn staged(worker: &mut Worker, op: Op, pinhole: &Pinhole) -> Vec<String> {
+        let mut batch = Batch::new();
+        for (key, element) in elements(pinhole).unwrap() {
+            worker.stage(op, key, element, &mut batch);
+        }
+        let json = serde_json::to_value(batch.to_nftables()).unwrap();
+        json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|cmd| {
+                let (verb, body) = cmd.as_object().unwrap().iter().next().unwrap();
+                format!("{verb} {}", body["element"]["name"].as_str().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_elements_stay_until_their_last_owner_closes() {
+        let mut worker = Worker {
+            nft: PathBuf::from("nft"),
+            owners: HashMap::new(),
+        };
+        let p = pinhole();
+        let per_set = |verbs: &[&str]| -> Vec<String> {
+            ["pin_v4", "dnat_v4", "snat_v4"]
+                .iter()
+                .flat_map(|set| verbs.iter().map(move |v| format!("{v} {set}")))
+                .collect()
+        };
+        assert_eq!(staged(&mut worker, Op::Install, &p), per_set(&["add"]));
+        // A second owner replaces each element, refreshing its timeout and label.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            per_set(&["add", "delete", "add"])
+        );
+        assert!(staged(&mut worker, Op::Remove, &p).is_empty());
+        assert_eq!(
+            staged(&mut worker, Op::Remove, &p),
+            per_set(&["add", "delete"])
+        );
+        assert!(worker.owners.is_empty());
     }
 
     #[test]
