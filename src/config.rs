@@ -27,8 +27,8 @@ pub const DEFAULT_PORT_REUSE_DELAY_SECS: u64 = 120;
 /// The connection mark that ftp-alg sets on every connection it lets through; an existing
 /// firewall accepts it with the one line `ct mark 0x0000f7a0 accept`.
 pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
-/// Longest control-channel line accepted, in bytes, terminator included.
-pub const DEFAULT_MAX_LINE: usize = 2048;
+/// Longest control-channel line accepted: bytes before the line feed.
+pub use crate::ftp::framing::DEFAULT_MAX_LINE;
 /// How long the connection to the upstream server may take before the client gets a 421.
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 
@@ -267,10 +267,20 @@ impl Config {
                 ph.timeout_secs
             ));
         }
+        if ph.reuse_delay_secs < ph.timeout_secs {
+            return Err(format!(
+                "pinholes.reuse_delay_secs ({}) is below pinholes.timeout_secs ({}): a port could \
+                 be handed out again while its previous pinhole is still in the kernel",
+                ph.reuse_delay_secs, ph.timeout_secs
+            ));
+        }
         if ph.ct_mark == 0 {
             return Err(
                 "pinholes.ct_mark must not be 0: every connection starts with mark 0".into(),
             );
+        }
+        if !p.intercept.is_empty() && p.listen.iter().any(|a| a.port() != p.listen[0].port()) {
+            return Err("proxy.intercept redirects to one port: give every proxy.listen address the same port".into());
         }
         for iface in &p.intercept {
             let ok = !iface.is_empty()
@@ -325,6 +335,12 @@ mod tests {
     fn privileged_port_range_is_rejected() {
         let e = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nport_min = 20\n").unwrap_err();
         assert!(e.to_string().contains("below 1024"), "{e}");
+    }
+
+    #[test]
+    fn port_reuse_must_outlast_the_pinhole() {
+        let e = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\ntimeout_secs = 300\n").unwrap_err();
+        assert!(e.to_string().contains("reuse_delay_secs"), "{e}");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! ftp-alg: an FTP application layer gateway for Linux.
 //!
-//! Layers, each depending only on those above it in this list:
+//! The layers, from the bottom up:
 //! - [`ftp`]: the sans-IO protocol core (framing, typed commands and replies, host-port codecs);
-//! - [`session`]: the per-control-connection state machine and its policy, still without I/O;
 //! - [`ports`] and [`pinhole`]: the data ports handed out and the firewall pinholes, with the
-//!   nftables backend in [`pinhole::nft`];
+//!   nftables backend in [`pinhole::nft`], the only code that talks to the kernel firewall;
+//! - [`session`]: the per-control-connection state machine and its policy, without I/O: it
+//!   asks for pinholes with plain values ([`pinhole::PinholeRequest`]) and never calls the
+//!   backend;
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
-//! - [`config`] and [`cli`]: the TOML configuration and the command line.
+//! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
+//!   redirected connection's original destination.
 
 pub mod cli;
 pub mod config;

@@ -20,9 +20,11 @@ use crate::origdst::original_destination;
 use crate::pinhole::nft::{self, NftBackend};
 use crate::pinhole::Pinholes;
 use crate::ports::PortPool;
-use crate::session::{Action, Session, SessionContext};
+use crate::session::{Action, Session, SessionContext, Side};
 
 const READ_BUFFER: usize = 8192;
+/// How long the server may take to answer and close after the client has closed its side.
+const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Shared by every session of a daemon run.
 struct Shared {
@@ -35,6 +37,12 @@ struct Shared {
 /// delete the table, which removes every pinhole (established data connections live on in
 /// conntrack).
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Bind first: a second instance started by mistake fails here, before it could replace
+    // the running daemon's table and with it every open pinhole.
+    let mut listeners = Vec::new();
+    for addr in &config.proxy.listen {
+        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
+    }
     let nft_path = config.pinholes.nft.clone();
     let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
     nft::load_table(
@@ -46,10 +54,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("loading the nftables table inet {}", nft::TABLE))?;
 
-    let mut listeners = Vec::new();
-    for addr in &config.proxy.listen {
-        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
-    }
     let pinholes = Pinholes::new(
         NftBackend::start(nft_path.clone()),
         PortPool::new(
@@ -65,7 +69,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_session: AtomicU64::new(1),
     });
     for listener in listeners {
-        let local = listener.local_addr()?;
+        let local = listener
+            .local_addr()
+            .context("reading a listener's address")?;
         tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
         tokio::spawn(accept_loop(listener, shared.clone()));
     }
@@ -134,11 +140,12 @@ async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
     let addresses = client
         .peer_addr()
         .and_then(|p| Ok((p, client.local_addr()?)));
-    let Ok((peer, local)) = addresses else {
-        return;
+    let (peer, local) = match addresses {
+        Ok(addresses) => addresses,
+        Err(e) => return tracing::info!(error = %e, "client left before the session started"),
     };
     let server = match cfg.mode {
-        Mode::Reverse => cfg.upstream,
+        Mode::Reverse => cfg.upstream.map(canonical),
         Mode::Gateway => match original_destination(&client, local) {
             Ok(dst) if canonical(dst) != canonical(local) => Some(canonical(dst)),
             Ok(_) => {
@@ -167,9 +174,16 @@ async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
         Ok(Err(e)) => return refuse_unreachable(client, &e.to_string()).await,
         Err(_) => return refuse_unreachable(client, "connect timed out").await,
     };
-    let Ok(upstream_local) = upstream.local_addr() else {
-        return;
+    let upstream_local = match upstream.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return tracing::info!(error = %e, "server left before the session started"),
     };
+    // Control lines are small and each waits for an answer: Nagle would only delay them.
+    for stream in [&client, &upstream] {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    }
     tracing::info!("session started");
     let ctx = SessionContext {
         id,
@@ -183,10 +197,10 @@ async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
     };
     let mut session = Session::new(ctx);
     if let Err(e) = relay(&mut session, client, upstream, &shared).await {
-        tracing::info!(error = %e, "connection error");
+        tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
-    session.handle_eof();
+    session.handle_eof(Side::Server);
     while let Some(action) = session.poll_action() {
         if let Action::Close(ids) = action {
             close(&shared, ids);
@@ -202,17 +216,21 @@ async fn refuse_unreachable(mut client: TcpStream, why: &str) {
         .await;
 }
 
-/// Move bytes between the peers through the session until one side closes.
+/// Move bytes between the peers through the session until the server's side closes, or the
+/// client's side closes and the server has not finished within [`HALF_CLOSE_GRACE`].
 async fn relay(
     session: &mut Session,
     client: TcpStream,
     server: TcpStream,
-    shared: &Arc<Shared>,
+    shared: &Shared,
 ) -> std::io::Result<()> {
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut server_rx, mut server_tx) = server.into_split();
     let mut client_buf = vec![0u8; READ_BUFFER];
     let mut server_buf = vec![0u8; READ_BUFFER];
+    let mut client_open = true;
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
     loop {
         while let Some(action) = session.poll_action() {
             match action {
@@ -229,28 +247,39 @@ async fn relay(
                     session.handle_opened(result.ok());
                 }
                 Action::Close(ids) => close(shared, ids),
+                Action::EndToServer => {
+                    server_tx.shutdown().await?;
+                    grace
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + HALF_CLOSE_GRACE);
+                }
                 Action::Shutdown => return Ok(()),
             }
         }
         tokio::select! {
-            read = client_rx.read(&mut client_buf) => match read? {
-                0 => session.handle_eof(),
+            read = client_rx.read(&mut client_buf), if client_open => match read? {
+                0 => {
+                    client_open = false;
+                    session.handle_eof(Side::Client);
+                }
                 n => session.handle_client_data(&client_buf[..n]),
             },
             read = server_rx.read(&mut server_buf) => match read? {
-                0 => session.handle_eof(),
+                0 => session.handle_eof(Side::Server),
                 n => session.handle_server_data(&server_buf[..n]),
             },
+            () = &mut grace => return Ok(()),
         }
     }
 }
 
 /// Closing is not ordered with the control channel (the kernel timeout is the backstop), so
 /// it does not hold up the reply that triggered it.
-fn close(shared: &Arc<Shared>, ids: Vec<u64>) {
-    let shared = shared.clone();
+fn close(shared: &Shared, ids: Vec<u64>) {
+    // The removal is queued here, before any later open of this session.
+    let removal = shared.pinholes.close(&ids);
     tokio::spawn(async move {
-        if let Err(e) = shared.pinholes.close(&ids).await {
+        if let Err(e) = removal.await {
             tracing::warn!(error = %e, ?ids, "cannot remove pinholes; they expire by timeout");
         }
     });

@@ -56,8 +56,20 @@ pub enum Action {
     Open(PinholeRequest),
     /// Close these pinholes (their transfer is over or they were superseded).
     Close(Vec<PinholeId>),
+    /// The client has finished sending: shut down the write half towards the server, and keep
+    /// relaying the server's replies until it closes too.
+    EndToServer,
     /// Close both connections.
     Shutdown,
+}
+
+/// One end of the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The FTP client.
+    Client,
+    /// The FTP server.
+    Server,
 }
 
 /// Why the session refused a line; each maps to one reply and one log reason.
@@ -71,6 +83,9 @@ pub enum Reject {
     PrivilegedPort,
     /// A PORT/EPRT argument that does not parse.
     BadArgument,
+    /// A 227/229 from the server whose endpoint does not parse: forwarded as it is, it would
+    /// send the client nowhere (or leak a private address) with no reason logged.
+    BadPassiveReply,
     /// A line longer than `proxy.max_line`.
     LineTooLong,
     /// AUTH (TLS): ftp-alg cannot see inside TLS, so it refuses it and the client goes on in
@@ -90,6 +105,7 @@ impl Reject {
             Reject::ThirdPartyAddress => "third_party_address",
             Reject::PrivilegedPort => "privileged_port",
             Reject::BadArgument => "bad_argument",
+            Reject::BadPassiveReply => "bad_passive_reply",
             Reject::LineTooLong => "line_too_long",
             Reject::TlsRefused => "tls_refused",
             Reject::FamilyMismatch => "family_mismatch",
@@ -103,6 +119,7 @@ impl Reject {
             Reject::ThirdPartyAddress => b"501 Refused: the data address must be your own.\r\n",
             Reject::PrivilegedPort => b"501 Refused: data ports below 1024 are not allowed.\r\n",
             Reject::BadArgument => b"501 Syntax error in PORT/EPRT argument.\r\n",
+            Reject::BadPassiveReply => Reject::BadPassiveReply.passive_reply(),
             Reject::LineTooLong => b"500 Line too long.\r\n",
             Reject::TlsRefused => {
                 b"534 AUTH refused: this FTP gateway cannot inspect TLS; continue without it.\r\n"
@@ -147,6 +164,10 @@ pub struct Session {
     /// A 150/125 has been seen since the last announcement: the next final reply ends the
     /// transfer, and with it its pinholes.
     transferring: bool,
+    /// The client has closed its side.
+    client_eof: bool,
+    /// ... and everything it sent before has been dealt with: nothing more goes to the server.
+    client_done: bool,
     closed: bool,
 }
 
@@ -163,6 +184,8 @@ impl Session {
             pending: None,
             pinholes: Vec::new(),
             transferring: false,
+            client_eof: false,
+            client_done: false,
             closed: false,
         }
     }
@@ -174,7 +197,9 @@ impl Session {
 
     /// Bytes read from the client.
     pub fn handle_client_data(&mut self, data: &[u8]) {
-        self.from_client.push(data);
+        if !self.client_eof {
+            self.from_client.push(data);
+        }
     }
 
     /// Bytes read from the server.
@@ -182,22 +207,27 @@ impl Session {
         self.from_server.push(data);
     }
 
-    /// One side closed its connection: forward what is left and shut down.
-    pub fn handle_eof(&mut self) {
+    /// `side` closed its connection (or failed). When the client is done, its unfinished
+    /// last line is dropped (it was never checked) and the server's remaining replies still
+    /// reach the client; when the server is done, what it sent is forwarded and the session
+    /// ends, with its pinholes.
+    pub fn handle_eof(&mut self, side: Side) {
         if self.closed {
             return;
         }
-        self.closed = true;
-        let rest = self.from_server.take_pending();
-        if !rest.is_empty() {
-            self.actions.push_back(Action::ToClient(rest));
+        match side {
+            // The complete lines still buffered go first; see `poll_action`.
+            Side::Client => self.client_eof = true,
+            Side::Server => {
+                self.closed = true;
+                let rest = self.from_server.take_pending();
+                if !rest.is_empty() {
+                    self.actions.push_back(Action::ToClient(rest));
+                }
+                self.close_pinholes();
+                self.actions.push_back(Action::Shutdown);
+            }
         }
-        let rest = self.from_client.take_pending();
-        if !rest.is_empty() {
-            self.actions.push_back(Action::ToServer(rest));
-        }
-        self.close_pinholes();
-        self.actions.push_back(Action::Shutdown);
     }
 
     /// The result of the last [`Action::Open`].
@@ -265,6 +295,11 @@ impl Session {
                 self.server_line(line);
             } else if let Some(line) = self.from_client.next_line() {
                 self.client_line(line);
+            } else if self.client_eof && !self.client_done {
+                self.client_done = true;
+                // An unfinished last line was never checked: it is not forwarded.
+                self.from_client.take_pending();
+                self.actions.push_back(Action::EndToServer);
             } else {
                 return None;
             }
@@ -301,7 +336,7 @@ impl Session {
             Ok(raw) => raw,
             Err(_) => {
                 self.refuse(Reject::LineTooLong, Reject::LineTooLong.passive_reply());
-                self.handle_eof();
+                self.handle_eof(Side::Server);
                 return;
             }
         };
@@ -309,9 +344,17 @@ impl Session {
         let reply = self.replies.classify(&text);
         let code = reply.code.unwrap_or(0);
         if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
-            if let Ok(parsed) = PassiveReply::parse(&text) {
-                return self.passive(parsed);
-            }
+            return match PassiveReply::parse(&text) {
+                Ok(parsed) => self.passive(parsed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unusable passive reply");
+                    self.close_pinholes();
+                    self.refuse(
+                        Reject::BadPassiveReply,
+                        Reject::BadPassiveReply.passive_reply(),
+                    );
+                }
+            };
         }
         if matches!(reply.position, ReplyPosition::Single | ReplyPosition::First)
             && (code == 125 || code == 150)
@@ -357,6 +400,8 @@ impl Session {
     /// 227/229 from the server: the client will connect to the announced port, which the
     /// pinhole lets through (and in reverse mode sends on to the server).
     fn passive(&mut self, reply: PassiveReply) {
+        // The server's previous passive endpoint is void now, whatever becomes of this one.
+        self.close_pinholes();
         if reply.port() < MIN_DATA_PORT {
             return self.refuse(
                 Reject::PrivilegedPort,
@@ -365,7 +410,10 @@ impl Session {
         }
         // A 227 carries an IPv4 address, which must be announced to the client; and a pinhole
         // cannot join an IPv4 client to an IPv6 server or the reverse.
-        let announced_v4 = self.ctx.mode == Mode::Gateway || self.announced_ip().is_ipv4();
+        let announced_v4 = match self.ctx.mode {
+            Mode::Gateway => self.ctx.server.is_ipv4(),
+            Mode::Reverse => self.announced_ip().is_ipv4(),
+        };
         let family_ok = self.ctx.client.is_ipv4() == self.ctx.server.is_ipv4()
             && (announced_v4 || !matches!(reply, PassiveReply::Pasv { .. }));
         if !family_ok {
@@ -696,7 +744,7 @@ mod tests {
         s.handle_opened(opened(1, 40001));
         drain(&mut s);
         s.handle_server_data(b"221 Bye");
-        s.handle_eof();
+        s.handle_eof(Side::Server);
         assert_eq!(
             drain(&mut s),
             vec![
@@ -705,6 +753,33 @@ mod tests {
                 Action::Shutdown
             ]
         );
+    }
+
+    #[test]
+    fn client_eof_drops_its_unchecked_partial_line_and_waits_for_the_server() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"QUIT\r\nPORT 203,0,113,9,0,22");
+        s.handle_eof(Side::Client);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(b"QUIT\r\n".to_vec()), Action::EndToServer]
+        );
+        s.handle_server_data(b"221 Goodbye.\r\n");
+        s.handle_eof(Side::Server);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"221 Goodbye.\r\n".to_vec()),
+                Action::Shutdown
+            ]
+        );
+    }
+
+    #[test]
+    fn unparsable_passive_reply_is_replaced_by_425() {
+        let mut s = Session::new(ctx(Mode::Reverse));
+        s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,300,1)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
 
     #[test]
@@ -768,7 +843,8 @@ mod tests {
                         }
                     }
                 }
-                s.handle_eof();
+                s.handle_eof(Side::Client);
+                s.handle_eof(Side::Server);
                 while s.poll_action().is_some() {}
             }
         }
