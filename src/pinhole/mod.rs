@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ports::PortPool;
 
@@ -105,9 +105,22 @@ pub struct PinholeRequest {
     pub label: Label,
 }
 
-/// A pinhole as the kernel holds it, for `pinholes list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Whether a pinhole's connection has arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinholeState {
+    /// It admits one connection, which has not arrived yet.
+    Waiting,
+    /// Its connection has arrived (and is tracked by conntrack); its address translation stays
+    /// until the transfer ends. It admits no further connection.
+    Used,
+}
+
+/// A pinhole as the kernel holds it: what `pinholes list --json` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinholeEntry {
+    /// Waiting for its connection, or used.
+    pub state: PinholeState,
     /// Session id, or `None` when the element has no ftp-alg label.
     pub session: Option<u64>,
     /// The control connection's client.

@@ -20,7 +20,7 @@ use nftables::types::NfFamily;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Backend, BackendError, Label, Pinhole, PinholeEntry};
+use super::{Backend, BackendError, Label, Pinhole, PinholeEntry, PinholeState};
 
 /// The table the daemon owns (family inet); fixed so that any tool can find it.
 pub const TABLE: &str = "ftp_alg";
@@ -121,68 +121,90 @@ pub async fn list(nft: &Path) -> Result<Vec<PinholeEntry>, BackendError> {
     })
 }
 
-/// Turn `nft -j list table inet ftp_alg` output into pinholes, joining each pin element with its
-/// dnat and snat map entries.
+/// Turn `nft -j list table inet ftp_alg` output into pinholes. A pin element is a pinhole
+/// still waiting for its connection; a dnat or snat element whose pin element is gone belongs
+/// to a pinhole whose connection has arrived and whose translation lives on until the transfer
+/// ends. Every element carries the pinhole's label, so each can be listed on its own.
 fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
     let doc: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
     let objects = doc["nftables"].as_array().ok_or("no \"nftables\" array")?;
     let mut pins = Vec::new();
-    let mut dnat = std::collections::HashMap::new();
-    let mut snat = std::collections::HashMap::new();
+    let mut dnat = HashMap::new();
+    let mut snat = HashMap::new();
     for object in objects {
-        let (set, is_map) = match (object.get("set"), object.get("map")) {
-            (Some(set), _) => (set, false),
-            (None, Some(map)) => (map, true),
-            (None, None) => continue,
-        };
-        let name = set["name"].as_str().unwrap_or_default();
-        let Some(elems) = set["elem"].as_array() else {
+        let Some(set) = object.get("set").or_else(|| object.get("map")) else {
             continue;
         };
-        for elem in elems {
-            if is_map {
-                let (Some(key), Some(value)) = (elem.get(0), elem.get(1)) else {
-                    continue;
-                };
-                let Some(tuple) = key_tuple(&key["elem"]["val"]) else {
-                    continue;
-                };
-                if name.starts_with("dnat_") {
-                    if let Some(to) = value_endpoint(value) {
-                        dnat.insert(tuple, to);
-                    }
-                } else if name.starts_with("snat_") {
-                    if let Some(to) = value.as_str().and_then(|s| s.parse().ok()) {
-                        snat.insert(tuple, to);
-                    }
+        let name = set["name"].as_str().unwrap_or_default();
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            // A map element is [key, value]; a set element is the key alone.
+            let (key, value) = match elem.as_array() {
+                Some(pair) => (pair.first(), pair.get(1)),
+                None => (Some(elem), None),
+            };
+            let Some(inner) = key.map(|k| &k["elem"]) else {
+                continue;
+            };
+            let Some(tuple) = key_tuple(&inner["val"]) else {
+                continue;
+            };
+            let meta = (
+                inner["comment"].as_str().and_then(Label::from_comment),
+                inner["expires"].as_u64().unwrap_or(0),
+            );
+            if name.starts_with("pin_") {
+                pins.push((tuple, meta));
+            } else if name.starts_with("dnat_") {
+                if let Some(to) = value.and_then(value_endpoint) {
+                    dnat.insert(tuple, (to, meta));
                 }
-            } else if name.starts_with("pin_") {
-                let inner = &elem["elem"];
-                if let Some(tuple) = key_tuple(&inner["val"]) {
-                    let label = inner["comment"].as_str().and_then(Label::from_comment);
-                    let left = inner["expires"].as_u64().unwrap_or(0);
-                    pins.push((tuple, label, left));
+            } else if name.starts_with("snat_") {
+                if let Some(from) = value.and_then(|v| v.as_str()?.parse().ok()) {
+                    snat.insert(tuple, (from, meta));
                 }
             }
         }
     }
-    Ok(pins
-        .into_iter()
-        .map(|((source, dial), label, seconds_left)| {
-            let maps_to = dnat.get(&(source, dial)).copied();
-            let translated = maps_to.unwrap_or(dial);
-            PinholeEntry {
-                session: label.map(|l| l.session),
-                client: label.map(|l| l.client),
-                server: label.map(|l| l.server),
-                source,
-                dial,
-                maps_to,
-                snat: snat.get(&(source, translated)).copied(),
-                seconds_left,
-            }
+    let entry = |(source, dial): (IpAddr, SocketAddr),
+                 (label, seconds_left): (Option<Label>, u64),
+                 state,
+                 maps_to: Option<SocketAddr>| PinholeEntry {
+        state,
+        session: label.map(|l| l.session),
+        client: label.map(|l| l.client),
+        server: label.map(|l| l.server),
+        source,
+        dial,
+        maps_to,
+        snat: snat
+            .get(&(source, maps_to.unwrap_or(dial)))
+            .map(|(from, _)| *from),
+        seconds_left,
+    };
+    let mut entries: Vec<PinholeEntry> = pins
+        .iter()
+        .map(|&(tuple, meta)| {
+            let maps_to = dnat.get(&tuple).map(|(to, _)| *to);
+            entry(tuple, meta, PinholeState::Waiting, maps_to)
         })
-        .collect())
+        .collect();
+    let waiting: Vec<(IpAddr, SocketAddr)> = pins.iter().map(|(tuple, _)| *tuple).collect();
+    for (&tuple, &(to, meta)) in &dnat {
+        if !waiting.contains(&tuple) {
+            entries.push(entry(tuple, meta, PinholeState::Used, Some(to)));
+        }
+    }
+    // A used pinhole without DNAT (gateway passive) is left only as its snat element.
+    for (&(source, translated), &(_, meta)) in &snat {
+        let explained = entries
+            .iter()
+            .any(|e| e.source == source && e.maps_to.unwrap_or(e.dial) == translated);
+        if !explained {
+            entries.push(entry((source, translated), meta, PinholeState::Used, None));
+        }
+    }
+    entries.sort_by_key(|e| (e.session, e.dial, e.source));
+    Ok(entries)
 }
 
 /// `{"concat": [source, address, port]}` as (source, address:port).
@@ -427,12 +449,14 @@ fn elements(p: &Pinhole) -> Result<Vec<(ElementKey, Element<'static>)>, String> 
     }
     let suffix = if v6 { "v6" } else { "v4" };
     let timeout = u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX);
-    let key = |addr: SocketAddr, comment: Option<String>| {
+    // Every element carries the label, so that `pinholes list` can still say whose a pinhole
+    // is after its connection has arrived and the pin element is gone.
+    let key = |addr: SocketAddr| {
         Expression::Named(NamedExpression::Elem(Elem {
             val: Box::new(concat(&[p.source, addr.ip()], Some(addr.port()))),
             timeout: Some(timeout),
             expires: None,
-            comment: comment.map(Cow::Owned),
+            comment: Some(Cow::Owned(p.label.to_comment())),
             counter: None,
         }))
     };
@@ -446,16 +470,12 @@ fn elements(p: &Pinhole) -> Result<Vec<(ElementKey, Element<'static>)>, String> 
         };
         ((name, p.source, addr), element)
     };
-    let mut out = vec![element(
-        "pin",
-        p.dial,
-        key(p.dial, Some(p.label.to_comment())),
-    )];
+    let mut out = vec![element("pin", p.dial, key(p.dial))];
     if let Some(to) = p.dnat {
         out.push(element(
             "dnat",
             p.dial,
-            Expression::List(vec![key(p.dial, None), concat(&[to.ip()], Some(to.port()))]),
+            Expression::List(vec![key(p.dial), concat(&[to.ip()], Some(to.port()))]),
         ));
     }
     if let Some(from) = p.snat {
@@ -463,7 +483,7 @@ fn elements(p: &Pinhole) -> Result<Vec<(ElementKey, Element<'static>)>, String> 
             "snat",
             translated,
             Expression::List(vec![
-                key(translated, None),
+                key(translated),
                 Expression::String(Cow::Owned(from.to_string())),
             ]),
         ));
@@ -518,10 +538,12 @@ mod tests {
                     {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30,
                               "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}}]},
                 {"family": "inet", "table": "ftp_alg", "name": "dnat_v4", "elem": [[
-                    {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30}},
+                    {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30,
+                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}},
                     {"concat": ["203.0.113.2", 40000]}]]},
                 {"family": "inet", "table": "ftp_alg", "name": "snat_v4", "elem": [[
-                    {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30}},
+                    {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30,
+                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}},
                     "203.0.113.1"]]},
             ])
         );
@@ -594,31 +616,81 @@ mod tests {
         assert!(elements(&p).is_err());
     }
 
+    const LABEL: &str = "session=3 client=198.18.0.2 server=203.0.113.2";
+
+    fn listing(pin: bool, dnat: bool) -> String {
+        let elem = |tuple: &str| {
+            format!(
+                r#"{{"elem": {{"val": {{"concat": [{tuple}]}}, "timeout": 30, "expires": 27, "comment": "{LABEL}"}}}}"#
+            )
+        };
+        let pin_elems = if pin {
+            elem(r#""198.18.0.2", "198.18.0.1", 61000"#)
+        } else {
+            String::new()
+        };
+        let dnat_elems = if dnat {
+            format!(
+                r#"[{}, {{"concat": ["203.0.113.2", 40000]}}]"#,
+                elem(r#""198.18.0.2", "198.18.0.1", 61000"#)
+            )
+        } else {
+            String::new()
+        };
+        let snat_target = if dnat {
+            r#""203.0.113.2", 40000"#
+        } else {
+            r#""198.18.0.1", 61000"#
+        };
+        format!(
+            r#"{{"nftables": [{{"metainfo": {{"version": "1.0.6"}}}},
+              {{"set": {{"family": "inet", "name": "pin_v4", "table": "ftp_alg", "elem": [{pin_elems}]}}}},
+              {{"map": {{"family": "inet", "name": "dnat_v4", "table": "ftp_alg", "elem": [{dnat_elems}]}}}},
+              {{"map": {{"family": "inet", "name": "snat_v4", "table": "ftp_alg", "elem": [
+                [{}, "203.0.113.1"]]}}}}]}}"#,
+            elem(&format!(r#""198.18.0.2", {snat_target}"#))
+        )
+    }
+
+    fn entry(state: PinholeState, dial: &str, maps_to: Option<&str>) -> PinholeEntry {
+        PinholeEntry {
+            state,
+            session: Some(3),
+            client: Some("198.18.0.2".parse().unwrap()),
+            server: Some("203.0.113.2".parse().unwrap()),
+            source: "198.18.0.2".parse().unwrap(),
+            dial: dial.parse().unwrap(),
+            maps_to: maps_to.map(|m| m.parse().unwrap()),
+            snat: Some("203.0.113.1".parse().unwrap()),
+            seconds_left: 27,
+        }
+    }
+
     #[test]
     fn listing_joins_pin_and_map_elements() {
-        let raw = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
-          {"set": {"family": "inet", "name": "pin_v4", "table": "ftp_alg", "elem": [
-            {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30, "expires": 27,
-                      "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}}]}},
-          {"map": {"family": "inet", "name": "dnat_v4", "table": "ftp_alg", "elem": [[
-            {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30, "expires": 27}},
-            {"concat": ["203.0.113.2", 40000]}]]}},
-          {"map": {"family": "inet", "name": "snat_v4", "table": "ftp_alg", "elem": [[
-            {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30, "expires": 27}},
-            "203.0.113.1"]]}}]}"#;
-        let entries = parse_listing(raw).unwrap();
         assert_eq!(
-            entries,
-            vec![PinholeEntry {
-                session: Some(3),
-                client: Some("198.18.0.2".parse().unwrap()),
-                server: Some("203.0.113.2".parse().unwrap()),
-                source: "198.18.0.2".parse().unwrap(),
-                dial: "198.18.0.1:61000".parse().unwrap(),
-                maps_to: Some("203.0.113.2:40000".parse().unwrap()),
-                snat: Some("203.0.113.1".parse().unwrap()),
-                seconds_left: 27,
-            }]
+            parse_listing(&listing(true, true)).unwrap(),
+            vec![entry(
+                PinholeState::Waiting,
+                "198.18.0.1:61000",
+                Some("203.0.113.2:40000")
+            )]
+        );
+    }
+
+    #[test]
+    fn listing_shows_used_pinholes_from_their_translations() {
+        assert_eq!(
+            parse_listing(&listing(false, true)).unwrap(),
+            vec![entry(
+                PinholeState::Used,
+                "198.18.0.1:61000",
+                Some("203.0.113.2:40000")
+            )]
+        );
+        assert_eq!(
+            parse_listing(&listing(false, false)).unwrap(),
+            vec![entry(PinholeState::Used, "198.18.0.1:61000", None)]
         );
     }
 

@@ -538,6 +538,7 @@ impl RawSession {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Pinhole {
+    state: String,
     session: u64,
     client: IpAddr,
     server: IpAddr,
@@ -560,6 +561,7 @@ impl Pinhole {
     }
 
     fn assert_label(&self, a: &Addrs) {
+        assert_eq!(self.state, "waiting", "before its connection: {self:#?}");
         assert_eq!(self.client, a.client, "pinhole label client: {self:#?}");
         assert_eq!(self.server, a.server, "pinhole label server: {self:#?}");
         assert!(
