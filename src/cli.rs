@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::pinhole::{nft, PinholeEntry};
+use crate::pinhole::{nft, PinholeEntry, PinholeState};
 
 /// FTP application layer gateway: rewrites PORT/EPRT/PASV/EPSV on the control channel and opens
 /// short-lived nftables pinholes for exactly the announced data connections.
@@ -36,11 +36,21 @@ pub enum Command {
         #[command(subcommand)]
         command: PinholesCommand,
     },
+    /// Show ftp-alg at work: client, gateway and server in throw-away network namespaces, a
+    /// passive and an active transfer through a default-deny firewall (needs root).
+    Demo,
+    /// The demo's FTP server (run by `demo`).
+    #[command(hide = true)]
+    DemoServer(crate::demo::server::ServerArgs),
+    /// The demo's FTP client (run by `demo`).
+    #[command(hide = true)]
+    DemoClient(crate::demo::client::ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum PinholesCommand {
-    /// List every open pinhole, read from the kernel's nftables table (works without the daemon).
+    /// List every pinhole, read from the kernel's nftables table (works without the daemon):
+    /// waiting for its one connection, or used (its translation lasts until the transfer ends).
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -101,8 +111,8 @@ fn write_table(out: &mut impl Write, entries: &[PinholeEntry]) -> std::io::Resul
     }
     writeln!(
         out,
-        "{:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>5}",
-        "SESSION", "CLIENT", "SERVER", "SOURCE", "DIAL", "MAPS TO", "LEFT"
+        "{:<8} {:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>5}",
+        "SESSION", "STATE", "CLIENT", "SERVER", "SOURCE", "DIAL", "MAPS TO", "LEFT"
     )?;
     for e in entries {
         let maps_to = match (e.maps_to, e.snat) {
@@ -111,10 +121,15 @@ fn write_table(out: &mut impl Write, entries: &[PinholeEntry]) -> std::io::Resul
             (None, Some(from)) => format!("- (from {from})"),
             (None, None) => "-".to_owned(),
         };
+        let state = match e.state {
+            PinholeState::Waiting => "waiting",
+            PinholeState::Used => "used",
+        };
         writeln!(
             out,
-            "{:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>4}s",
+            "{:<8} {:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>4}s",
             or_dash(e.session),
+            state,
             or_dash(e.client),
             or_dash(e.server),
             e.source,

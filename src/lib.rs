@@ -9,10 +9,12 @@
 //!   backend;
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
-//!   redirected connection's original destination.
+//!   redirected connection's original destination;
+//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces.
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod ftp;
 pub mod origdst;
 pub mod pinhole;

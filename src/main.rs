@@ -21,6 +21,9 @@ async fn main() -> std::process::ExitCode {
         Command::Pinholes {
             command: PinholesCommand::List { json, nft },
         } => cli::list_pinholes(json, &nft).await,
+        Command::Demo => ftp_alg::demo::run().await,
+        Command::DemoServer(args) => ftp_alg::demo::server::run(args).await,
+        Command::DemoClient(args) => ftp_alg::demo::client::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
