@@ -12,7 +12,7 @@
 //! Files are read and written with `std::fs`: the crate's tokio has no `fs` feature, and the
 //! demo's one file of 1 MiB on local disk costs a worker thread a millisecond.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex};
+
+use crate::ftp::hostport;
 
 /// Printed on stdout, followed by the address, once the server accepts connections.
 pub(crate) const READY: &str = "listening on";
@@ -232,8 +234,11 @@ impl Session {
                 "MODE" | "STRU" => self.reply(200, "OK").await?,
                 "PASV" => self.passive(false).await?,
                 "EPSV" => self.passive(true).await?,
-                "PORT" => self.active(parse_port(arg)).await?,
-                "EPRT" => self.active(parse_eprt(arg)).await?,
+                "PORT" => {
+                    let target = hostport::parse_host_port(arg.trim()).ok();
+                    self.active(target.map(SocketAddr::V4)).await?
+                }
+                "EPRT" => self.active(hostport::parse_eprt(arg.trim()).ok()).await?,
                 "SIZE" => match self.file_len(arg) {
                     Some(len) => self.reply(213, &len.to_string()).await?,
                     None => self.reply(550, "No such file").await?,
@@ -263,14 +268,10 @@ impl Session {
             .port();
         let text = match (extended, self.local) {
             (true, _) => format!("Entering Extended Passive Mode (|||{port}|)"),
-            (false, IpAddr::V4(ip)) => {
-                let [a, b, c, d] = ip.octets();
-                format!(
-                    "Entering Passive Mode ({a},{b},{c},{d},{},{})",
-                    port >> 8,
-                    port & 0xff
-                )
-            }
+            (false, IpAddr::V4(ip)) => format!(
+                "Entering Passive Mode ({})",
+                hostport::encode_host_port(SocketAddrV4::new(ip, port))
+            ),
             (false, IpAddr::V6(_)) => return self.reply(522, "Use EPSV").await,
         };
         self.data = DataSetup::Passive(listener);
@@ -426,65 +427,5 @@ impl Session {
             }
             Err(e) => self.reply(451, &format!("{name}: {e}")).await,
         }
-    }
-}
-
-/// `h1,h2,h3,h4,p1,p2`.
-fn parse_port(arg: &str) -> Option<SocketAddr> {
-    let numbers: Vec<u8> = arg
-        .trim()
-        .split(',')
-        .map(|n| n.trim().parse().ok())
-        .collect::<Option<_>>()?;
-    let [a, b, c, d, p1, p2] = numbers[..] else {
-        return None;
-    };
-    Some(SocketAddr::new(
-        Ipv4Addr::new(a, b, c, d).into(),
-        u16::from_be_bytes([p1, p2]),
-    ))
-}
-
-/// `|1|addr|port|` or `|2|addr|port|`, with any delimiter (RFC 2428).
-fn parse_eprt(arg: &str) -> Option<SocketAddr> {
-    let arg = arg.trim();
-    let delimiter = arg.chars().next()?;
-    let mut fields = arg.split(delimiter);
-    let (Some(""), Some(family), Some(addr), Some(port), Some(""), None) = (
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-    ) else {
-        return None;
-    };
-    let ip: IpAddr = match family {
-        "1" => IpAddr::V4(addr.parse().ok()?),
-        "2" => IpAddr::V6(addr.parse().ok()?),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_and_eprt_arguments() {
-        let a: SocketAddr = "198.18.0.2:50000".parse().unwrap();
-        assert_eq!(parse_port("198,18,0,2,195,80"), Some(a));
-        assert_eq!(parse_port("198,18,0,2,195"), None);
-        assert_eq!(parse_port("198,18,0,2,195,256"), None);
-        assert_eq!(parse_eprt("|1|198.18.0.2|50000|"), Some(a));
-        assert_eq!(parse_eprt("!1!198.18.0.2!50000!"), Some(a));
-        assert_eq!(
-            parse_eprt("|2|2001:db8::1|50000|"),
-            Some("[2001:db8::1]:50000".parse().unwrap())
-        );
-        assert_eq!(parse_eprt("|1|2001:db8::1|50000|"), None);
-        assert_eq!(parse_eprt("|1|198.18.0.2|50000"), None);
     }
 }
