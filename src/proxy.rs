@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -184,6 +186,11 @@ async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     }
+    // A client's urgent byte (the end of ftplib's ABOR line, or a Telnet DM) must stay in the
+    // stream: out of line, the kernel would hold it apart and the line would never end.
+    if let Err(e) = socket2::SockRef::from(&client).set_out_of_band_inline(true) {
+        tracing::warn!(error = %e, "cannot set SO_OOBINLINE; urgent data from the client is lost");
+    }
     tracing::info!("session started");
     let ctx = SessionContext {
         id,
@@ -235,6 +242,7 @@ async fn relay(
         while let Some(action) = session.poll_action() {
             match action {
                 Action::ToServer(bytes) => server_tx.write_all(&bytes).await?,
+                Action::ToServerUrgent(bytes) => send_urgent(&mut server_tx, &bytes).await?,
                 Action::ToClient(bytes) => client_tx.write_all(&bytes).await?,
                 Action::Open(request) => {
                     let result = shared.pinholes.open(&request).await;
@@ -269,6 +277,27 @@ async fn relay(
                 n => session.handle_server_data(&server_buf[..n]),
             },
             () = &mut grace => return Ok(()),
+        }
+    }
+}
+
+/// Send `bytes` with the last one as TCP urgent data, so that the urgent pointer marks the end
+/// of the line, as a client's Synch would.
+async fn send_urgent(tx: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    let Some((&last, head)) = bytes.split_last() else {
+        return Ok(());
+    };
+    tx.write_all(head).await?;
+    let stream: &TcpStream = tx.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(stream).send_out_of_band(&[last])
+        });
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct SessionContext {
 pub enum Action {
     /// Write these bytes to the server.
     ToServer(Vec<u8>),
+    /// Write these bytes to the server, the last one as TCP urgent data (RFC 959 §4.1.3's
+    /// Synch): servers interrupt a running transfer for ABOR only when urgent data arrives.
+    ToServerUrgent(Vec<u8>),
     /// Write these bytes to the client.
     ToClient(Vec<u8>),
     /// Open this pinhole, then call [`Session::handle_opened`] with the result.
@@ -320,6 +323,12 @@ impl Session {
             }
             Command::Other { verb } if verb == "AUTH" => {
                 self.refuse(Reject::TlsRefused, Reject::TlsRefused.client_reply())
+            }
+            // Clients signal ABOR differently (Telnet IP + Synch, or the whole line sent as
+            // urgent data as Python's ftplib does), and the proxy cannot see where the client's
+            // urgent mark was; it signals every ABOR to the server the way servers understand.
+            Command::Other { verb } if verb == "ABOR" => {
+                self.actions.push_back(Action::ToServerUrgent(raw));
             }
             Command::Other { verb } if verb == "REIN" => {
                 // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
@@ -780,6 +789,19 @@ mod tests {
         let mut s = Session::new(ctx(Mode::Reverse));
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,300,1)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
+    }
+
+    #[test]
+    fn abor_goes_to_the_server_as_urgent_data_whatever_its_telnet_prefix() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_client_data(b"\xff\xf4\xff\xf2ABOR\r\nabor\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToServerUrgent(b"\xff\xf4\xff\xf2ABOR\r\n".to_vec()),
+                Action::ToServerUrgent(b"abor\r\n".to_vec()),
+            ]
+        );
     }
 
     #[test]
