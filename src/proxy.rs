@@ -265,7 +265,7 @@ async fn relay(
             }
         }
         tokio::select! {
-            read = client_rx.read(&mut client_buf), if client_open => match read? {
+            read = client_rx.read(&mut client_buf), if client_open && session.wants_client_data() => match read? {
                 0 => {
                     client_open = false;
                     session.handle_eof(Side::Client);

@@ -22,6 +22,8 @@ use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
 
 /// Lowest data port accepted in any announcement (DESIGN.md, safety defaults).
 const MIN_DATA_PORT: u16 = 1024;
+/// Client bytes buffered, unprocessed, before the proxy stops reading from the client.
+const MAX_CLIENT_BACKLOG: usize = 64 * 1024;
 
 /// The addresses of one control connection, as the proxy sees them.
 #[derive(Debug, Clone)]
@@ -167,6 +169,11 @@ pub struct Session {
     /// A 150/125 has been seen since the last announcement: the next final reply ends the
     /// transfer, and with it its pinholes.
     transferring: bool,
+    /// Final replies the server still owes: one for its greeting, one per forwarded command.
+    awaiting_replies: usize,
+    /// ftp-alg's own answer to a refused command, held until the server has answered every
+    /// command the client sent before it.
+    held_reply: Option<Vec<u8>>,
     /// The client has closed its side.
     client_eof: bool,
     /// ... and everything it sent before has been dealt with: nothing more goes to the server.
@@ -187,6 +194,8 @@ impl Session {
             pending: None,
             pinholes: Vec::new(),
             transferring: false,
+            awaiting_replies: 1,
+            held_reply: None,
             client_eof: false,
             client_done: false,
             closed: false,
@@ -203,6 +212,13 @@ impl Session {
         if !self.client_eof {
             self.from_client.push(data);
         }
+    }
+
+    /// Whether the proxy should read more from the client. While a refusal waits for its turn
+    /// the client's lines are not processed; past this much backlog the proxy stops reading,
+    /// and TCP pushes back on a client that floods.
+    pub fn wants_client_data(&self) -> bool {
+        self.from_client.pending() < MAX_CLIENT_BACKLOG
     }
 
     /// Bytes read from the server.
@@ -239,11 +255,10 @@ impl Session {
             return;
         };
         let Some(opened) = result else {
-            let reply = match pending {
-                Pending::Active { .. } => Reject::PinholeFailed.client_reply(),
-                Pending::Passive(_) => Reject::PinholeFailed.passive_reply(),
-            };
-            self.refuse(Reject::PinholeFailed, reply);
+            match pending {
+                Pending::Active { .. } => self.refuse_command(Reject::PinholeFailed),
+                Pending::Passive(_) => self.refuse_reply(Reject::PinholeFailed),
+            }
             return;
         };
         self.pinholes.push(opened.id);
@@ -258,7 +273,7 @@ impl Session {
                 };
                 tracing::info!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
                 if let Some(line) = command.encode() {
-                    self.actions.push_back(Action::ToServer(line));
+                    self.forward_command(Action::ToServer(line));
                 }
             }
             Pending::Passive(reply) => {
@@ -274,10 +289,7 @@ impl Session {
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot announce {endpoint}");
                         self.close_pinholes();
-                        self.refuse(
-                            Reject::FamilyMismatch,
-                            Reject::FamilyMismatch.passive_reply(),
-                        );
+                        self.refuse_reply(Reject::FamilyMismatch);
                     }
                 }
             }
@@ -294,8 +306,17 @@ impl Session {
             if self.pending.is_some() || self.closed {
                 return None;
             }
+            if self.awaiting_replies == 0 {
+                if let Some(reply) = self.held_reply.take() {
+                    self.actions.push_back(Action::ToClient(reply));
+                    continue;
+                }
+            }
             if let Some(line) = self.from_server.next_line() {
                 self.server_line(line);
+            } else if self.held_reply.is_some() {
+                // The client's lines wait until the refusal has been answered in its turn.
+                return None;
             } else if let Some(line) = self.from_client.next_line() {
                 self.client_line(line);
             } else if self.client_eof && !self.client_done {
@@ -312,31 +333,27 @@ impl Session {
     fn client_line(&mut self, line: Result<Vec<u8>, FramingError>) {
         let raw = match line {
             Ok(raw) => raw,
-            Err(_) => return self.refuse(Reject::LineTooLong, Reject::LineTooLong.client_reply()),
+            Err(_) => return self.refuse_command(Reject::LineTooLong),
         };
         let text = framing::text_of(&raw);
         match Command::parse(&text) {
             Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
             Command::Eprt(addr) => self.active(addr, true),
-            Command::BadArgument { .. } => {
-                self.refuse(Reject::BadArgument, Reject::BadArgument.client_reply())
-            }
-            Command::Other { verb } if verb == "AUTH" => {
-                self.refuse(Reject::TlsRefused, Reject::TlsRefused.client_reply())
-            }
+            Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
+            Command::Other { verb } if verb == "AUTH" => self.refuse_command(Reject::TlsRefused),
             // Clients signal ABOR differently (Telnet IP + Synch, or the whole line sent as
             // urgent data as Python's ftplib does), and the proxy cannot see where the client's
             // urgent mark was; it signals every ABOR to the server the way servers understand.
             Command::Other { verb } if verb == "ABOR" => {
-                self.actions.push_back(Action::ToServerUrgent(raw));
+                self.forward_command(Action::ToServerUrgent(raw));
             }
             Command::Other { verb } if verb == "REIN" => {
                 // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
                 // announced before it is void.
                 self.close_pinholes();
-                self.actions.push_back(Action::ToServer(raw));
+                self.forward_command(Action::ToServer(raw));
             }
-            _ => self.actions.push_back(Action::ToServer(raw)),
+            _ => self.forward_command(Action::ToServer(raw)),
         }
     }
 
@@ -344,7 +361,7 @@ impl Session {
         let raw = match line {
             Ok(raw) => raw,
             Err(_) => {
-                self.refuse(Reject::LineTooLong, Reject::LineTooLong.passive_reply());
+                self.refuse_reply(Reject::LineTooLong);
                 self.handle_eof(Side::Server);
                 return;
             }
@@ -352,16 +369,18 @@ impl Session {
         let text = framing::text_of(&raw);
         let reply = self.replies.classify(&text);
         let code = reply.code.unwrap_or(0);
+        let final_reply = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last)
+            && (200..700).contains(&code);
+        if final_reply {
+            self.awaiting_replies = self.awaiting_replies.saturating_sub(1);
+        }
         if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
             return match PassiveReply::parse(&text) {
                 Ok(parsed) => self.passive(parsed),
                 Err(e) => {
                     tracing::warn!(error = %e, "unusable passive reply");
                     self.close_pinholes();
-                    self.refuse(
-                        Reject::BadPassiveReply,
-                        Reject::BadPassiveReply.passive_reply(),
-                    );
+                    self.refuse_reply(Reject::BadPassiveReply);
                 }
             };
         }
@@ -370,8 +389,6 @@ impl Session {
         {
             self.transferring = true;
         }
-        let final_reply = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last)
-            && (200..600).contains(&code);
         if final_reply && self.transferring {
             self.transferring = false;
             self.close_pinholes();
@@ -384,23 +401,14 @@ impl Session {
     fn active(&mut self, target: SocketAddr, eprt: bool) {
         let client = self.ctx.client.ip();
         if target.ip() != client {
-            tracing::warn!(reason = Reject::ThirdPartyAddress.as_str(), %target, "refused active announcement");
-            return self.refuse(
-                Reject::ThirdPartyAddress,
-                Reject::ThirdPartyAddress.client_reply(),
-            );
+            tracing::info!(%target, "active announcement names another host");
+            return self.refuse_command(Reject::ThirdPartyAddress);
         }
         if target.port() < MIN_DATA_PORT {
-            return self.refuse(
-                Reject::PrivilegedPort,
-                Reject::PrivilegedPort.client_reply(),
-            );
+            return self.refuse_command(Reject::PrivilegedPort);
         }
         if client.is_ipv4() != self.ctx.upstream_local.is_ipv4() {
-            return self.refuse(
-                Reject::FamilyMismatch,
-                Reject::FamilyMismatch.client_reply(),
-            );
+            return self.refuse_command(Reject::FamilyMismatch);
         }
         let request = self.active_request(target);
         self.request_pinhole(request, Pending::Active { eprt });
@@ -412,10 +420,7 @@ impl Session {
         // The server's previous passive endpoint is void now, whatever becomes of this one.
         self.close_pinholes();
         if reply.port() < MIN_DATA_PORT {
-            return self.refuse(
-                Reject::PrivilegedPort,
-                Reject::PrivilegedPort.passive_reply(),
-            );
+            return self.refuse_reply(Reject::PrivilegedPort);
         }
         // A 227 carries an IPv4 address, which must be announced to the client; and a pinhole
         // cannot join an IPv4 client to an IPv6 server or the reverse.
@@ -426,10 +431,7 @@ impl Session {
         let family_ok = self.ctx.client.is_ipv4() == self.ctx.server.is_ipv4()
             && (announced_v4 || !matches!(reply, PassiveReply::Pasv { .. }));
         if !family_ok {
-            return self.refuse(
-                Reject::FamilyMismatch,
-                Reject::FamilyMismatch.passive_reply(),
-            );
+            return self.refuse_reply(Reject::FamilyMismatch);
         }
         let request = self.passive_request(reply.port());
         self.request_pinhole(request, Pending::Passive(reply));
@@ -486,9 +488,24 @@ impl Session {
         self.actions.push_back(Action::Open(request));
     }
 
-    fn refuse(&mut self, reason: Reject, reply: &[u8]) {
-        tracing::warn!(reason = reason.as_str(), "refused");
-        self.actions.push_back(Action::ToClient(reply.to_vec()));
+    fn forward_command(&mut self, action: Action) {
+        self.awaiting_replies += 1;
+        self.actions.push_back(action);
+    }
+
+    /// Answer a client command that is not forwarded. The answer waits for the server's replies
+    /// to the commands sent before it (RFC 959 replies come in command order, and a pipelining
+    /// client matches them up by order), and the client's later lines wait for the answer.
+    fn refuse_command(&mut self, reason: Reject) {
+        tracing::warn!(reason = reason.as_str(), "refused command");
+        self.held_reply = Some(reason.client_reply().to_vec());
+    }
+
+    /// Replace a server reply that cannot be forwarded; it takes that reply's place.
+    fn refuse_reply(&mut self, reason: Reject) {
+        tracing::warn!(reason = reason.as_str(), "refused server reply");
+        self.actions
+            .push_back(Action::ToClient(reason.passive_reply().to_vec()));
     }
 
     fn close_pinholes(&mut self) {
@@ -531,6 +548,17 @@ mod tests {
         }
     }
 
+    /// A session whose server greeting has been relayed, as every real one starts.
+    fn greeted(mode: Mode) -> Session {
+        let mut s = Session::new(ctx(mode));
+        s.handle_server_data(b"220 ready\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(b"220 ready\r\n".to_vec())]
+        );
+        s
+    }
+
     fn drain(s: &mut Session) -> Vec<Action> {
         std::iter::from_fn(|| s.poll_action()).collect()
     }
@@ -548,7 +576,7 @@ mod tests {
 
     #[test]
     fn other_lines_pass_byte_for_byte_in_both_directions() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"USER anonymous\r\nrEtR  file name \r\n");
         s.handle_server_data(b"211-Features:\r\n 227 (1,2,3,4,5,6)\r\n211 End\r\n");
         assert_eq!(
@@ -565,7 +593,7 @@ mod tests {
 
     #[test]
     fn gateway_port_waits_for_its_pinhole_then_announces_the_gateway() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"port 198,18,0,2,156,64\r\nRETR f\r\n");
         let actions = drain(&mut s);
         assert_eq!(
@@ -604,7 +632,7 @@ mod tests {
 
     #[test]
     fn failed_pinhole_answers_425_and_never_forwards_the_announcement() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"EPRT |1|198.18.0.2|40000|\r\n");
         assert!(matches!(drain(&mut s)[..], [Action::Open(_)]));
         s.handle_opened(None);
@@ -618,7 +646,7 @@ mod tests {
 
     #[test]
     fn gateway_eprt_is_answered_with_eprt() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"EPRT |1|198.18.0.2|40000|\r\n");
         drain(&mut s);
         s.handle_opened(opened(1, 61001));
@@ -630,7 +658,7 @@ mod tests {
 
     #[test]
     fn gateway_227_keeps_the_server_port_and_replaces_a_foreign_address() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,156,65).\r\n");
         let actions = drain(&mut s);
         assert_eq!(
@@ -659,7 +687,7 @@ mod tests {
 
     #[test]
     fn reverse_227_announces_the_dialled_address_and_a_pool_port() {
-        let mut s = Session::new(ctx(Mode::Reverse));
+        let mut s = greeted(Mode::Reverse);
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
         match &drain(&mut s)[..] {
             [Action::Open(r)] => {
@@ -681,7 +709,7 @@ mod tests {
 
     #[test]
     fn reverse_229_rewrites_only_the_port() {
-        let mut s = Session::new(ctx(Mode::Reverse));
+        let mut s = greeted(Mode::Reverse);
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(3, 61002));
@@ -695,7 +723,7 @@ mod tests {
 
     #[test]
     fn reverse_port_snats_to_the_address_the_client_dialled() {
-        let mut s = Session::new(ctx(Mode::Reverse));
+        let mut s = greeted(Mode::Reverse);
         s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
         match &drain(&mut s)[..] {
             [Action::Open(r)] => {
@@ -716,7 +744,7 @@ mod tests {
             b"PORT 198,18,0,2,256,1\r\n",
             b"AUTH TLS\r\n",
         ] {
-            let mut s = Session::new(ctx(Mode::Gateway));
+            let mut s = greeted(Mode::Gateway);
             s.handle_client_data(line);
             let actions = drain(&mut s);
             assert!(
@@ -729,14 +757,14 @@ mod tests {
 
     #[test]
     fn privileged_passive_port_is_replaced_by_425() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,0,25)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
 
     #[test]
     fn new_announcement_closes_the_previous_pinhole() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(1, 40001));
@@ -747,7 +775,7 @@ mod tests {
 
     #[test]
     fn eof_flushes_partial_lines_and_closes_pinholes() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(1, 40001));
@@ -766,7 +794,7 @@ mod tests {
 
     #[test]
     fn client_eof_drops_its_unchecked_partial_line_and_waits_for_the_server() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"QUIT\r\nPORT 203,0,113,9,0,22");
         s.handle_eof(Side::Client);
         assert_eq!(
@@ -786,14 +814,14 @@ mod tests {
 
     #[test]
     fn unparsable_passive_reply_is_replaced_by_425() {
-        let mut s = Session::new(ctx(Mode::Reverse));
+        let mut s = greeted(Mode::Reverse);
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,300,1)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
 
     #[test]
     fn abor_goes_to_the_server_as_urgent_data_whatever_its_telnet_prefix() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"\xff\xf4\xff\xf2ABOR\r\nabor\r\n");
         assert_eq!(
             drain(&mut s),
@@ -805,8 +833,28 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_waits_for_the_replies_to_earlier_pipelined_commands() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"CWD /pub\r\nPORT 203,0,113,9,156,64\r\nNOOP\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(b"CWD /pub\r\n".to_vec())]
+        );
+        s.handle_server_data(b"250-Directory\r\n250 changed.\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"250-Directory\r\n".to_vec()),
+                Action::ToClient(b"250 changed.\r\n".to_vec()),
+                Action::ToClient(Reject::ThirdPartyAddress.client_reply().to_vec()),
+                Action::ToServer(b"NOOP\r\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
     fn overlong_client_line_is_answered_and_the_session_goes_on() {
-        let mut s = Session::new(ctx(Mode::Gateway));
+        let mut s = greeted(Mode::Gateway);
         let mut long = vec![b'A'; 600];
         long.extend_from_slice(b"\r\nNOOP\r\n");
         s.handle_client_data(&long);
