@@ -721,6 +721,33 @@ mod tests {
         );
     }
 
+    /// Formats real servers rarely send, each rewritten in place with its text kept: no
+    /// parentheses (RFC 1123 §4.1.2.6 tells clients to scan for the numbers), trailing text,
+    /// and a 229 delimiter other than '|' (RFC 2428 §3 allows any of ASCII 33-126).
+    #[test]
+    fn unusual_passive_formats_are_rewritten_in_place() {
+        for (reply, rewritten) in [
+            (
+                &b"227 Entering Passive Mode 203,0,113,2,156,65\r\n"[..],
+                &b"227 Entering Passive Mode 198,18,0,1,238,72\r\n"[..],
+            ),
+            (
+                b"227 =203,0,113,2,156,65 ok, go ahead\r\n",
+                b"227 =198,18,0,1,238,72 ok, go ahead\r\n",
+            ),
+            (
+                b"229 Entering Extended Passive Mode (!!!40001!)\r\n",
+                b"229 Entering Extended Passive Mode (!!!61000!)\r\n",
+            ),
+        ] {
+            let mut s = greeted(Mode::Reverse);
+            s.handle_server_data(reply);
+            assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
+            s.handle_opened(opened(1, 61000));
+            assert_eq!(drain(&mut s), vec![Action::ToClient(rewritten.to_vec())]);
+        }
+    }
+
     #[test]
     fn reverse_port_snats_to_the_address_the_client_dialled() {
         let mut s = greeted(Mode::Reverse);
