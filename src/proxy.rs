@@ -242,7 +242,7 @@ async fn relay(
         while let Some(action) = session.poll_action() {
             match action {
                 Action::ToServer(bytes) => server_tx.write_all(&bytes).await?,
-                Action::ToServerUrgent(bytes) => send_urgent(&mut server_tx, &bytes).await?,
+                Action::ToServerSynch(line) => send_synch(&mut server_tx, &line).await?,
                 Action::ToClient(bytes) => client_tx.write_all(&bytes).await?,
                 Action::Open(request) => {
                     let result = shared.pinholes.open(&request).await;
@@ -270,7 +270,25 @@ async fn relay(
                     client_open = false;
                     session.handle_eof(Side::Client);
                 }
-                n => session.handle_client_data(&client_buf[..n]),
+                n => {
+                    session.handle_client_data(&client_buf[..n]);
+                    // A read stops at TCP's urgent mark, even inline, and tokio takes a short
+                    // read to mean the socket is drained (and stops polling it): read on
+                    // directly until it really is, or the rest of an ABOR line would wait for
+                    // the client's next packet.
+                    while session.wants_client_data() {
+                        match read_now(client_rx.as_ref(), &mut client_buf) {
+                            Ok(0) => {
+                                client_open = false;
+                                session.handle_eof(Side::Client);
+                                break;
+                            }
+                            Ok(n) => session.handle_client_data(&client_buf[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
             },
             read = server_rx.read(&mut server_buf) => match read? {
                 0 => session.handle_eof(Side::Server),
@@ -281,25 +299,34 @@ async fn relay(
     }
 }
 
-/// Send `bytes` with the last one as TCP urgent data, so that the urgent pointer marks the end
-/// of the line, as a client's Synch would.
-async fn send_urgent(tx: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
-    let Some((&last, head)) = bytes.split_last() else {
-        return Ok(());
-    };
-    tx.write_all(head).await?;
+/// Read what the kernel holds for `stream` now, past tokio's readiness tracking.
+fn read_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    (&*socket2::SockRef::from(stream)).read(buf)
+}
+
+/// Telnet IAC, IP (interrupt process) and DM (data mark), RFC 854.
+const IAC: u8 = 255;
+const IP: u8 = 244;
+const DM: u8 = 242;
+
+/// RFC 959's way to interrupt a transfer: IAC IP, then IAC DM with the DM as TCP urgent data
+/// (the Synch), then the command line.
+async fn send_synch(tx: &mut OwnedWriteHalf, line: &[u8]) -> std::io::Result<()> {
+    tx.write_all(&[IAC, IP, IAC]).await?;
     let stream: &TcpStream = tx.as_ref();
     loop {
         stream.writable().await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
-            socket2::SockRef::from(stream).send_out_of_band(&[last])
+            socket2::SockRef::from(stream).send_out_of_band(&[DM])
         });
         match sent {
-            Ok(_) => return Ok(()),
+            Ok(_) => break,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
+    tx.write_all(line).await
 }
 
 /// Closing is not ordered with the control channel (the kernel timeout is the backstop), so

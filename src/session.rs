@@ -52,9 +52,10 @@ pub struct SessionContext {
 pub enum Action {
     /// Write these bytes to the server.
     ToServer(Vec<u8>),
-    /// Write these bytes to the server, the last one as TCP urgent data (RFC 959 §4.1.3's
-    /// Synch): servers interrupt a running transfer for ABOR only when urgent data arrives.
-    ToServerUrgent(Vec<u8>),
+    /// Send the server Telnet IP and Synch (IAC IP, then IAC DM with the DM as TCP urgent data,
+    /// RFC 959 §4.1.3 and RFC 854), then these bytes: servers interrupt a running transfer for
+    /// ABOR only when urgent data arrives, and vsftpd expects exactly this prefix.
+    ToServerSynch(Vec<u8>),
     /// Write these bytes to the client.
     ToClient(Vec<u8>),
     /// Open this pinhole, then call [`Session::handle_opened`] with the result.
@@ -146,6 +147,23 @@ impl Reject {
     }
 }
 
+/// What a final reply from the server settles, besides answering its command.
+#[derive(Debug)]
+enum Owed {
+    /// Nothing (the greeting, most commands).
+    Plain,
+    /// The rewritten PORT/EPRT with its pinhole: a refusal by the server voids the pinhole.
+    Announcement(PinholeId),
+    /// A transfer command with the pinholes of the endpoint it uses: its final reply (226,
+    /// 426, 425, 550, ...) ends the transfer, and the pinholes go with it. Tying pinholes to
+    /// the transfer, not to "the latest announcement", keeps a pipelined `PORT a, RETR, PORT b,
+    /// RETR` from closing a's pinhole before the server has connected to it.
+    Transfer(Vec<PinholeId>),
+}
+
+/// Commands that open a data connection on the current endpoint (RFC 959 §4.1.3, RFC 3659).
+const TRANSFER_VERBS: &[&str] = &["RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"];
+
 /// A rewrite waiting for its pinhole.
 #[derive(Debug)]
 enum Pending {
@@ -164,13 +182,11 @@ pub struct Session {
     replies: ReplyTracker,
     actions: VecDeque<Action>,
     pending: Option<Pending>,
-    /// Pinholes serving the current data endpoint.
+    /// Pinholes of the current data endpoint: announced, not yet taken by a transfer command.
     pinholes: Vec<PinholeId>,
-    /// A 150/125 has been seen since the last announcement: the next final reply ends the
-    /// transfer, and with it its pinholes.
-    transferring: bool,
-    /// Final replies the server still owes: one for its greeting, one per forwarded command.
-    awaiting_replies: usize,
+    /// The final replies the server still owes, in order: its greeting, then one per forwarded
+    /// command, each with the pinholes that its reply settles.
+    owed: VecDeque<Owed>,
     /// ftp-alg's own answer to a refused command, held until the server has answered every
     /// command the client sent before it.
     held_reply: Option<Vec<u8>>,
@@ -193,8 +209,7 @@ impl Session {
             actions: VecDeque::new(),
             pending: None,
             pinholes: Vec::new(),
-            transferring: false,
-            awaiting_replies: 1,
+            owed: VecDeque::from([Owed::Plain]),
             held_reply: None,
             client_eof: false,
             client_done: false,
@@ -243,6 +258,11 @@ impl Session {
                 if !rest.is_empty() {
                     self.actions.push_back(Action::ToClient(rest));
                 }
+                for owed in std::mem::take(&mut self.owed) {
+                    if let Owed::Transfer(ids) = owed {
+                        self.pinholes.extend(ids);
+                    }
+                }
                 self.close_pinholes();
                 self.actions.push_back(Action::Shutdown);
             }
@@ -273,7 +293,7 @@ impl Session {
                 };
                 tracing::info!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
                 if let Some(line) = command.encode() {
-                    self.forward_command(Action::ToServer(line));
+                    self.forward_command(Action::ToServer(line), Owed::Announcement(opened.id));
                 }
             }
             Pending::Passive(reply) => {
@@ -306,7 +326,7 @@ impl Session {
             if self.pending.is_some() || self.closed {
                 return None;
             }
-            if self.awaiting_replies == 0 {
+            if self.owed.is_empty() {
                 if let Some(reply) = self.held_reply.take() {
                     self.actions.push_back(Action::ToClient(reply));
                     continue;
@@ -343,17 +363,23 @@ impl Session {
             Command::Other { verb } if verb == "AUTH" => self.refuse_command(Reject::TlsRefused),
             // Clients signal ABOR differently (Telnet IP + Synch, or the whole line sent as
             // urgent data as Python's ftplib does), and the proxy cannot see where the client's
-            // urgent mark was; it signals every ABOR to the server the way servers understand.
+            // urgent mark was; every ABOR goes to the server in RFC 959's form.
             Command::Other { verb } if verb == "ABOR" => {
-                self.forward_command(Action::ToServerUrgent(raw));
+                let mut line = text;
+                line.extend_from_slice(b"\r\n");
+                self.forward_command(Action::ToServerSynch(line), Owed::Plain);
             }
             Command::Other { verb } if verb == "REIN" => {
                 // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
                 // announced before it is void.
                 self.close_pinholes();
-                self.forward_command(Action::ToServer(raw));
+                self.forward_command(Action::ToServer(raw), Owed::Plain);
             }
-            _ => self.forward_command(Action::ToServer(raw)),
+            Command::Other { verb } if TRANSFER_VERBS.contains(&verb.as_str()) => {
+                let endpoint = std::mem::take(&mut self.pinholes);
+                self.forward_command(Action::ToServer(raw), Owed::Transfer(endpoint));
+            }
+            _ => self.forward_command(Action::ToServer(raw), Owed::Plain),
         }
     }
 
@@ -372,7 +398,7 @@ impl Session {
         let final_reply = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last)
             && (200..700).contains(&code);
         if final_reply {
-            self.awaiting_replies = self.awaiting_replies.saturating_sub(1);
+            self.settle(code);
         }
         if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
             return match PassiveReply::parse(&text) {
@@ -383,15 +409,6 @@ impl Session {
                     self.refuse_reply(Reject::BadPassiveReply);
                 }
             };
-        }
-        if matches!(reply.position, ReplyPosition::Single | ReplyPosition::First)
-            && (code == 125 || code == 150)
-        {
-            self.transferring = true;
-        }
-        if final_reply && self.transferring {
-            self.transferring = false;
-            self.close_pinholes();
         }
         self.actions.push_back(Action::ToClient(raw));
     }
@@ -481,16 +498,34 @@ impl Session {
     }
 
     fn request_pinhole(&mut self, request: PinholeRequest, pending: Pending) {
-        // A new announcement voids the previous data endpoint (RFC 959 §3.2).
+        // A new announcement voids the previous data endpoint (RFC 959 §3.2), unless a transfer
+        // command has already taken it.
         self.close_pinholes();
-        self.transferring = false;
         self.pending = Some(pending);
         self.actions.push_back(Action::Open(request));
     }
 
-    fn forward_command(&mut self, action: Action) {
-        self.awaiting_replies += 1;
+    fn forward_command(&mut self, action: Action, owed: Owed) {
+        self.owed.push_back(owed);
         self.actions.push_back(action);
+    }
+
+    /// The server's next final reply has arrived, with `code`: settle what it answers. A reply
+    /// nobody asked for (a 421 before closing, say) finds nothing owed and settles nothing.
+    fn settle(&mut self, code: u16) {
+        let closes = match self.owed.pop_front() {
+            Some(Owed::Transfer(ids)) => ids,
+            Some(Owed::Announcement(id)) if !(200..300).contains(&code) => {
+                match self.pinholes.iter().position(|p| *p == id) {
+                    Some(index) => vec![self.pinholes.remove(index)],
+                    None => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        };
+        if !closes.is_empty() {
+            self.actions.push_back(Action::Close(closes));
+        }
     }
 
     /// Answer a client command that is not forwarded. The answer waits for the server's replies
@@ -619,13 +654,57 @@ mod tests {
                 Action::ToServer(b"RETR f\r\n".to_vec()),
             ]
         );
-        s.handle_server_data(b"150 Opening\r\n226 Done\r\n");
+        s.handle_server_data(b"200 PORT ok\r\n150 Opening\r\n226 Done\r\n");
         assert_eq!(
             drain(&mut s),
             vec![
+                Action::ToClient(b"200 PORT ok\r\n".to_vec()),
                 Action::ToClient(b"150 Opening\r\n".to_vec()),
                 Action::Close(vec![1]),
                 Action::ToClient(b"226 Done\r\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn pipelined_transfers_each_keep_their_pinhole_until_their_own_end() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(
+            b"PORT 198,18,0,2,156,64\r\nRETR a\r\nPORT 198,18,0,2,156,65\r\nRETR b\r\n",
+        );
+        assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
+        s.handle_opened(opened(1, 61000));
+        let actions = drain(&mut s);
+        assert!(
+            matches!(
+                &actions[..],
+                [Action::ToServer(_), Action::ToServer(_), Action::Open(_)]
+            ),
+            "the second PORT must not close the first one's pinhole: {actions:?}"
+        );
+        s.handle_opened(opened(2, 61001));
+        drain(&mut s);
+        s.handle_server_data(b"200 ok\r\n150 a\r\n226 a done\r\n");
+        let actions = drain(&mut s);
+        assert!(actions.contains(&Action::Close(vec![1])), "{actions:?}");
+        assert!(!actions.contains(&Action::Close(vec![2])), "{actions:?}");
+        s.handle_server_data(b"200 ok\r\n150 b\r\n226 b done\r\n");
+        assert!(drain(&mut s).contains(&Action::Close(vec![2])));
+    }
+
+    #[test]
+    fn a_port_the_server_refuses_loses_its_pinhole() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(1, 61000));
+        drain(&mut s);
+        s.handle_server_data(b"530 Please login with USER and PASS.\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Close(vec![1]),
+                Action::ToClient(b"530 Please login with USER and PASS.\r\n".to_vec()),
             ]
         );
     }
@@ -847,14 +926,14 @@ mod tests {
     }
 
     #[test]
-    fn abor_goes_to_the_server_as_urgent_data_whatever_its_telnet_prefix() {
+    fn abor_goes_to_the_server_after_a_synch_whatever_the_client_sent() {
         let mut s = greeted(Mode::Gateway);
         s.handle_client_data(b"\xff\xf4\xff\xf2ABOR\r\nabor\r\n");
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::ToServerUrgent(b"\xff\xf4\xff\xf2ABOR\r\n".to_vec()),
-                Action::ToServerUrgent(b"abor\r\n".to_vec()),
+                Action::ToServerSynch(b"ABOR\r\n".to_vec()),
+                Action::ToServerSynch(b"abor\r\n".to_vec()),
             ]
         );
     }
