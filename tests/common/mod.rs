@@ -1,10 +1,12 @@
-//! End-to-end harness shared by `e2e_gateway` and `e2e_reverse`: network namespaces, a real
-//! vsftpd, real lftp and curl, the shipped nftables policy and the real `ftp-alg` binary.
+//! End-to-end harness shared by the `e2e_*` tests: network namespaces, real FTP servers
+//! (vsftpd, proftpd, pure-ftpd) and clients (lftp, curl, Python's ftplib), the shipped nftables
+//! policy and the real `ftp-alg` binary. tests/README.md has the interop matrix that
+//! [`scenarios!`] generates, and the combinations it leaves out.
 //!
 //! Every test builds its own namespaces (named `fa<pid>x<n>` plus one letter per host), so tests
 //! run in parallel. [`Lab`]'s `Drop` stops every process the test started and deletes its
-//! namespaces, also when the test panics; a failed test prints the daemon's log, vsftpd's log,
-//! the client transcripts and the gateway's ruleset, and keeps its temporary directory.
+//! namespaces, also when the test panics; a failed test prints the daemon's log, the server's
+//! logs, the client transcripts and the gateway's ruleset, and keeps its temporary directory.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -12,11 +14,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
-use std::thread::sleep;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, OnceLock};
+use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
 const ALG: &str = env!("CARGO_BIN_EXE_ftp-alg");
@@ -32,15 +36,32 @@ const C6: &str = "2001:db8:a::2";
 const G_LAN6: &str = "2001:db8:a::1";
 const G_WAN6: &str = "2001:db8:b::1";
 const S6: &str = "2001:db8:b::2";
-/// Where vsftpd listens in the sidecar topology, next to the ALG on G.
+/// Where the server listens in the sidecar topology, next to the ALG on G.
 const SIDECAR_PORT: u16 = 2100;
+/// Where `scripts/install-ftp-servers` unpacks proftpd and pure-ftpd, which conflict with vsftpd
+/// (and with each other) in apt.
+const SERVERS_PREFIX: &str = "/opt/ftp-alg-test-servers";
+/// pure-ftpd's virtual user (see [`Server::login`]), whose password is stored as a SHA-512 crypt
+/// hash (`openssl passwd -6 -salt ftpalg e2e`): pure-pw's own default hash costs about 2 s per
+/// login on these machines.
+const PURE_FTPD_USER: &str = "e2e";
+const PURE_FTPD_PASSWORD: &str = "e2e";
+const PURE_FTPD_HASH: &str =
+    "$6$ftpalg$HOFrx1pwmgPlhOuMfugjBuRMLYNEfMwrh49vV7oXQZ01z3SDnpCi212G3kTIZ/vqsnzThPynFOcwaGd.9ip150";
+/// Where [`SyslogSink`] writes what pure-ftpd logs, in the test directory.
+const PURE_FTPD_LOG: &str = "pure-ftpd.log";
+/// proftpd's `ExtendedLog`, in the test directory.
+const PROFTPD_COMMAND_LOG: &str = "proftpd-commands.log";
+/// Its `LogFormat`: peer, command line, reply code and text. `LogFormat` knows no escapes, so
+/// the tabs that separate them are literal.
+const PROFTPD_LOG_FORMAT: &str = "%a\t%r\t%s %S";
 
 const DATA_FILE: &str = "data.bin";
 const UPLOAD_FILE: &str = "upload.bin";
 const DATA_LEN: usize = 1 << 20;
 /// Not a multiple of any buffer size, so a short upload shows.
 const UPLOAD_LEN: usize = (1 << 20) + 4099;
-/// vsftpd's passive ports (`pasv_min_port`/`pasv_max_port`).
+/// The servers' passive ports.
 const PASV_PORTS: RangeInclusive<u16> = 40000..=40100;
 /// The ALG's data ports (`pinholes.port_min`/`port_max`).
 const PINHOLE_PORTS: RangeInclusive<u16> = 61000..=61999;
@@ -64,16 +85,47 @@ pub enum Family {
     V6,
 }
 
-/// Where the ALG sits.
+/// Where the ALG sits. One family throughout: a pinhole cannot join an IPv4 client to an IPv6
+/// server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
     /// C — G — S: the client dials the server, G redirects tcp/21 from lan0 to the ALG.
     Gateway(Family),
-    /// C — G — S: the client dials G (198.18.0.1), the ALG's upstream is S (203.0.113.2:21).
-    /// S has no route to C: every data connection must be translated on G.
-    Reverse,
-    /// C — G: vsftpd runs on G itself (198.18.0.1:2100) behind the ALG on 198.18.0.1:21.
-    Sidecar,
+    /// C — G — S: the client dials G (198.18.0.1 or 2001:db8:a::1), the ALG's upstream is S
+    /// (203.0.113.2:21 or [2001:db8:b::2]:21). S has no route to C: every data connection must
+    /// be translated on G.
+    Reverse(Family),
+    /// C — G: the server runs on G itself (port 2100 of G's lan0 address) behind the ALG on
+    /// port 21 of the same address.
+    Sidecar(Family),
+}
+
+/// The real FTP server used. vsftpd comes from Debian's package, proftpd and pure-ftpd from
+/// [`SERVERS_PREFIX`]. Each runs in the foreground with a configuration the test writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Vsftpd,
+    Proftpd,
+    PureFtpd,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Vsftpd => "vsftpd",
+            Server::Proftpd => "proftpd",
+            Server::PureFtpd => "pure-ftpd",
+        }
+    }
+
+    /// The user and password a client logs in with: anonymous, but for pure-ftpd, whose
+    /// anonymous root is always the system user `ftp`'s home: it gets a virtual user instead.
+    fn login(self) -> (&'static str, &'static str) {
+        match self {
+            Server::Vsftpd | Server::Proftpd => ("anonymous", "e2e"),
+            Server::PureFtpd => (PURE_FTPD_USER, PURE_FTPD_PASSWORD),
+        }
+    }
 }
 
 /// The real FTP client used.
@@ -81,6 +133,8 @@ pub enum Topology {
 pub enum Client {
     Lftp,
     Curl,
+    /// Python's ftplib, driven by [`FTPLIB_CLIENT`].
+    Ftplib,
 }
 
 /// How the data connection is set up.
@@ -88,7 +142,8 @@ pub enum Client {
 pub enum DataMode {
     /// PASV; the client dials the address announced in the 227 reply.
     Pasv,
-    /// PASV; the client ignores the 227 address and dials its control peer (curl's default).
+    /// PASV; the client ignores the 227 address and dials its control peer (the default of
+    /// curl and ftplib).
     PasvSkipIp,
     /// EPSV.
     Epsv,
@@ -99,7 +154,7 @@ pub enum DataMode {
 }
 
 impl DataMode {
-    /// The command vsftpd must receive for this mode.
+    /// The command the server must receive for this mode.
     fn verb(self) -> &'static str {
         match self {
             DataMode::Pasv | DataMode::PasvSkipIp => "PASV",
@@ -133,35 +188,93 @@ enum Op {
     Upload,
 }
 
-/// One end-to-end case: a topology, a client and a data connection mode.
+/// One end-to-end case: a topology, a server, a client and a data connection mode.
 #[derive(Clone, Copy, Debug)]
 pub struct Scenario {
     pub topology: Topology,
+    pub server: Server,
     pub client: Client,
     pub mode: DataMode,
 }
 
-/// Generates one module per scenario with one `#[test]` per listed check (a method of
-/// [`Scenario`]), so every case runs as its own test and in parallel with the others.
+/// Generates the interop matrix of each topology it is given (`name: Topology(Family);`): a
+/// module per topology, in it one per server, in that one per cell (a client and a data mode),
+/// and in that one `#[test]` per check (a method of [`Scenario`]), e.g.
+/// `gateway_v4::proftpd::ftplib_pasv::round_trip`, so that every case runs as its own test and
+/// in parallel with the others.
+///
+/// Every cell runs `round_trip`. The checks listed in `negatives:` run in the curl cells only:
+/// one client per server and mode is enough to show that the data connection is the
+/// firewall's to block, and curl is the one client that speaks every mode in both families.
+/// The rows are the cells each client can do in each family; [`Client::unsupported`] says why
+/// the others are left out.
 macro_rules! scenarios {
-    (checks: $checks:tt; $($name:ident: $topology:expr, $client:expr, $mode:expr;)+) => {
-        $($crate::common::scenarios!(@one $name, $topology, $client, $mode, $checks);)+
+    (negatives: $negatives:tt; $($module:ident: $topology:ident($family:ident);)+) => {
+        $(mod $module {
+            $crate::common::scenarios!(@server vsftpd: Vsftpd, $topology($family), $negatives);
+            $crate::common::scenarios!(@server proftpd: Proftpd, $topology($family), $negatives);
+            $crate::common::scenarios!(@server pure_ftpd: PureFtpd, $topology($family), $negatives);
+        })+
     };
-    (@one $name:ident, $topology:expr, $client:expr, $mode:expr, [$($check:ident),+]) => {
-        mod $name {
-            use super::*;
+    (@server $module:ident: $server:ident, $topology:ident($family:ident), $negatives:tt) => {
+        mod $module {
+            $crate::common::scenarios!(@$family $topology, $server, $negatives);
+        }
+    };
+    (@V4 $topology:ident, $server:ident, $negatives:tt) => {
+        $crate::common::scenarios!(@cells $topology(V4), $server;
+            lftp_pasv: Lftp, Pasv, [];
+            lftp_pasv_skip_ip: Lftp, PasvSkipIp, [];
+            lftp_epsv: Lftp, Epsv, [];
+            lftp_port: Lftp, Port, [];
+            curl_pasv: Curl, Pasv, $negatives;
+            curl_pasv_skip_ip: Curl, PasvSkipIp, $negatives;
+            curl_epsv: Curl, Epsv, $negatives;
+            curl_port: Curl, Port, $negatives;
+            curl_eprt: Curl, Eprt, $negatives;
+            ftplib_pasv: Ftplib, Pasv, [];
+            ftplib_pasv_skip_ip: Ftplib, PasvSkipIp, [];
+            ftplib_epsv: Ftplib, Epsv, [];
+            ftplib_port: Ftplib, Port, [];
+            ftplib_eprt: Ftplib, Eprt, [];
+        );
+    };
+    (@V6 $topology:ident, $server:ident, $negatives:tt) => {
+        $crate::common::scenarios!(@cells $topology(V6), $server;
+            lftp_epsv: Lftp, Epsv, [];
+            lftp_eprt: Lftp, Eprt, [];
+            curl_epsv: Curl, Epsv, $negatives;
+            curl_eprt: Curl, Eprt, $negatives;
+            ftplib_epsv: Ftplib, Epsv, [];
+            ftplib_eprt: Ftplib, Eprt, [];
+        );
+    };
+    (@cells $topology:ident($family:ident), $server:ident;
+        $($name:ident: $client:ident, $mode:ident, [$($negative:ident),*];)+) => {
+        $(mod $name {
+            fn scenario() -> $crate::common::Scenario {
+                $crate::common::Scenario {
+                    topology: $crate::common::Topology::$topology(
+                        $crate::common::Family::$family,
+                    ),
+                    server: $crate::common::Server::$server,
+                    client: $crate::common::Client::$client,
+                    mode: $crate::common::DataMode::$mode,
+                }
+            }
+
+            #[test]
+            fn round_trip() {
+                scenario().round_trip()
+            }
+
             $(
                 #[test]
-                fn $check() {
-                    $crate::common::Scenario {
-                        topology: $topology,
-                        client: $client,
-                        mode: $mode,
-                    }
-                    .$check()
+                fn $negative() {
+                    scenario().$negative()
                 }
-            )+
-        }
+            )*
+        })+
     };
 }
 pub(crate) use scenarios;
@@ -171,7 +284,7 @@ impl Scenario {
     /// server must have received this scenario's data command and no other, and no pinhole may
     /// outlive a session.
     pub fn round_trip(self) {
-        let mut lab = Lab::new(self.topology, Setup::Alg);
+        let mut lab = self.lab(Setup::Alg);
         let mut runs = Vec::new();
         for ops in self.client.sessions(&[Op::List, Op::Download, Op::Upload]) {
             let run = lab.client_session(self.client, self.mode, ops);
@@ -238,7 +351,7 @@ impl Scenario {
     }
 
     fn blocked(self, setup: Setup) {
-        let mut lab = Lab::new(self.topology, setup);
+        let mut lab = self.lab(setup);
         let run = lab.client_session(self.client, self.mode, &[Op::Download]);
         assert!(
             !run.status.success(),
@@ -271,8 +384,8 @@ impl Scenario {
             run.transcript
         );
         assert!(
-            !log.text.contains("OK DOWNLOAD"),
-            "{self:?} {setup:?}: the server completed a download"
+            !log.responses().iter().any(|r| r.starts_with("226")),
+            "{self:?} {setup:?}: the server completed a transfer"
         );
         if setup == Setup::AlgStopped {
             log.assert_control_from(lab.addrs().client);
@@ -281,14 +394,35 @@ impl Scenario {
             lab.assert_no_pinholes_left();
         }
     }
+
+    fn lab(self, setup: Setup) -> Lab {
+        if let Some(why) = self.client.unsupported(self.mode, self.topology.family()) {
+            panic!("{self:?} cannot be tested: {why}");
+        }
+        Lab::with_server(self.topology, self.server, setup)
+    }
 }
 
 impl Client {
-    /// The control sessions that perform `ops`: lftp does all in one, curl one per URL.
+    /// The control sessions that perform `ops`: lftp and ftplib do all in one, curl one per URL.
     fn sessions(self, ops: &[Op]) -> Vec<&[Op]> {
         match self {
-            Client::Lftp => vec![ops],
+            Client::Lftp | Client::Ftplib => vec![ops],
             Client::Curl => ops.chunks(1).collect(),
+        }
+    }
+
+    /// Why this client cannot set up a data connection in `mode` over `family`, if it cannot:
+    /// the cells that [`scenarios!`] leaves out of the matrix.
+    fn unsupported(self, mode: DataMode, family: Family) -> Option<&'static str> {
+        match (self, mode, family) {
+            (_, DataMode::Pasv | DataMode::PasvSkipIp | DataMode::Port, Family::V6) => {
+                Some("the 227 reply to PASV and the PORT command carry IPv4 addresses only")
+            }
+            (Client::Lftp, DataMode::Eprt, Family::V4) => {
+                Some("lftp 4.9 sends PORT for an IPv4 data address, never EPRT")
+            }
+            _ => None,
         }
     }
 }
@@ -301,7 +435,7 @@ struct Addrs {
     dial: SocketAddr,
     /// The server, as the ALG knows it (original destination or upstream).
     server: IpAddr,
-    /// vsftpd's control port.
+    /// The server's control port.
     server_port: u16,
     /// The source of the control connection as the server sees it: the ALG's side towards it.
     server_sees: IpAddr,
@@ -312,43 +446,44 @@ struct Addrs {
 }
 
 impl Topology {
+    fn family(self) -> Family {
+        match self {
+            Topology::Gateway(f) | Topology::Reverse(f) | Topology::Sidecar(f) => f,
+        }
+    }
+
     fn addrs(self) -> Addrs {
         let ip = |s: &str| -> IpAddr { s.parse().expect("a literal address") };
+        let (c, g_lan, g_wan, s) = match self.family() {
+            Family::V4 => (ip(C4), ip(G_LAN4), ip(G_WAN4), ip(S4)),
+            Family::V6 => (ip(C6), ip(G_LAN6), ip(G_WAN6), ip(S6)),
+        };
         match self {
-            Topology::Gateway(Family::V4) => Addrs {
-                client: ip(C4),
-                dial: SocketAddr::new(ip(S4), 21),
-                server: ip(S4),
+            Topology::Gateway(_) => Addrs {
+                client: c,
+                dial: SocketAddr::new(s, 21),
+                server: s,
                 server_port: 21,
-                server_sees: ip(G_WAN4),
-                client_sees: ip(S4),
+                server_sees: g_wan,
+                client_sees: s,
                 rewrites_pasv: false,
             },
-            Topology::Gateway(Family::V6) => Addrs {
-                client: ip(C6),
-                dial: SocketAddr::new(ip(S6), 21),
-                server: ip(S6),
+            Topology::Reverse(_) => Addrs {
+                client: c,
+                dial: SocketAddr::new(g_lan, 21),
+                server: s,
                 server_port: 21,
-                server_sees: ip(G_WAN6),
-                client_sees: ip(S6),
-                rewrites_pasv: false,
-            },
-            Topology::Reverse => Addrs {
-                client: ip(C4),
-                dial: SocketAddr::new(ip(G_LAN4), 21),
-                server: ip(S4),
-                server_port: 21,
-                server_sees: ip(G_WAN4),
-                client_sees: ip(G_LAN4),
+                server_sees: g_wan,
+                client_sees: g_lan,
                 rewrites_pasv: true,
             },
-            Topology::Sidecar => Addrs {
-                client: ip(C4),
-                dial: SocketAddr::new(ip(G_LAN4), 21),
-                server: ip(G_LAN4),
+            Topology::Sidecar(_) => Addrs {
+                client: c,
+                dial: SocketAddr::new(g_lan, 21),
+                server: g_lan,
                 server_port: SIDECAR_PORT,
-                server_sees: ip(G_LAN4),
-                client_sees: ip(G_LAN4),
+                server_sees: g_lan,
+                client_sees: g_lan,
                 rewrites_pasv: true,
             },
         }
@@ -377,7 +512,7 @@ pub fn stale_pinholes_swept_at_start() {
 /// after QUIT the list is empty. IPv4 topologies only (the raw client speaks PASV/PORT).
 pub fn pinholes_follow_session(topology: Topology) {
     assert!(
-        topology != Topology::Gateway(Family::V6),
+        topology.family() == Family::V4,
         "the raw client speaks PASV and PORT: IPv4 only"
     );
     require_tool("python3");
@@ -533,6 +668,138 @@ impl RawSession {
     }
 }
 
+/// One control session of [`Client::Ftplib`]: log in, then LIST, RETR and STOR as the
+/// arguments say, in the data connection mode MODE. ftplib sends PASV and PORT over IPv4,
+/// EPSV and EPRT over IPv6; the two overrides make it send EPSV and EPRT over IPv4 too.
+const FTPLIB_CLIENT: &str = r#"
+"""usage: HOST PORT USER PASSWORD MODE (LIST | RETR REMOTE LOCAL | STOR LOCAL REMOTE)...
+MODE: pasv (dial the 227 address), pasv-skip-ip (dial the control peer), epsv, port, eprt"""
+import ftplib, sys
+
+host, port, user, password, mode, *ops = sys.argv[1:]
+
+class Client(ftplib.FTP):
+    def makepasv(self):
+        if mode == "epsv":
+            return ftplib.parse229(self.sendcmd("EPSV"), self.sock.getpeername())
+        return super().makepasv()
+
+    def sendport(self, host, port):
+        if mode == "eprt":
+            return self.sendeprt(host, port)
+        return super().sendport(host, port)
+
+ftp = Client(timeout=5)
+ftp.trust_server_pasv_ipv4_address = mode == "pasv"
+ftp.connect(host, int(port))
+ftp.login(user, password)
+ftp.set_pasv(mode in ("pasv", "pasv-skip-ip", "epsv"))
+args = iter(ops)
+for op in args:
+    if op == "LIST":
+        ftp.retrlines("LIST")
+    elif op == "RETR":
+        remote, local = next(args), next(args)
+        with open(local, "wb") as f:
+            ftp.retrbinary("RETR " + remote, f.write)
+    elif op == "STOR":
+        local, remote = next(args), next(args)
+        with open(local, "rb") as f:
+            ftp.storbinary("STOR " + remote, f)
+    else:
+        sys.exit("unknown operation " + op)
+ftp.quit()
+"#;
+
+/// `sh -c PURE_FTPD_MOUNTS sh DIR PROGRAM ARGS...` runs PROGRAM with DIR as its /dev (the
+/// device nodes pure-ftpd opens, bound from the real /dev, beside the test's socket as
+/// /dev/log) and an empty /run (where pure-ftpd keeps a file per session). `ip netns exec`
+/// gives each command a mount namespace of its own: neither the host nor any other process
+/// sees these mounts.
+const PURE_FTPD_MOUNTS: &str = r#"set -e
+dev=$1
+shift
+for node in null random urandom; do
+    : >"$dev/$node"
+    mount --bind "/dev/$node" "$dev/$node"
+done
+mount --rbind "$dev" /dev
+mount -t tmpfs tmpfs /run
+exec "$@"
+"#;
+
+/// Collects what pure-ftpd logs to the test's syslog socket into [`PURE_FTPD_LOG`]. A thread
+/// reads the socket as pure-ftpd writes: a datagram socket queues only
+/// `net.unix.max_dgram_qlen` datagrams (10 here) before `syslog()` blocks the server.
+struct SyslogSink {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    flushed: Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A datagram the test sends to its own socket: once the thread has read it, it has read what
+/// pure-ftpd logged before it. Syslog messages start with `<`, never with a NUL.
+const SYSLOG_FLUSH: &[u8] = b"\0flush";
+
+impl SyslogSink {
+    fn start(socket: PathBuf, log: PathBuf) -> SyslogSink {
+        let receiver = UnixDatagram::bind(&socket).expect("bind pure-ftpd's syslog socket");
+        // pure-ftpd's session process connects again after it has dropped root.
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).expect("chmod");
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("syslog socket timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flush_done, flushed) = mpsc::channel();
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut log = create(&log);
+                let mut datagram = [0; 4096];
+                while !stop.load(Ordering::SeqCst) {
+                    match receiver.recv(&mut datagram) {
+                        Ok(n) if &datagram[..n] == SYSLOG_FLUSH => {
+                            let _ = flush_done.send(());
+                        }
+                        Ok(n) => log
+                            .write_all(&datagram[..n])
+                            .and_then(|()| log.write_all(b"\n"))
+                            .expect("append to pure-ftpd's log"),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("read pure-ftpd's syslog: {e}"),
+                    }
+                }
+            }
+        });
+        SyslogSink {
+            socket,
+            stop,
+            flushed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Returns once everything pure-ftpd logged before the call is in the log file.
+    fn flush(&self) {
+        UnixDatagram::unbound()
+            .and_then(|s| s.send_to(SYSLOG_FLUSH, &self.socket))
+            .expect("send to the syslog socket");
+        self.flushed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the syslog thread has stopped");
+    }
+}
+
+impl Drop for SyslogSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A pinhole as `ftp-alg pinholes list --json` reports it; written out here rather than
 /// taken from the library, so that a change of the JSON interface fails these tests.
 #[derive(Debug, serde::Deserialize)]
@@ -571,46 +838,116 @@ impl Pinhole {
     }
 }
 
-/// vsftpd's protocol log (`log_ftp_protocol=YES`).
-struct ServerLog {
+/// Who said a line on a control connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Said {
+    Command,
+    Reply,
+}
+
+/// One command or reply line as the server logged it, with the control connection's peer.
+#[derive(Debug)]
+struct Event {
+    said: Said,
+    peer: IpAddr,
     text: String,
+}
+
+impl Event {
+    fn new(said: Said, peer: &str, text: &str) -> Event {
+        Event {
+            said,
+            peer: peer
+                .parse()
+                .unwrap_or_else(|e| panic!("the server logged peer {peer:?}: {e}")),
+            text: text.to_owned(),
+        }
+    }
+}
+
+/// Reads one line of a server's log: the events on it, `None` for a line of another kind.
+type LineParser = fn(&str) -> Option<Vec<Event>>;
+
+/// What the server itself recorded of its control connections, in order: vsftpd's protocol
+/// log (`log_ftp_protocol=YES`), proftpd's `ExtendedLog` (a line per command with its reply),
+/// pure-ftpd's verbose syslog (`-d -d`). The server's word is what counts: curl silently falls
+/// back from EPSV to PASV and from EPRT to PORT, and the ALG rewrites what the client sent.
+struct ServerLog {
+    events: Vec<Event>,
 }
 
 impl ServerLog {
     fn read(lab: &Lab) -> ServerLog {
+        let (file, parse): (_, LineParser) = match lab.server {
+            Server::Vsftpd => ("vsftpd.log", Self::vsftpd_line),
+            Server::Proftpd => (PROFTPD_COMMAND_LOG, Self::proftpd_line),
+            Server::PureFtpd => {
+                lab.flush_syslog();
+                (PURE_FTPD_LOG, Self::pure_ftpd_line)
+            }
+        };
+        let text = fs::read_to_string(lab.dir.join(file)).unwrap_or_default();
         ServerLog {
-            text: fs::read_to_string(lab.dir.join("vsftpd.log")).unwrap_or_default(),
+            events: text.lines().filter_map(parse).flatten().collect(),
         }
     }
 
-    /// `(kind, client, text)` for each command and response line, in order.
-    fn events(&self) -> Vec<(&str, &str, &str)> {
-        self.text
-            .lines()
-            .filter_map(|line| {
-                let (kind, rest) = ["FTP command", "FTP response"]
-                    .into_iter()
-                    .find_map(|k| Some((k, line.split_once(&format!("{k}: Client \""))?.1)))?;
-                let (client, quoted) = rest.split_once("\", \"")?;
-                Some((kind, client, quoted.strip_suffix('"')?))
-            })
+    /// `... FTP command: Client "203.0.113.1", "PASV"`, and the same with `FTP response`.
+    fn vsftpd_line(line: &str) -> Option<Vec<Event>> {
+        [
+            (Said::Command, "FTP command"),
+            (Said::Reply, "FTP response"),
+        ]
+        .into_iter()
+        .find_map(|(said, tag)| {
+            let rest = line.split_once(&format!("{tag}: Client \""))?.1;
+            let (peer, quoted) = rest.split_once("\", \"")?;
+            Some(vec![Event::new(said, peer, quoted.strip_suffix('"')?)])
+        })
+    }
+
+    /// `peer TAB command TAB reply`, as [`PROFTPD_LOG_FORMAT`] writes it.
+    fn proftpd_line(line: &str) -> Option<Vec<Event>> {
+        let mut fields = line.splitn(3, '\t');
+        let (peer, command, reply) = (fields.next()?, fields.next()?, fields.next()?);
+        Some(vec![
+            Event::new(Said::Command, peer, command),
+            Event::new(Said::Reply, peer, reply),
+        ])
+    }
+
+    /// `<95>Nov 24 06:00:20 pure-ftpd: (user@peer) [DEBUG] Command [eprt] [|2|::1|34829|]`
+    /// for a command (the verb in lower case), `... [DEBUG] 200 PORT command successful` for
+    /// each line of a reply.
+    fn pure_ftpd_line(line: &str) -> Option<Vec<Event>> {
+        let (_, rest) = line.split_once(" pure-ftpd: (")?;
+        let (who, said) = rest.split_once(") [DEBUG] ")?;
+        let (_, peer) = who.rsplit_once('@')?;
+        let event = match said.strip_prefix("Command [") {
+            Some(command) => {
+                let (verb, arg) = command.split_once("] [")?;
+                let line = format!("{} {}", verb.to_ascii_uppercase(), arg.strip_suffix(']')?);
+                Event::new(Said::Command, peer, line.trim_end())
+            }
+            None => Event::new(Said::Reply, peer, said),
+        };
+        Some(vec![event])
+    }
+
+    fn lines(&self, said: Said) -> Vec<&str> {
+        self.events
+            .iter()
+            .filter(|e| e.said == said)
+            .map(|e| e.text.as_str())
             .collect()
     }
 
     fn commands(&self) -> Vec<&str> {
-        self.events()
-            .into_iter()
-            .filter(|(kind, _, _)| *kind == "FTP command")
-            .map(|(_, _, text)| text)
-            .collect()
+        self.lines(Said::Command)
     }
 
     fn responses(&self) -> Vec<&str> {
-        self.events()
-            .into_iter()
-            .filter(|(kind, _, _)| *kind == "FTP response")
-            .map(|(_, _, text)| text)
-            .collect()
+        self.lines(Said::Reply)
     }
 
     /// The data connection commands received, in order.
@@ -628,27 +965,18 @@ impl ServerLog {
 
     /// Whether a `verb` command was answered with a 2xx reply.
     fn accepted(&self, verb: &str) -> bool {
-        let events = self.events();
-        events.windows(2).any(|w| {
-            w[0].0 == "FTP command"
-                && w[0].2.split(' ').next() == Some(verb)
-                && w[1].0 == "FTP response"
-                && w[1].2.starts_with('2')
+        self.events.windows(2).any(|w| {
+            w[0].said == Said::Command
+                && w[0].text.split(' ').next() == Some(verb)
+                && w[1].said == Said::Reply
+                && w[1].text.starts_with('2')
         })
     }
 
     /// Asserts that every control connection reached the server from `peer`: from the ALG
     /// when it runs, from the client itself when it does not.
     fn assert_control_from(&self, peer: IpAddr) {
-        let peers: BTreeSet<IpAddr> = self
-            .events()
-            .into_iter()
-            .map(|(_, client, _)| {
-                client
-                    .parse()
-                    .unwrap_or_else(|e| panic!("vsftpd logged client {client:?}: {e}"))
-            })
-            .collect();
+        let peers: BTreeSet<IpAddr> = self.events.iter().map(|e| e.peer).collect();
         assert_eq!(
             peers,
             BTreeSet::from([peer]),
@@ -660,10 +988,14 @@ impl ServerLog {
 /// The namespaces, processes and files of one test.
 struct Lab {
     topology: Topology,
+    server: Server,
     prefix: String,
     dir: PathBuf,
     namespaces: Vec<String>,
-    vsftpd: Option<Child>,
+    /// The FTP server's main process.
+    server_process: Option<Child>,
+    /// pure-ftpd's log (see [`Lab::pure_ftpd_command`]).
+    syslog: Option<SyslogSink>,
     alg: Option<Child>,
     runs: u32,
 }
@@ -678,7 +1010,24 @@ struct Run {
 }
 
 impl Lab {
+    /// A lab with vsftpd, the server the tests that are not about interop use.
     fn new(topology: Topology, setup: Setup) -> Lab {
+        Lab::with_server(topology, Server::Vsftpd, setup)
+    }
+
+    fn with_server(topology: Topology, server: Server, setup: Setup) -> Lab {
+        Lab::prepared(topology, server, setup, |_| String::new())
+    }
+
+    /// [`Lab::with_server`], with `prepare` run once the test's files are written and before
+    /// the server starts: it may add files, and it returns lines for the end of vsftpd.conf
+    /// (where a setting overrides the harness's; only vsftpd reads them).
+    fn prepared(
+        topology: Topology,
+        server: Server,
+        setup: Setup,
+        prepare: impl FnOnce(&Lab) -> String,
+    ) -> Lab {
         preflight();
         let prefix = format!(
             "fa{}x{}",
@@ -693,17 +1042,20 @@ impl Lab {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut lab = Lab {
             topology,
+            server,
             prefix,
             dir,
             namespaces: Vec::new(),
-            vsftpd: None,
+            server_process: None,
+            syslog: None,
             alg: None,
             runs: 0,
         };
         lab.build_network();
         lab.write_files();
+        let vsftpd_options = prepare(&lab);
         lab.load_policy(setup);
-        lab.start_vsftpd();
+        lab.start_server(&vsftpd_options);
         if setup != Setup::AlgStopped {
             lab.start_alg();
         }
@@ -722,11 +1074,11 @@ impl Lab {
         format!("{}g", self.prefix)
     }
 
-    /// The namespace vsftpd runs in: G itself for a sidecar.
+    /// The namespace the server runs in: G itself for a sidecar.
     fn server_ns(&self) -> String {
         match self.topology {
-            Topology::Sidecar => self.gateway_ns(),
-            Topology::Gateway(_) | Topology::Reverse => format!("{}s", self.prefix),
+            Topology::Sidecar(_) => self.gateway_ns(),
+            Topology::Gateway(_) | Topology::Reverse(_) => format!("{}s", self.prefix),
         }
     }
 
@@ -798,7 +1150,7 @@ impl Lab {
         );
         self.ip(&["-n", &c, "route", "add", "default", "via", G_LAN4]);
         self.ip(&["-n", &c, "-6", "route", "add", "default", "via", G_LAN6]);
-        if self.topology == Topology::Sidecar {
+        if let Topology::Sidecar(_) = self.topology {
             return;
         }
         let s = self.server_ns();
@@ -829,7 +1181,7 @@ impl Lab {
         let up = root.join("up");
         let empty = self.dir.join("empty");
         for d in [&root, &up, &empty] {
-            fs::create_dir_all(d).expect("create vsftpd directories");
+            fs::create_dir_all(d).expect("create the server's directories");
         }
         let seed = self.prefix.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -876,18 +1228,20 @@ impl Lab {
     /// control of a sidecar's PORT would pass through the shipped policy's open output chain.
     /// Local traffic is accepted by destination (`fib daddr type local`), not by `oif lo`:
     /// the output hook still reports `lo` for a connection to G's own address that the
-    /// pinhole's DNAT has just sent out of lan0.
+    /// pinhole's DNAT has just sent out of lan0. ICMP is accepted as in the shipped chains:
+    /// IPv6 finds its neighbours with ICMPv6, which the output hook sees (ARP it does not).
     fn load_policy(&self, setup: Setup) {
         self.nft(&["-f", POLICY]);
-        if matches!(self.topology, Topology::Reverse | Topology::Sidecar) {
+        if matches!(self.topology, Topology::Reverse(_) | Topology::Sidecar(_)) {
             self.nft(&[
                 "add", "rule", "inet", "gateway", "input", "tcp", "dport", "21", "accept",
             ]);
         }
-        if self.topology == Topology::Sidecar {
+        if let Topology::Sidecar(_) = self.topology {
             for rule in [
                 "ct state established,related accept",
                 "fib daddr type local accept",
+                "meta l4proto { icmp, ipv6-icmp } accept",
                 MARK_RULE,
             ] {
                 self.nft(&["add rule inet gateway output", rule]);
@@ -897,8 +1251,8 @@ impl Lab {
         match setup {
             Setup::Alg => {}
             Setup::AlgWithoutMarkRule => match self.topology {
-                Topology::Gateway(_) | Topology::Reverse => self.delete_mark_rule("forward"),
-                Topology::Sidecar => {
+                Topology::Gateway(_) | Topology::Reverse(_) => self.delete_mark_rule("forward"),
+                Topology::Sidecar(_) => {
                     self.delete_mark_rule("input");
                     self.delete_mark_rule("output");
                 }
@@ -911,17 +1265,52 @@ impl Lab {
         }
     }
 
-    fn start_vsftpd(&mut self) {
+    /// Starts the FTP server on the server's address (see [`Addrs`]) and waits until it listens.
+    fn start_server(&mut self, vsftpd_options: &str) {
+        // proftpd opens an active data connection with a blocking connect() and no timeout of
+        // its own: when a negative control drops its SYN, it would hold the session, and so
+        // the pinhole's translation, through two minutes of SYN retries. With one retry it
+        // gives up after 3 s, as vsftpd does with `connect_timeout=3`.
+        must(self.exec(
+            &self.server_ns(),
+            &["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"],
+        ));
+        let name = self.server.name();
+        let mut cmd = match self.server {
+            Server::Vsftpd => self.vsftpd_command(vsftpd_options),
+            Server::Proftpd => self.proftpd_command(),
+            Server::PureFtpd => self.pure_ftpd_command(),
+        };
+        let out = self.dir.join(format!("{name}.out"));
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(create(&out))
+            .stderr(create(&out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let port = self.addrs().server_port;
+        let ready = self.wait_ready(&mut child, &self.server_ns(), port, &out, || true);
+        self.server_process = Some(child);
+        if let Err(e) = ready {
+            panic!("{name} {e}");
+        }
+    }
+
+    fn server_bind(&self) -> SocketAddr {
         let a = self.addrs();
-        let listen = match self.topology {
-            Topology::Gateway(Family::V6) => "listen=NO\nlisten_ipv6=YES\n".to_owned(),
-            Topology::Gateway(Family::V4) | Topology::Reverse => "listen=YES\n".to_owned(),
-            Topology::Sidecar => {
-                format!("listen=YES\nlisten_address={G_LAN4}\nlisten_port={SIDECAR_PORT}\n")
+        SocketAddr::new(a.server, a.server_port)
+    }
+
+    fn vsftpd_command(&self, options: &str) -> Command {
+        let listen = match self.server_bind() {
+            SocketAddr::V4(b) => format!("listen=YES\nlisten_address={}\n", b.ip()),
+            SocketAddr::V6(b) => {
+                format!("listen=NO\nlisten_ipv6=YES\nlisten_address6={}\n", b.ip())
             }
         };
         let conf = format!(
-            "{listen}background=NO\n\
+            "{listen}listen_port={port}\n\
+             background=NO\n\
              seccomp_sandbox=NO\n\
              isolate=NO\n\
              isolate_network=NO\n\
@@ -941,7 +1330,9 @@ impl Lab {
              log_ftp_protocol=YES\n\
              xferlog_enable=YES\n\
              xferlog_std_format=NO\n\
-             vsftpd_log_file={log}\n",
+             vsftpd_log_file={log}\n\
+             {options}",
+            port = self.server_bind().port(),
             root = self.ftp_root().display(),
             empty = self.dir.join("empty").display(),
             pasv_min = PASV_PORTS.start(),
@@ -950,18 +1341,127 @@ impl Lab {
         );
         let conf_path = self.dir.join("vsftpd.conf");
         fs::write(&conf_path, conf).expect("write vsftpd.conf");
-        let out = self.dir.join("vsftpd.out");
-        let mut child = self
-            .exec(&self.server_ns(), &["vsftpd", &conf_path.to_string_lossy()])
-            .stdin(Stdio::null())
-            .stdout(create(&out))
-            .stderr(create(&out))
-            .spawn()
-            .expect("spawn vsftpd");
-        let ready = self.wait_ready(&mut child, &self.server_ns(), a.server_port, &out, || true);
-        self.vsftpd = Some(child);
-        if let Err(e) = ready {
-            panic!("vsftpd {e}");
+        self.exec(&self.server_ns(), &["vsftpd", &conf_path.to_string_lossy()])
+    }
+
+    /// proftpd in the foreground (`-n`), its scoreboard and PID file in the test directory,
+    /// anonymous logins into the test's root, and an `ExtendedLog` of every command with its
+    /// reply for [`ServerLog`]. `DelayEngine off`: mod_delay would slow every login down;
+    /// `ControlsEngine off`: mod_ctrls would put its socket in the host's /run.
+    fn proftpd_command(&self) -> Command {
+        let bind = self.server_bind();
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        let conf = format!(
+            "ServerType standalone\n\
+             DefaultServer on\n\
+             UseIPv6 on\n\
+             DefaultAddress {address}\n\
+             SocketBindTight on\n\
+             Port {port}\n\
+             User nobody\n\
+             Group nogroup\n\
+             PidFile {pid}\n\
+             ScoreboardFile {scoreboard}\n\
+             DelayEngine off\n\
+             ControlsEngine off\n\
+             UseReverseDNS off\n\
+             WtmpLog off\n\
+             UseFtpUsers off\n\
+             RequireValidShell off\n\
+             PassivePorts {pasv_min} {pasv_max}\n\
+             SystemLog {system_log}\n\
+             TransferLog none\n\
+             LogFormat commands \"{PROFTPD_LOG_FORMAT}\"\n\
+             ExtendedLog {command_log} ALL commands\n\
+             <Anonymous {root}>\n\
+             User ftp\n\
+             Group nogroup\n\
+             UserAlias anonymous ftp\n\
+             AllowOverwrite on\n\
+             </Anonymous>\n",
+            address = bind.ip(),
+            port = bind.port(),
+            pid = file("proftpd.pid"),
+            scoreboard = file("proftpd.scoreboard"),
+            pasv_min = PASV_PORTS.start(),
+            pasv_max = PASV_PORTS.end(),
+            system_log = file("proftpd.log"),
+            command_log = file(PROFTPD_COMMAND_LOG),
+            root = self.ftp_root().display(),
+        );
+        let conf_path = self.dir.join("proftpd.conf");
+        fs::write(&conf_path, conf).expect("write proftpd.conf");
+        self.exec(
+            &self.server_ns(),
+            &[
+                &installed("usr/sbin/proftpd"),
+                "-n",
+                "-c",
+                &conf_path.to_string_lossy(),
+            ],
+        )
+    }
+
+    /// pure-ftpd, configured on its command line. Its anonymous root is always the system user
+    /// `ftp`'s home, so a virtual user (PureDB, see [`PURE_FTPD_HASH`]) gets the test's root.
+    /// It logs only to syslog, that is to /dev/log, so it runs under [`PURE_FTPD_MOUNTS`] with
+    /// a [`SyslogSink`]'s socket as /dev/log.
+    fn pure_ftpd_command(&mut self) -> Command {
+        let passwd = self.dir.join("pureftpd.passwd");
+        let db = self.dir.join("pureftpd.pdb");
+        // user:hash:uid:gid:gecos:home, then no limits; files belong to nobody (65534),
+        // and the `/./` in the home chroots the user there.
+        fs::write(
+            &passwd,
+            format!(
+                "{PURE_FTPD_USER}:{PURE_FTPD_HASH}:65534:65534::{}/./::::::::::::\n",
+                self.ftp_root().display()
+            ),
+        )
+        .expect("write pure-ftpd's passwd file");
+        let mut mkdb = Command::new(installed("usr/bin/pure-pw"));
+        mkdb.arg("mkdb").arg(&db).arg("-f").arg(&passwd);
+        must(mkdb);
+
+        let dev = self.dir.join("dev");
+        fs::create_dir(&dev).expect("create pure-ftpd's /dev");
+        self.syslog = Some(SyslogSink::start(
+            dev.join("log"),
+            self.dir.join(PURE_FTPD_LOG),
+        ));
+
+        let bind = self.server_bind();
+        self.exec(
+            &self.server_ns(),
+            &[
+                "sh",
+                "-c",
+                PURE_FTPD_MOUNTS,
+                "sh",
+                &dev.to_string_lossy(),
+                &installed("usr/sbin/pure-ftpd"),
+                // Twice verbose: every command and every reply line.
+                "-d",
+                "-d",
+                // No reverse DNS, no anonymous logins.
+                "-H",
+                "-E",
+                "-l",
+                &format!("puredb:{}", db.display()),
+                "-S",
+                &format!("{},{}", bind.ip(), bind.port()),
+                "-p",
+                &format!("{}:{}", PASV_PORTS.start(), PASV_PORTS.end()),
+                "-g",
+                &self.dir.join("pure-ftpd.pid").to_string_lossy(),
+            ],
+        )
+    }
+
+    /// Returns once everything pure-ftpd has logged is in [`PURE_FTPD_LOG`].
+    fn flush_syslog(&self) {
+        if let Some(syslog) = &self.syslog {
+            syslog.flush();
         }
     }
 
@@ -972,7 +1472,7 @@ impl Lab {
                  listen = [\"0.0.0.0:2121\", \"[::]:2121\"]\n\
                  intercept = [\"lan0\"]\n"
                 .to_owned(),
-            Topology::Reverse | Topology::Sidecar => format!(
+            Topology::Reverse(_) | Topology::Sidecar(_) => format!(
                 "mode = \"reverse\"\n\
                  listen = [\"{}\"]\n\
                  upstream = \"{}\"\n",
@@ -1003,7 +1503,7 @@ impl Lab {
             .expect("spawn ftp-alg");
         let port = match self.topology {
             Topology::Gateway(_) => 2121,
-            Topology::Reverse | Topology::Sidecar => a.dial.port(),
+            Topology::Reverse(_) | Topology::Sidecar(_) => a.dial.port(),
         };
         let g = self.gateway_ns();
         let table_loaded = || {
@@ -1076,6 +1576,7 @@ impl Lab {
     /// Runs one control session of `client` performing `ops` in `mode`.
     fn client_session(&mut self, client: Client, mode: DataMode, ops: &[Op]) -> Run {
         let dial = self.addrs().dial;
+        let (user, password) = self.server.login();
         let host = match dial {
             SocketAddr::V4(v4) => v4.ip().to_string(),
             SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
@@ -1104,7 +1605,7 @@ impl Lab {
                     "set ftp:ignore-pasv-address {}",
                     mode == DataMode::PasvSkipIp
                 ));
-                script.push(format!("open -u anonymous,e2e ftp://{host}"));
+                script.push(format!("open -u {user},{password} ftp://{host}"));
                 for op in ops {
                     script.push(match op {
                         Op::List => "ls".to_owned(),
@@ -1134,6 +1635,8 @@ impl Lab {
                     "10",
                     "--connect-timeout",
                     "3",
+                    "--user",
+                    &format!("{user}:{password}"),
                 ]
                 .map(String::from)
                 .to_vec();
@@ -1164,6 +1667,37 @@ impl Lab {
                         ]
                     }
                 });
+                args
+            }
+            Client::Ftplib => {
+                require_tool("python3");
+                let script = self.dir.join("ftplib-client.py");
+                fs::write(&script, FTPLIB_CLIENT).expect("write the ftplib client");
+                let mode = match mode {
+                    DataMode::Pasv => "pasv",
+                    DataMode::PasvSkipIp => "pasv-skip-ip",
+                    DataMode::Epsv => "epsv",
+                    DataMode::Port => "port",
+                    DataMode::Eprt => "eprt",
+                };
+                let mut args = vec![
+                    "python3".to_owned(),
+                    script.to_string_lossy().into_owned(),
+                    dial.ip().to_string(),
+                    dial.port().to_string(),
+                    user.to_owned(),
+                    password.to_owned(),
+                    mode.to_owned(),
+                ];
+                for op in ops {
+                    args.extend(match op {
+                        Op::List => vec!["LIST".to_owned()],
+                        Op::Download => vec!["RETR".into(), DATA_FILE.into(), download.clone()],
+                        Op::Upload => {
+                            vec!["STOR".into(), upload.clone(), format!("up/{UPLOAD_FILE}")]
+                        }
+                    });
+                }
                 args
             }
         };
@@ -1257,19 +1791,17 @@ impl Lab {
                 .unwrap_or_default();
             eprintln!("==== nft list ruleset in G\n{ruleset}");
         }
+        self.flush_syslog();
         let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
             .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect())
             .unwrap_or_default();
         files.sort();
         for path in files {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            let shown = [
-                "daemon.log",
-                "vsftpd.log",
-                "vsftpd.out",
-                "raw-client.stderr",
-            ]
-            .contains(&name.as_ref())
+            // The daemon's and the server's logs and output, and the clients' transcripts.
+            let shown = name.ends_with(".log")
+                || name.ends_with(".out")
+                || name == "raw-client.stderr"
                 || (name.starts_with("client-") && name.ends_with(".txt"));
             if shown {
                 let text = fs::read_to_string(&path).unwrap_or_default();
@@ -1296,12 +1828,12 @@ impl Drop for Lab {
             let _ = alg.kill();
             let _ = alg.wait();
         }
-        if let Some(mut vsftpd) = self.vsftpd.take() {
-            let _ = vsftpd.kill();
-            let _ = vsftpd.wait();
+        if let Some(mut server) = self.server_process.take() {
+            let _ = server.kill();
+            let _ = server.wait();
         }
         for ns in self.namespaces.drain(..).rev() {
-            // vsftpd's session processes and anything else the test left inside.
+            // The server's session processes and anything else the test left inside.
             if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     let _ = Command::new("kill")
@@ -1361,6 +1893,18 @@ fn preflight() {
     if let Err(message) = result {
         panic!("{message}");
     }
+}
+
+/// A program that `scripts/install-ftp-servers` unpacks into [`SERVERS_PREFIX`].
+fn installed(program: &str) -> String {
+    let path = Path::new(SERVERS_PREFIX).join(program);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/install-ftp-servers (scripts/test does), which unpacks \
+         proftpd and pure-ftpd into {SERVERS_PREFIX}",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
 }
 
 fn require_tool(tool: &str) {
@@ -1446,3 +1990,5 @@ fn parse_host_port(s: &str) -> SocketAddr {
         u16::from(p1) << 8 | u16::from(p2),
     )
 }
+
+pub mod edge;
