@@ -84,6 +84,19 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}",
         ph.port_min, ph.port_max, ph.timeout_secs, ph.reuse_delay_secs, ph.ct_mark
     );
+    let l = &config.limits;
+    println!(
+        "  limits:   {} sessions, {} per client, idle timeout {} s",
+        l.max_sessions, l.max_sessions_per_client, l.idle_timeout_secs
+    );
+    println!(
+        "  policy:   data connections before login {}",
+        if config.policy.data_before_login {
+            "allowed"
+        } else {
+            "refused"
+        }
+    );
     Ok(())
 }
 

@@ -31,6 +31,15 @@ pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
 pub use crate::ftp::framing::DEFAULT_MAX_LINE;
 /// How long the connection to the upstream server may take before the client gets a 421.
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Control connections handled at once; more are answered 421 and closed.
+pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Control connections from one client address at once: enough for parallel transfers
+/// (lftp mirror --parallel, FileZilla's extra connections), few enough that one host cannot
+/// take every session or drain the port pool.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 16;
+/// A control connection with no command from the client for this long, and no transfer
+/// running, is closed with 421 (RFC 6384 §12: never while a transfer runs).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
 
 /// Errors found while reading or checking a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +87,49 @@ pub struct Config {
     /// Pinhole and nftables settings.
     #[serde(default)]
     pub pinholes: PinholeConfig,
+    /// Limits on sessions.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// What the ALG lets a session do.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[limits]`: how much one client, and all of them, may hold.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Control connections handled at once.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Control connections from one client address at once.
+    #[serde(default = "default_max_sessions_per_client")]
+    pub max_sessions_per_client: usize,
+    /// Seconds without a client command (and without a running transfer) before the session
+    /// is closed with 421.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+/// `[policy]`: what a session may do.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Act on PORT/EPRT and on 227/229 before the server has accepted a login (230). Off by
+    /// default: before login nobody is accountable, every announcement takes a port from the
+    /// pool for two minutes, and no server transfers anything before login anyway.
+    #[serde(default)]
+    pub data_before_login: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+        }
+    }
 }
 
 /// `[proxy]`: where to listen and where to go.
@@ -144,6 +196,15 @@ fn default_max_line() -> usize {
 fn default_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_SECS
 }
+fn default_max_sessions() -> usize {
+    DEFAULT_MAX_SESSIONS
+}
+fn default_max_sessions_per_client() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_CLIENT
+}
+fn default_idle_timeout() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_SECS
+}
 fn default_port_min() -> u16 {
     DEFAULT_PORT_MIN
 }
@@ -190,6 +251,8 @@ impl Config {
                 connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
             },
             pinholes: PinholeConfig::default(),
+            limits: LimitsConfig::default(),
+            policy: PolicyConfig::default(),
         }
     }
 
@@ -274,6 +337,21 @@ impl Config {
                 ph.reuse_delay_secs, ph.timeout_secs
             ));
         }
+        let l = &self.limits;
+        if l.max_sessions == 0 || l.max_sessions_per_client == 0 {
+            return Err(
+                "limits.max_sessions and limits.max_sessions_per_client must be at least 1".into(),
+            );
+        }
+        if l.max_sessions_per_client > l.max_sessions {
+            return Err(format!(
+                "limits.max_sessions_per_client ({}) is above limits.max_sessions ({})",
+                l.max_sessions_per_client, l.max_sessions
+            ));
+        }
+        if l.idle_timeout_secs == 0 {
+            return Err("limits.idle_timeout_secs must be at least 1".into());
+        }
         if ph.ct_mark == 0 {
             return Err(
                 "pinholes.ct_mark must not be 0: every connection starts with mark 0".into(),
@@ -341,6 +419,16 @@ mod tests {
     fn port_reuse_must_outlast_the_pinhole() {
         let e = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\ntimeout_secs = 300\n").unwrap_err();
         assert!(e.to_string().contains("reuse_delay_secs"), "{e}");
+    }
+
+    #[test]
+    fn limits_are_checked_together() {
+        let e = parse("[proxy]\nmode = \"gateway\"\n[limits]\nmax_sessions = 4\nmax_sessions_per_client = 5\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("max_sessions_per_client"), "{e}");
+        let c = parse("[proxy]\nmode = \"gateway\"\n[policy]\ndata_before_login = true\n").unwrap();
+        assert!(c.policy.data_before_login);
+        assert_eq!(c.limits.max_sessions, DEFAULT_MAX_SESSIONS);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! [`crate::session::Session`]. While a pinhole is being installed the session's connections are
 //! not read, which keeps the order of lines and pushes back on a peer that floods.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,6 +34,61 @@ struct Shared {
     config: Config,
     pinholes: Pinholes<NftBackend>,
     next_session: AtomicU64,
+    sessions: Mutex<SessionCount>,
+}
+
+/// Sessions open now, in all and per client address.
+#[derive(Default)]
+struct SessionCount {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// A session's place under the limits; given back when dropped, however the session ends.
+struct Admitted {
+    shared: Arc<Shared>,
+    client: IpAddr,
+}
+
+impl Shared {
+    /// Take a place for a session from `client`, or say which limit is reached.
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Admitted, &'static str> {
+        let limits = &self.config.limits;
+        let mut count = self.lock_sessions();
+        if count.total >= limits.max_sessions {
+            return Err("limits.max_sessions");
+        }
+        let mine = count.per_client.entry(client).or_insert(0);
+        if *mine >= limits.max_sessions_per_client {
+            return Err("limits.max_sessions_per_client");
+        }
+        *mine += 1;
+        count.total += 1;
+        Ok(Admitted {
+            shared: self.clone(),
+            client,
+        })
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, SessionCount> {
+        // Two counters that each update leaves consistent: a poisoned lock is still usable.
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut count = self.shared.lock_sessions();
+        count.total = count.total.saturating_sub(1);
+        if let Some(mine) = count.per_client.get_mut(&self.client) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                count.per_client.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
@@ -69,6 +125,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config,
         pinholes,
         next_session: AtomicU64::new(1),
+        sessions: Mutex::new(SessionCount::default()),
     });
     for listener in listeners {
         let local = listener
@@ -120,9 +177,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-                let span = tracing::info_span!("session", id, client = %canonical(peer), server = tracing::field::Empty);
-                tokio::spawn(session(stream, id, shared.clone()).instrument(span));
+                let peer = canonical(peer);
+                match shared.admit(peer.ip()) {
+                    Ok(admitted) => {
+                        let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+                        let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
+                        tokio::spawn(session(stream, id, admitted).instrument(span));
+                    }
+                    Err(limit) => {
+                        tracing::warn!(client = %peer, reason = "limit_reached", limit, "refused session");
+                        tokio::spawn(refuse_session(stream));
+                    }
+                }
             }
             Err(e) => {
                 // Running out of file descriptors is transient: back off instead of spinning.
@@ -133,11 +199,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+async fn refuse_session(mut client: TcpStream) {
+    let _ = client
+        .write_all(b"421 Too many connections; try again later.\r\n")
+        .await;
+}
+
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
+async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
+    let shared = &admitted.shared;
     let cfg = &shared.config.proxy;
     let addresses = client
         .peer_addr()
@@ -201,16 +274,17 @@ async fn session(mut client: TcpStream, id: u64, shared: Arc<Shared>) {
         upstream_local: canonical(upstream_local),
         announce: cfg.announce,
         max_line: cfg.max_line,
+        data_before_login: shared.config.policy.data_before_login,
     };
     let mut session = Session::new(ctx);
-    if let Err(e) = relay(&mut session, client, upstream, &shared).await {
+    if let Err(e) = relay(&mut session, client, upstream, shared).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
     session.handle_eof(Side::Server);
     while let Some(action) = session.poll_action() {
         if let Action::Close(ids) = action {
-            close(&shared, ids);
+            close(shared, ids);
         }
     }
     tracing::info!("session ended");
@@ -238,6 +312,9 @@ async fn relay(
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
+    let idle_limit = Duration::from_secs(shared.config.limits.idle_timeout_secs);
+    let idle = tokio::time::sleep(idle_limit);
+    tokio::pin!(idle);
     loop {
         while let Some(action) = session.poll_action() {
             match action {
@@ -271,6 +348,7 @@ async fn relay(
                     session.handle_eof(Side::Client);
                 }
                 n => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
                     session.handle_client_data(&client_buf[..n]);
                     // A read stops at TCP's urgent mark, even inline, and tokio takes a short
                     // read to mean the socket is drained (and stops polling it): read on
@@ -295,6 +373,18 @@ async fn relay(
                 n => session.handle_server_data(&server_buf[..n]),
             },
             () = &mut grace => return Ok(()),
+            () = &mut idle => {
+                // RFC 6384 §12: a control connection is not idle while its transfer runs.
+                if session.transfer_in_progress() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
+                } else {
+                    tracing::info!(reason = "idle_timeout", "closing idle session");
+                    client_tx
+                        .write_all(b"421 Idle timeout; closing control connection.\r\n")
+                        .await?;
+                    return Ok(());
+                }
+            }
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct SessionContext {
     pub announce: Option<IpAddr>,
     /// Longest line accepted from either side.
     pub max_line: usize,
+    /// Act on announcements before the server has accepted a login (`policy.data_before_login`).
+    pub data_before_login: bool,
 }
 
 /// What the proxy must do next, in order.
@@ -102,6 +104,9 @@ pub enum Reject {
     FamilyMismatch,
     /// The pinhole could not be installed (firewall error, no free port).
     PinholeFailed,
+    /// An announcement before the server has accepted a login, with
+    /// `policy.data_before_login` off.
+    NotLoggedIn,
 }
 
 impl Reject {
@@ -116,6 +121,7 @@ impl Reject {
             Reject::TlsRefused => "tls_refused",
             Reject::FamilyMismatch => "family_mismatch",
             Reject::PinholeFailed => "pinhole_failed",
+            Reject::NotLoggedIn => "not_logged_in",
         }
     }
 
@@ -134,6 +140,7 @@ impl Reject {
                 b"522 Network protocol not supported: use the address family of this connection.\r\n"
             }
             Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
+            Reject::NotLoggedIn => b"530 Please log in first.\r\n",
         }
     }
 
@@ -152,6 +159,8 @@ impl Reject {
 enum Owed {
     /// Nothing (the greeting, most commands).
     Plain,
+    /// REIN: once the server accepts it, the login is over.
+    Rein,
     /// The rewritten PORT/EPRT with its pinhole: a refusal by the server voids the pinhole.
     Announcement(PinholeId),
     /// A transfer command with the pinholes of the endpoint it uses: its final reply (226,
@@ -159,6 +168,17 @@ enum Owed {
     /// the transfer, not to "the latest announcement", keeps a pipelined `PORT a, RETR, PORT b,
     /// RETR` from closing a's pinhole before the server has connected to it.
     Transfer(Vec<PinholeId>),
+}
+
+/// What waits for the server's outstanding replies.
+#[derive(Debug)]
+enum Blocked {
+    /// ftp-alg's answer to a refused command: RFC 959 replies come in command order, and a
+    /// pipelining client matches them up by order.
+    Answer(Vec<u8>),
+    /// A client line that cannot be judged before those replies (an announcement sent before
+    /// the login's verdict).
+    Line(Vec<u8>),
 }
 
 /// Commands that open a data connection on the current endpoint (RFC 959 §4.1.3, RFC 3659).
@@ -187,9 +207,11 @@ pub struct Session {
     /// The final replies the server still owes, in order: its greeting, then one per forwarded
     /// command, each with the pinholes that its reply settles.
     owed: VecDeque<Owed>,
-    /// ftp-alg's own answer to a refused command, held until the server has answered every
-    /// command the client sent before it.
-    held_reply: Option<Vec<u8>>,
+    /// Something that must wait until the server has answered every command the client sent
+    /// before it; the client's later lines wait too.
+    blocked: Option<Blocked>,
+    /// The server has accepted a login (230 or 232) since the start or the last REIN.
+    logged_in: bool,
     /// The client has closed its side.
     client_eof: bool,
     /// ... and everything it sent before has been dealt with: nothing more goes to the server.
@@ -210,7 +232,8 @@ impl Session {
             pending: None,
             pinholes: Vec::new(),
             owed: VecDeque::from([Owed::Plain]),
-            held_reply: None,
+            blocked: None,
+            logged_in: false,
             client_eof: false,
             client_done: false,
             closed: false,
@@ -234,6 +257,12 @@ impl Session {
     /// and TCP pushes back on a client that floods.
     pub fn wants_client_data(&self) -> bool {
         self.from_client.pending() < MAX_CLIENT_BACKLOG
+    }
+
+    /// Whether a transfer command is still waiting for its final reply: its data connection
+    /// may be busy while the control connection is silent, so idleness does not count.
+    pub fn transfer_in_progress(&self) -> bool {
+        self.owed.iter().any(|o| matches!(o, Owed::Transfer(_)))
     }
 
     /// Bytes read from the server.
@@ -327,15 +356,21 @@ impl Session {
                 return None;
             }
             if self.owed.is_empty() {
-                if let Some(reply) = self.held_reply.take() {
-                    self.actions.push_back(Action::ToClient(reply));
-                    continue;
+                match self.blocked.take() {
+                    Some(Blocked::Answer(reply)) => {
+                        self.actions.push_back(Action::ToClient(reply));
+                        continue;
+                    }
+                    Some(Blocked::Line(raw)) => {
+                        self.client_line(Ok(raw));
+                        continue;
+                    }
+                    None => {}
                 }
             }
             if let Some(line) = self.from_server.next_line() {
                 self.server_line(line);
-            } else if self.held_reply.is_some() {
-                // The client's lines wait until the refusal has been answered in its turn.
+            } else if self.blocked.is_some() {
                 return None;
             } else if let Some(line) = self.from_client.next_line() {
                 self.client_line(line);
@@ -357,6 +392,13 @@ impl Session {
         };
         let text = framing::text_of(&raw);
         match Command::parse(&text) {
+            // Pipelined after USER and PASS, an announcement comes before the server's verdict
+            // on the login: it waits for it.
+            Command::Port(_) | Command::Eprt(_)
+                if !self.logged_in && !self.ctx.data_before_login && !self.owed.is_empty() =>
+            {
+                self.blocked = Some(Blocked::Line(raw));
+            }
             Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
             Command::Eprt(addr) => self.active(addr, true),
             Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
@@ -371,9 +413,9 @@ impl Session {
             }
             Command::Other { verb } if verb == "REIN" => {
                 // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
-                // announced before it is void.
+                // announced before it is void, and so is the login once the server agrees.
                 self.close_pinholes();
-                self.forward_command(Action::ToServer(raw), Owed::Plain);
+                self.forward_command(Action::ToServer(raw), Owed::Rein);
             }
             Command::Other { verb } if TRANSFER_VERBS.contains(&verb.as_str()) => {
                 let endpoint = std::mem::take(&mut self.pinholes);
@@ -399,6 +441,9 @@ impl Session {
             && (200..700).contains(&code);
         if final_reply {
             self.settle(code);
+            if code == 230 || code == 232 {
+                self.logged_in = true;
+            }
         }
         if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
             return match PassiveReply::parse(&text) {
@@ -416,6 +461,9 @@ impl Session {
     /// PORT/EPRT from the client: the server will connect to a port of this host, which the
     /// pinhole sends on to the client's port.
     fn active(&mut self, target: SocketAddr, eprt: bool) {
+        if !self.logged_in && !self.ctx.data_before_login {
+            return self.refuse_command(Reject::NotLoggedIn);
+        }
         let client = self.ctx.client.ip();
         if target.ip() != client {
             tracing::info!(%target, "active announcement names another host");
@@ -436,6 +484,9 @@ impl Session {
     fn passive(&mut self, reply: PassiveReply) {
         // The server's previous passive endpoint is void now, whatever becomes of this one.
         self.close_pinholes();
+        if !self.logged_in && !self.ctx.data_before_login {
+            return self.refuse_reply(Reject::NotLoggedIn);
+        }
         if reply.port() < MIN_DATA_PORT {
             return self.refuse_reply(Reject::PrivilegedPort);
         }
@@ -515,6 +566,12 @@ impl Session {
     fn settle(&mut self, code: u16) {
         let closes = match self.owed.pop_front() {
             Some(Owed::Transfer(ids)) => ids,
+            Some(Owed::Rein) => {
+                if (200..300).contains(&code) {
+                    self.logged_in = false;
+                }
+                Vec::new()
+            }
             Some(Owed::Announcement(id)) if !(200..300).contains(&code) => {
                 match self.pinholes.iter().position(|p| *p == id) {
                     Some(index) => vec![self.pinholes.remove(index)],
@@ -528,12 +585,10 @@ impl Session {
         }
     }
 
-    /// Answer a client command that is not forwarded. The answer waits for the server's replies
-    /// to the commands sent before it (RFC 959 replies come in command order, and a pipelining
-    /// client matches them up by order), and the client's later lines wait for the answer.
+    /// Answer a client command that is not forwarded, in its turn (see [`Blocked::Answer`]).
     fn refuse_command(&mut self, reason: Reject) {
         tracing::warn!(reason = reason.as_str(), "refused command");
-        self.held_reply = Some(reason.client_reply().to_vec());
+        self.blocked = Some(Blocked::Answer(reason.client_reply().to_vec()));
     }
 
     /// Replace a server reply that cannot be forwarded; it takes that reply's place.
@@ -580,17 +635,25 @@ mod tests {
             upstream_local: "203.0.113.1:45000".parse().unwrap(),
             announce: None,
             max_line: 512,
+            data_before_login: false,
         }
     }
 
-    /// A session whose server greeting has been relayed, as every real one starts.
+    /// A session whose server greeting and login have been relayed, as every real one starts.
     fn greeted(mode: Mode) -> Session {
         let mut s = Session::new(ctx(mode));
-        s.handle_server_data(b"220 ready\r\n");
-        assert_eq!(
-            drain(&mut s),
-            vec![Action::ToClient(b"220 ready\r\n".to_vec())]
-        );
+        for (from_server, line) in [
+            (true, &b"220 ready\r\n"[..]),
+            (false, b"USER anonymous\r\n"),
+            (true, b"230 Login successful.\r\n"),
+        ] {
+            if from_server {
+                s.handle_server_data(line);
+            } else {
+                s.handle_client_data(line);
+            }
+            drain(&mut s);
+        }
         s
     }
 
@@ -956,6 +1019,73 @@ mod tests {
                 Action::ToServer(b"NOOP\r\n".to_vec()),
             ]
         );
+    }
+
+    #[test]
+    fn announcements_before_login_are_refused_by_default() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"220 ready\r\n");
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"220 ready\r\n".to_vec()),
+                Action::ToClient(b"530 Please log in first.\r\n".to_vec()),
+            ]
+        );
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
+    }
+
+    #[test]
+    fn an_announcement_pipelined_after_the_login_waits_for_its_verdict() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"220 ready\r\n");
+        s.handle_client_data(b"USER a\r\nPASS b\r\nPORT 198,18,0,2,156,64\r\n");
+        let actions = drain(&mut s);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Open(_))),
+            "{actions:?}"
+        );
+        s.handle_server_data(b"331 Password please.\r\n230 Logged in.\r\n");
+        assert!(matches!(drain(&mut s).last(), Some(Action::Open(_))));
+    }
+
+    #[test]
+    fn rein_ends_the_login() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"REIN\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"220 ready for new user\r\n");
+        drain(&mut s);
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(b"530 Please log in first.\r\n".to_vec())]
+        );
+    }
+
+    #[test]
+    fn data_before_login_can_be_allowed() {
+        let mut s = Session::new(SessionContext {
+            data_before_login: true,
+            ..ctx(Mode::Gateway)
+        });
+        s.handle_server_data(b"220 ready\r\n");
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        assert!(matches!(drain(&mut s).last(), Some(Action::Open(_))));
+    }
+
+    #[test]
+    fn a_running_transfer_is_not_idleness() {
+        let mut s = greeted(Mode::Gateway);
+        assert!(!s.transfer_in_progress());
+        s.handle_client_data(b"RETR big\r\n");
+        drain(&mut s);
+        assert!(s.transfer_in_progress());
+        s.handle_server_data(b"150 here it comes\r\n226 done\r\n");
+        drain(&mut s);
+        assert!(!s.transfer_in_progress());
     }
 
     #[test]

@@ -79,3 +79,8 @@ fn passive_and_active_alternate_in_one_session() {
 fn fifty_transfers_in_one_session() {
     edge::fifty_transfers_in_one_session();
 }
+
+#[test]
+fn session_limits_and_idle_timeout() {
+    edge::session_limits_and_idle_timeout();
+}

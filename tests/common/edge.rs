@@ -919,3 +919,66 @@ def passive(reply):
         endpoint = (HOST, int(re.search(r"\((.)\1\1(\d+)\1\)", reply).group(2)))
     return socket.create_connection(endpoint, timeout=10)
 "#;
+
+/// The session limits, with `max_sessions_per_client = 1` and `idle_timeout_secs = 2`: a second
+/// control connection from the same client is answered 421 at once; a download that lasts
+/// longer than the idle timeout (vsftpd sending at 350 kB/s) is not cut, since a control
+/// connection is not idle while its transfer runs (RFC 6384 §12); once the transfer is over,
+/// the silent session gets 421 and is closed.
+pub fn session_limits_and_idle_timeout() {
+    let mut lab = Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |_| "anon_max_rate=350000\n".to_owned(),
+    );
+    lab.alg_config = "[limits]\nmax_sessions_per_client = 1\nidle_timeout_secs = 2\n".to_owned();
+    lab.start_alg();
+    let replies = PyClient::in_client(&mut lab, LIMITS_SCRIPT).finish();
+    assert_replies(
+        "replies",
+        &replies,
+        &[
+            "220 (vsFTPd 3.0.3)",
+            "230",
+            "421 Too many connections; try again later.",
+            "200",
+            "227",
+            "150",
+            "226",
+            "421 Idle timeout; closing control connection.",
+        ],
+    );
+    assert_eq!(
+        lab.read(&lab.dir.join("slow.bin")),
+        lab.read(&lab.served_path()),
+        "the slow download"
+    );
+    let took: f64 = fs::read_to_string(lab.dir.join("took.txt"))
+        .expect("the transfer time")
+        .trim()
+        .parse()
+        .expect("a number of seconds");
+    assert!(
+        took > 2.0,
+        "the download took {took} s, not longer than the idle timeout: the test shows nothing"
+    );
+    lab.assert_no_pinholes_left();
+}
+
+const LIMITS_SCRIPT: &str = r#"
+import time
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+second = socket.create_connection((HOST, 21), timeout=10)
+emit(reply=second.makefile("rb").readline().decode().rstrip("\r\n"))
+second.close()
+start = time.monotonic()
+with open(os.path.join(DIR, "slow.bin"), "wb") as f:
+    ftp.retrbinary("RETR data.bin", f.write)
+with open(os.path.join(DIR, "took.txt"), "w") as f:
+    f.write(str(time.monotonic() - start))
+time.sleep(3)
+ftp.getmultiline()
+"#;

@@ -997,6 +997,8 @@ struct Lab {
     /// pure-ftpd's log (see [`Lab::pure_ftpd_command`]).
     syslog: Option<SyslogSink>,
     alg: Option<Child>,
+    /// Lines appended to the daemon's configuration (sections such as `[limits]`).
+    alg_config: String,
     runs: u32,
 }
 
@@ -1049,6 +1051,7 @@ impl Lab {
             server_process: None,
             syslog: None,
             alg: None,
+            alg_config: String::new(),
             runs: 0,
         };
         lab.build_network();
@@ -1481,10 +1484,11 @@ impl Lab {
             ),
         };
         let conf = format!(
-            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n",
+            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n{}",
             PINHOLE_PORTS.start(),
             PINHOLE_PORTS.end(),
-            PINHOLE_TIMEOUT_SECS
+            PINHOLE_TIMEOUT_SECS,
+            self.alg_config
         );
         let conf_path = self.dir.join("ftp-alg.toml");
         fs::write(&conf_path, conf).expect("write ftp-alg.toml");
