@@ -89,14 +89,21 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         "  limits:   {} sessions, {} per client, idle timeout {} s",
         l.max_sessions, l.max_sessions_per_client, l.idle_timeout_secs
     );
+    let policy = &config.policy;
     println!(
-        "  policy:   data connections before login {}",
-        if config.policy.data_before_login {
+        "  policy:   data connections before login {}, foreign PORT {:?}, AUTH {:?}{}",
+        if policy.data_before_login {
             "allowed"
         } else {
             "refused"
-        }
+        },
+        policy.foreign_port,
+        policy.auth,
+        if policy.read_only { ", read-only" } else { "" }
     );
+    if !policy.deny_commands.is_empty() {
+        println!("  denied commands: {}", policy.deny_commands.join(", "));
+    }
     Ok(())
 }
 

@@ -120,6 +120,42 @@ pub struct PolicyConfig {
     /// pool for two minutes, and no server transfers anything before login anyway.
     #[serde(default)]
     pub data_before_login: bool,
+    /// What to do with a PORT/EPRT that names another host than the client.
+    #[serde(default)]
+    pub foreign_port: ForeignPort,
+    /// What to do with AUTH (TLS), which ftp-alg cannot see into.
+    #[serde(default)]
+    pub auth: AuthPolicy,
+    /// Refuse every command that changes the server's files (STOR, APPE, DELE, RNFR, MKD, ...).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Further commands to refuse, by verb (case-insensitive).
+    #[serde(default)]
+    pub deny_commands: Vec<String>,
+}
+
+/// `policy.foreign_port`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForeignPort {
+    /// Answer 501: the FTP bounce attack (RFC 2577) or a client confused by its own NAT.
+    #[default]
+    Refuse,
+    /// Use the client's own address instead, with the port it asked for: for clients behind a
+    /// NAT that announce their private address.
+    Replace,
+}
+
+/// `policy.auth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthPolicy {
+    /// Answer 534: the client goes on in plain text and its transfers get pinholes.
+    #[default]
+    Refuse,
+    /// Pass AUTH on; once the server accepts it (234), pass every byte both ways unread and
+    /// open no pinhole: transfers then need another way through the firewall.
+    Transparent,
 }
 
 impl Default for LimitsConfig {
@@ -349,6 +385,13 @@ impl Config {
                 l.max_sessions_per_client, l.max_sessions
             ));
         }
+        for verb in &self.policy.deny_commands {
+            if verb.is_empty() || verb.len() > 8 || !verb.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(format!(
+                    "policy.deny_commands: {verb:?} is not an FTP command verb"
+                ));
+            }
+        }
         if l.idle_timeout_secs == 0 {
             return Err("limits.idle_timeout_secs must be at least 1".into());
         }
@@ -426,8 +469,17 @@ mod tests {
         let e = parse("[proxy]\nmode = \"gateway\"\n[limits]\nmax_sessions = 4\nmax_sessions_per_client = 5\n")
             .unwrap_err();
         assert!(e.to_string().contains("max_sessions_per_client"), "{e}");
-        let c = parse("[proxy]\nmode = \"gateway\"\n[policy]\ndata_before_login = true\n").unwrap();
+        let c = parse(
+            "[proxy]\nmode = \"gateway\"\n[policy]\ndata_before_login = true\n\
+             foreign_port = \"replace\"\nauth = \"transparent\"\ndeny_commands = [\"site\"]\n",
+        )
+        .unwrap();
         assert!(c.policy.data_before_login);
+        assert_eq!(c.policy.foreign_port, ForeignPort::Replace);
+        assert_eq!(c.policy.auth, AuthPolicy::Transparent);
+        let e = parse("[proxy]\nmode = \"gateway\"\n[policy]\ndeny_commands = [\"RM -RF\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("deny_commands"), "{e}");
         assert_eq!(c.limits.max_sessions, DEFAULT_MAX_SESSIONS);
     }
 

@@ -18,7 +18,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, PolicyConfig};
 use crate::origdst::original_destination;
 use crate::pinhole::nft::{self, NftBackend};
 use crate::pinhole::Pinholes;
@@ -32,6 +32,8 @@ const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Shared by every session of a daemon run.
 struct Shared {
     config: Config,
+    /// `config.policy`, shared by every session.
+    policy: Arc<PolicyConfig>,
     pinholes: Pinholes<NftBackend>,
     next_session: AtomicU64,
     sessions: Mutex<SessionCount>,
@@ -122,6 +124,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.pinhole_timeout(),
     );
     let shared = Arc::new(Shared {
+        policy: Arc::new(config.policy.clone()),
         config,
         pinholes,
         next_session: AtomicU64::new(1),
@@ -274,7 +277,7 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
         upstream_local: canonical(upstream_local),
         announce: cfg.announce,
         max_line: cfg.max_line,
-        data_before_login: shared.config.policy.data_before_login,
+        policy: shared.policy.clone(),
     };
     let mut session = Session::new(ctx);
     if let Err(e) = relay(&mut session, client, upstream, shared).await {

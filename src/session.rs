@@ -14,7 +14,9 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
-use crate::config::Mode;
+use std::sync::Arc;
+
+use crate::config::{AuthPolicy, ForeignPort, Mode, PolicyConfig};
 use crate::ftp::command::Command;
 use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
 use crate::ftp::{framing, FramingError, LineBuffer};
@@ -45,8 +47,8 @@ pub struct SessionContext {
     pub announce: Option<IpAddr>,
     /// Longest line accepted from either side.
     pub max_line: usize,
-    /// Act on announcements before the server has accepted a login (`policy.data_before_login`).
-    pub data_before_login: bool,
+    /// What the session may do (`[policy]`).
+    pub policy: Arc<PolicyConfig>,
 }
 
 /// What the proxy must do next, in order.
@@ -107,6 +109,8 @@ pub enum Reject {
     /// An announcement before the server has accepted a login, with
     /// `policy.data_before_login` off.
     NotLoggedIn,
+    /// A command that `policy.read_only` or `policy.deny_commands` refuses.
+    CommandDenied,
 }
 
 impl Reject {
@@ -122,6 +126,7 @@ impl Reject {
             Reject::FamilyMismatch => "family_mismatch",
             Reject::PinholeFailed => "pinhole_failed",
             Reject::NotLoggedIn => "not_logged_in",
+            Reject::CommandDenied => "command_denied",
         }
     }
 
@@ -141,6 +146,7 @@ impl Reject {
             }
             Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
             Reject::NotLoggedIn => b"530 Please log in first.\r\n",
+            Reject::CommandDenied => b"550 Command not allowed by gateway policy.\r\n",
         }
     }
 
@@ -161,6 +167,8 @@ enum Owed {
     Plain,
     /// REIN: once the server accepts it, the login is over.
     Rein,
+    /// AUTH passed on (`policy.auth = "transparent"`): a 234 starts TLS.
+    Auth,
     /// The rewritten PORT/EPRT with its pinhole: a refusal by the server voids the pinhole.
     Announcement(PinholeId),
     /// A transfer command with the pinholes of the endpoint it uses: its final reply (226,
@@ -180,6 +188,13 @@ enum Blocked {
     /// the login's verdict).
     Line(Vec<u8>),
 }
+
+/// Commands that change the server's files, refused by `policy.read_only` (RFC 959, RFC 3659,
+/// and the MFMT/MFCT/MFF draft).
+const WRITE_VERBS: &[&str] = &[
+    "STOR", "STOU", "APPE", "DELE", "RNFR", "RNTO", "MKD", "XMKD", "RMD", "XRMD", "SITE", "MFMT",
+    "MFCT", "MFF",
+];
 
 /// Commands that open a data connection on the current endpoint (RFC 959 §4.1.3, RFC 3659).
 const TRANSFER_VERBS: &[&str] = &["RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"];
@@ -212,6 +227,9 @@ pub struct Session {
     blocked: Option<Blocked>,
     /// The server has accepted a login (230 or 232) since the start or the last REIN.
     logged_in: bool,
+    /// TLS has started (AUTH accepted with `policy.auth = "transparent"`): every byte passes
+    /// unread both ways.
+    transparent: bool,
     /// The client has closed its side.
     client_eof: bool,
     /// ... and everything it sent before has been dealt with: nothing more goes to the server.
@@ -234,6 +252,7 @@ impl Session {
             owed: VecDeque::from([Owed::Plain]),
             blocked: None,
             logged_in: false,
+            transparent: false,
             client_eof: false,
             client_done: false,
             closed: false,
@@ -247,7 +266,9 @@ impl Session {
 
     /// Bytes read from the client.
     pub fn handle_client_data(&mut self, data: &[u8]) {
-        if !self.client_eof {
+        if self.transparent {
+            self.actions.push_back(Action::ToServer(data.to_vec()));
+        } else if !self.client_eof {
             self.from_client.push(data);
         }
     }
@@ -267,6 +288,10 @@ impl Session {
 
     /// Bytes read from the server.
     pub fn handle_server_data(&mut self, data: &[u8]) {
+        if self.transparent {
+            self.actions.push_back(Action::ToClient(data.to_vec()));
+            return;
+        }
         self.from_server.push(data);
     }
 
@@ -355,6 +380,25 @@ impl Session {
             if self.pending.is_some() || self.closed {
                 return None;
             }
+            if self.transparent {
+                // What was buffered after the 234 is already TLS.
+                let from_server = self.from_server.take_pending();
+                let from_client = self.from_client.take_pending();
+                if !from_server.is_empty() {
+                    self.actions.push_back(Action::ToClient(from_server));
+                }
+                if !from_client.is_empty() {
+                    self.actions.push_back(Action::ToServer(from_client));
+                }
+                if self.client_eof && !self.client_done {
+                    self.client_done = true;
+                    self.actions.push_back(Action::EndToServer);
+                }
+                if self.actions.is_empty() {
+                    return None;
+                }
+                continue;
+            }
             if self.owed.is_empty() {
                 match self.blocked.take() {
                     Some(Blocked::Answer(reply)) => {
@@ -395,14 +439,22 @@ impl Session {
             // Pipelined after USER and PASS, an announcement comes before the server's verdict
             // on the login: it waits for it.
             Command::Port(_) | Command::Eprt(_)
-                if !self.logged_in && !self.ctx.data_before_login && !self.owed.is_empty() =>
+                if !self.logged_in
+                    && !self.ctx.policy.data_before_login
+                    && !self.owed.is_empty() =>
             {
                 self.blocked = Some(Blocked::Line(raw));
             }
             Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
             Command::Eprt(addr) => self.active(addr, true),
             Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
-            Command::Other { verb } if verb == "AUTH" => self.refuse_command(Reject::TlsRefused),
+            Command::Other { verb } if verb == "AUTH" => match self.ctx.policy.auth {
+                AuthPolicy::Refuse => self.refuse_command(Reject::TlsRefused),
+                AuthPolicy::Transparent => self.forward_command(Action::ToServer(raw), Owed::Auth),
+            },
+            Command::Other { verb } if self.denied(&verb) => {
+                self.refuse_command(Reject::CommandDenied)
+            }
             // Clients signal ABOR differently (Telnet IP + Synch, or the whole line sent as
             // urgent data as Python's ftplib does), and the proxy cannot see where the client's
             // urgent mark was; every ABOR goes to the server in RFC 959's form.
@@ -461,14 +513,21 @@ impl Session {
     /// PORT/EPRT from the client: the server will connect to a port of this host, which the
     /// pinhole sends on to the client's port.
     fn active(&mut self, target: SocketAddr, eprt: bool) {
-        if !self.logged_in && !self.ctx.data_before_login {
+        if !self.logged_in && !self.ctx.policy.data_before_login {
             return self.refuse_command(Reject::NotLoggedIn);
         }
         let client = self.ctx.client.ip();
-        if target.ip() != client {
-            tracing::info!(%target, "active announcement names another host");
-            return self.refuse_command(Reject::ThirdPartyAddress);
-        }
+        let target = match self.ctx.policy.foreign_port {
+            _ if target.ip() == client => target,
+            ForeignPort::Refuse => {
+                tracing::info!(%target, "active announcement names another host");
+                return self.refuse_command(Reject::ThirdPartyAddress);
+            }
+            ForeignPort::Replace => {
+                tracing::info!(%target, "active announcement names another host: using the client's address");
+                SocketAddr::new(client, target.port())
+            }
+        };
         if target.port() < MIN_DATA_PORT {
             return self.refuse_command(Reject::PrivilegedPort);
         }
@@ -484,7 +543,7 @@ impl Session {
     fn passive(&mut self, reply: PassiveReply) {
         // The server's previous passive endpoint is void now, whatever becomes of this one.
         self.close_pinholes();
-        if !self.logged_in && !self.ctx.data_before_login {
+        if !self.logged_in && !self.ctx.policy.data_before_login {
             return self.refuse_reply(Reject::NotLoggedIn);
         }
         if reply.port() < MIN_DATA_PORT {
@@ -572,6 +631,11 @@ impl Session {
                 }
                 Vec::new()
             }
+            Some(Owed::Auth) if code == 234 => {
+                tracing::info!("TLS started: passing the session through unread, without pinholes");
+                self.transparent = true;
+                std::mem::take(&mut self.pinholes)
+            }
             Some(Owed::Announcement(id)) if !(200..300).contains(&code) => {
                 match self.pinholes.iter().position(|p| *p == id) {
                     Some(index) => vec![self.pinholes.remove(index)],
@@ -605,6 +669,16 @@ impl Session {
         }
     }
 
+    /// Whether `[policy]` refuses the command `verb` (uppercase).
+    fn denied(&self, verb: &str) -> bool {
+        let policy = &self.ctx.policy;
+        (policy.read_only && WRITE_VERBS.contains(&verb))
+            || policy
+                .deny_commands
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(verb))
+    }
+
     fn announced_ip(&self) -> IpAddr {
         self.ctx.announce.unwrap_or(self.ctx.client_local.ip())
     }
@@ -635,7 +709,7 @@ mod tests {
             upstream_local: "203.0.113.1:45000".parse().unwrap(),
             announce: None,
             max_line: 512,
-            data_before_login: false,
+            policy: Arc::default(),
         }
     }
 
@@ -1051,6 +1125,74 @@ mod tests {
         assert!(matches!(drain(&mut s).last(), Some(Action::Open(_))));
     }
 
+    fn with_policy(policy: PolicyConfig) -> Session {
+        let mut s = greeted(Mode::Gateway);
+        s.ctx.policy = Arc::new(policy);
+        s
+    }
+
+    #[test]
+    fn a_foreign_port_can_be_replaced_by_the_clients_address() {
+        let mut s = with_policy(PolicyConfig {
+            foreign_port: ForeignPort::Replace,
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"PORT 10,0,0,7,156,64\r\n");
+        match &drain(&mut s)[..] {
+            [Action::Open(r)] => assert_eq!(r.dnat, Some("198.18.0.2:40000".parse().unwrap())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transparent_auth_passes_tls_unread_and_opens_nothing() {
+        let mut s = with_policy(PolicyConfig {
+            auth: AuthPolicy::Transparent,
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"AUTH TLS\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(b"AUTH TLS\r\n".to_vec())]
+        );
+        s.handle_server_data(b"234 Proceed with negotiation.\r\n\x16\x03\x01PORT 1,2,3,4,5,6\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"234 Proceed with negotiation.\r\n".to_vec()),
+                Action::ToClient(b"\x16\x03\x01PORT 1,2,3,4,5,6\r\n".to_vec()),
+            ]
+        );
+        s.handle_client_data(b"\x16\x03\x01 227 (1,2,3,4,5,6)\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(
+                b"\x16\x03\x01 227 (1,2,3,4,5,6)\r\n".to_vec()
+            )]
+        );
+        s.handle_eof(Side::Client);
+        assert_eq!(drain(&mut s), vec![Action::EndToServer]);
+    }
+
+    #[test]
+    fn read_only_and_denied_commands_are_refused_in_their_turn() {
+        let mut s = with_policy(PolicyConfig {
+            read_only: true,
+            deny_commands: vec!["site".into(), "Help".into()],
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"stor x\r\nHELP\r\nRETR y\r\n");
+        let denied = Action::ToClient(Reject::CommandDenied.client_reply().to_vec());
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                denied.clone(),
+                denied,
+                Action::ToServer(b"RETR y\r\n".to_vec())
+            ]
+        );
+    }
+
     #[test]
     fn rein_ends_the_login() {
         let mut s = greeted(Mode::Gateway);
@@ -1068,7 +1210,10 @@ mod tests {
     #[test]
     fn data_before_login_can_be_allowed() {
         let mut s = Session::new(SessionContext {
-            data_before_login: true,
+            policy: Arc::new(PolicyConfig {
+                data_before_login: true,
+                ..PolicyConfig::default()
+            }),
             ..ctx(Mode::Gateway)
         });
         s.handle_server_data(b"220 ready\r\n");

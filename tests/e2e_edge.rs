@@ -84,3 +84,8 @@ fn fifty_transfers_in_one_session() {
 fn session_limits_and_idle_timeout() {
     edge::session_limits_and_idle_timeout();
 }
+
+#[test]
+fn read_only_policy_refuses_uploads() {
+    edge::read_only_policy_refuses_uploads();
+}

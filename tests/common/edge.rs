@@ -982,3 +982,55 @@ with open(os.path.join(DIR, "took.txt"), "w") as f:
 time.sleep(3)
 ftp.getmultiline()
 "#;
+
+/// `policy.read_only`: STOR is answered 550 by the gateway and never reaches the server, while
+/// downloads go on as before.
+pub fn read_only_policy_refuses_uploads() {
+    let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::AlgStopped);
+    lab.alg_config = "[policy]\nread_only = true\n".to_owned();
+    lab.start_alg();
+    let replies = PyClient::in_client(&mut lab, READ_ONLY_SCRIPT).finish();
+    assert_replies(
+        "replies",
+        &replies,
+        &[
+            "220 (vsFTPd 3.0.3)",
+            "230",
+            "200",
+            "227",
+            "550 Command not allowed by gateway policy.",
+            "200",
+            "227",
+            "150",
+            "226",
+            "221",
+        ],
+    );
+    assert!(
+        !ServerLog::read(&lab)
+            .commands()
+            .iter()
+            .any(|c| c.starts_with("STOR")),
+        "STOR reached the server"
+    );
+    assert_eq!(
+        lab.read(&lab.dir.join("got.bin")),
+        lab.read(&lab.served_path()),
+        "the download"
+    );
+    lab.assert_no_pinholes_left();
+}
+
+const READ_ONLY_SCRIPT: &str = r#"
+import io
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+try:
+    ftp.storbinary("STOR up.bin", io.BytesIO(b"x"))
+except ftplib.error_perm:
+    pass
+with open(os.path.join(DIR, "got.bin"), "wb") as f:
+    ftp.retrbinary("RETR data.bin", f.write)
+ftp.quit()
+"#;
