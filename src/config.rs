@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Where the daemon listens in gateway mode: the port that tcp/21 is redirected to.
@@ -132,6 +133,38 @@ pub struct PolicyConfig {
     /// Further commands to refuse, by verb (case-insensitive).
     #[serde(default)]
     pub deny_commands: Vec<String>,
+    /// Clients that may use the ALG (CIDR); empty: all.
+    #[serde(default)]
+    pub allow_clients: Vec<IpNet>,
+    /// Clients that may not, even if allowed above.
+    #[serde(default)]
+    pub deny_clients: Vec<IpNet>,
+    /// Gateway mode: servers that clients may reach (CIDR); empty: all.
+    #[serde(default)]
+    pub allow_servers: Vec<IpNet>,
+    /// Gateway mode: servers that clients may not reach, even if allowed above.
+    #[serde(default)]
+    pub deny_servers: Vec<IpNet>,
+}
+
+impl PolicyConfig {
+    /// Whether a client at `addr` may use the ALG.
+    pub fn client_allowed(&self, addr: IpAddr) -> bool {
+        permitted(&self.allow_clients, &self.deny_clients, addr)
+    }
+
+    /// Whether clients may reach a server at `addr`.
+    pub fn server_allowed(&self, addr: IpAddr) -> bool {
+        permitted(&self.allow_servers, &self.deny_servers, addr)
+    }
+}
+
+/// In `allow` (or `allow` is empty) and not in `deny`. An IPv4-mapped IPv6 address counts as
+/// its IPv4 address.
+fn permitted(allow: &[IpNet], deny: &[IpNet], addr: IpAddr) -> bool {
+    let addr = addr.to_canonical();
+    (allow.is_empty() || allow.iter().any(|n| n.contains(&addr)))
+        && !deny.iter().any(|n| n.contains(&addr))
 }
 
 /// `policy.foreign_port`.
@@ -385,6 +418,11 @@ impl Config {
                 l.max_sessions_per_client, l.max_sessions
             ));
         }
+        if p.mode == Mode::Reverse
+            && !(self.policy.allow_servers.is_empty() && self.policy.deny_servers.is_empty())
+        {
+            return Err("policy.allow_servers and policy.deny_servers are for gateway mode; reverse mode has one upstream".into());
+        }
         for verb in &self.policy.deny_commands {
             if verb.is_empty() || verb.len() > 8 || !verb.bytes().all(|b| b.is_ascii_alphabetic()) {
                 return Err(format!(
@@ -481,6 +519,26 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("deny_commands"), "{e}");
         assert_eq!(c.limits.max_sessions, DEFAULT_MAX_SESSIONS);
+    }
+
+    #[test]
+    fn networks_allow_then_deny() {
+        let c = parse(
+            "[proxy]\nmode = \"gateway\"\n[policy]\nallow_clients = [\"198.18.0.0/24\"]\n\
+             deny_clients = [\"198.18.0.66/32\"]\ndeny_servers = [\"2001:db8::/32\"]\n",
+        )
+        .unwrap();
+        let p = &c.policy;
+        assert!(p.client_allowed("198.18.0.2".parse().unwrap()));
+        assert!(p.client_allowed("::ffff:198.18.0.2".parse().unwrap()));
+        assert!(!p.client_allowed("198.18.0.66".parse().unwrap()));
+        assert!(!p.client_allowed("198.18.1.2".parse().unwrap()));
+        assert!(p.server_allowed("203.0.113.2".parse().unwrap()));
+        assert!(!p.server_allowed("2001:db8::2".parse().unwrap()));
+        let e =
+            parse("[proxy]\nmode = \"gateway\"\n[policy]\nallow_clients = [\"198.18.0.0/33\"]\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("allow_clients"), "{e}");
     }
 
     #[test]

@@ -242,6 +242,13 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
             .await;
         return;
     };
+    if !shared.policy.client_allowed(peer.ip()) || !shared.policy.server_allowed(server.ip()) {
+        tracing::warn!(%server, reason = "network_denied", "refused session");
+        let _ = client
+            .write_all(b"421 Not allowed by gateway policy.\r\n")
+            .await;
+        return;
+    }
     tracing::Span::current().record("server", tracing::field::display(server));
     let connect = tokio::time::timeout(
         Duration::from_secs(cfg.connect_timeout_secs),

@@ -89,3 +89,8 @@ fn session_limits_and_idle_timeout() {
 fn read_only_policy_refuses_uploads() {
     edge::read_only_policy_refuses_uploads();
 }
+
+#[test]
+fn denied_server_network_gets_421() {
+    edge::denied_server_network_gets_421();
+}

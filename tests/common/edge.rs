@@ -1034,3 +1034,22 @@ with open(os.path.join(DIR, "got.bin"), "wb") as f:
     ftp.retrbinary("RETR data.bin", f.write)
 ftp.quit()
 "#;
+
+/// `policy.deny_servers`: a gateway client that dials a denied server gets 421 from the gateway,
+/// and the server never sees the connection.
+pub fn denied_server_network_gets_421() {
+    let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::AlgStopped);
+    lab.alg_config = "[policy]\ndeny_servers = [\"203.0.113.0/24\"]\n".to_owned();
+    lab.start_alg();
+    let replies = PyClient::in_client(&mut lab, GREETING_ONLY_SCRIPT).finish();
+    assert_replies("replies", &replies, &["421 Not allowed by gateway policy."]);
+    assert!(
+        ServerLog::read(&lab).commands().is_empty(),
+        "the denied server was reached"
+    );
+}
+
+const GREETING_ONLY_SCRIPT: &str = r#"
+control = socket.create_connection((HOST, 21), timeout=10)
+emit(reply=control.makefile("rb").readline().decode().rstrip("\r\n"))
+"#;
