@@ -693,7 +693,7 @@ impl Session {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn ctx(mode: Mode) -> SessionContext {
@@ -714,7 +714,7 @@ mod tests {
     }
 
     /// A session whose server greeting and login have been relayed, as every real one starts.
-    fn greeted(mode: Mode) -> Session {
+    pub(super) fn greeted(mode: Mode) -> Session {
         let mut s = Session::new(ctx(mode));
         for (from_server, line) in [
             (true, &b"220 ready\r\n"[..]),
@@ -731,11 +731,11 @@ mod tests {
         s
     }
 
-    fn drain(s: &mut Session) -> Vec<Action> {
+    pub(super) fn drain(s: &mut Session) -> Vec<Action> {
         std::iter::from_fn(|| s.poll_action()).collect()
     }
 
-    fn opened(id: PinholeId, port: u16) -> Option<Opened> {
+    pub(super) fn opened(id: PinholeId, port: u16) -> Option<Opened> {
         Some(Opened {
             id,
             dial_port: port,
@@ -1299,5 +1299,298 @@ mod tests {
                 while s.poll_action().is_some() {}
             }
         }
+    }
+}
+
+/// Hostile input, table-driven: each case is sent to a logged-in session and must end in the
+/// exact outcome given (a reply code and no pinhole, or exactly the pinhole expected).
+#[cfg(test)]
+mod hostile {
+    use super::tests::{drain, greeted, opened};
+    use super::*;
+
+    /// The first reply ftp-alg itself gives to `line` from the client, asserting that no pinhole
+    /// is asked for.
+    fn refusal(mode: Mode, line: &[u8]) -> Vec<u8> {
+        let mut s = greeted(mode);
+        s.handle_client_data(line);
+        let actions = drain(&mut s);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Open(_))),
+            "{:?} asked for a pinhole: {actions:?}",
+            String::from_utf8_lossy(line)
+        );
+        match actions.first() {
+            Some(Action::ToClient(reply)) => reply.clone(),
+            other => panic!(
+                "{:?} was not refused: {other:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
+
+    fn assert_code(mode: Mode, line: &[u8], code: &[u8]) {
+        let reply = refusal(mode, line);
+        assert!(
+            reply.starts_with(code),
+            "{:?} answered {:?}",
+            String::from_utf8_lossy(line),
+            String::from_utf8_lossy(&reply)
+        );
+    }
+
+    /// PORT and EPRT naming hosts other than the client (198.18.0.2): the server, the
+    /// gateway, loopback, private, broadcast, multicast and cloud-metadata addresses, at ports
+    /// an attacker would aim at (SSH, SMTP, SMB) and at an ordinary one.
+    fn third_party_lines() -> Vec<Vec<u8>> {
+        let hosts = [
+            "203.0.113.9",
+            "203.0.113.2",
+            "198.18.0.1",
+            "10.0.0.1",
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "169.254.169.254",
+        ];
+        let mut lines = Vec::new();
+        for host in hosts {
+            for port in [22u16, 25, 445, 40000] {
+                let ip: std::net::Ipv4Addr = host.parse().unwrap();
+                let [a, b, c, d] = ip.octets();
+                let (p1, p2) = (port >> 8, port & 0xff);
+                lines.push(format!("PORT {a},{b},{c},{d},{p1},{p2}\r\n").into_bytes());
+                lines.push(format!("EPRT |1|{host}|{port}|\r\n").into_bytes());
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn ports_naming_a_third_party_are_refused_with_501() {
+        let lines = third_party_lines();
+        assert_eq!(lines.len(), 72);
+        for line in lines {
+            assert_code(Mode::Gateway, &line, b"501");
+            assert_code(Mode::Reverse, &line, b"501");
+        }
+    }
+
+    #[test]
+    fn privileged_ports_are_refused_with_501() {
+        for port in [0u16, 1, 20, 21, 22, 25, 53, 80, 443, 445, 1023] {
+            let (p1, p2) = (port >> 8, port & 0xff);
+            assert_code(
+                Mode::Gateway,
+                format!("PORT 198,18,0,2,{p1},{p2}\r\n").as_bytes(),
+                b"501",
+            );
+            assert_code(
+                Mode::Gateway,
+                format!("EPRT |1|198.18.0.2|{port}|\r\n").as_bytes(),
+                b"501",
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_announcements_are_refused_with_501() {
+        let lines: &[&[u8]] = &[
+            b"PORT 198,18,0,2,156,+64\r\n",
+            b"PORT 198,18,0,2,156,-64\r\n",
+            b"PORT -198,18,0,2,156,64\r\n",
+            b"PORT 198,18,0,2,156,0x40\r\n",
+            b"PORT 198,18,0,2,156,256\r\n",
+            b"PORT 198,18,0,2,1e3,64\r\n",
+            b"PORT 198,18,0,2,156\r\n",
+            b"PORT 198,18,0,2,156,64,1\r\n",
+            b"PORT 198,18,0,2,156,64,\r\n",
+            b"PORT ,198,18,0,2,156,64\r\n",
+            b"PORT 198,,18,0,2,156,64\r\n",
+            b"PORT 198,18,0,2,156,0064\r\n",
+            b"PORT 198,18,0,2,156,99999999999999999999\r\n",
+            b"PORT 4294967298,18,0,2,156,64\r\n",
+            b"PORT 198.18.0.2,156,64\r\n",
+            b"PORT\r\n",
+            b"PORT x\r\n",
+            b"PORT 198,18,0,2,156,6\x004\r\n",
+            b"PORT 198,18,0,2,156,\xfe64\r\n",
+            b"PORT \xc3\xa9,18,0,2,156,64\r\n",
+            b"PORT 1\xd9\xa198,18,0,2,156,64\r\n",
+            b"EPRT |1|198.18.0.2|65536|\r\n",
+            b"EPRT |1|198.18.0.2|-1|\r\n",
+            b"EPRT |1|198.18.0.2|+40000|\r\n",
+            b"EPRT |1|198.18.0.2|4000000000|\r\n",
+            b"EPRT |3|198.18.0.2|40000|\r\n",
+            b"EPRT |0|198.18.0.2|40000|\r\n",
+            b"EPRT |2|198.18.0.2|40000|\r\n",
+            b"EPRT |1|2001:db8::2|40000|\r\n",
+            b"EPRT ||198.18.0.2|40000|\r\n",
+            b"EPRT |1|198.18.0.2|40000\r\n",
+            b"EPRT |1|198.18.0.2||\r\n",
+            b"EPRT |1||40000|\r\n",
+            b"EPRT |1|198.18.0.256|40000|\r\n",
+            b"EPRT |1|198.18.0|40000|\r\n",
+            b"EPRT |1!198.18.0.2!40000!\r\n",
+            b"EPRT \x7f1\x7f198.18.0.2\x7f40000\x7f\r\n",
+            b"EPRT  1 198.18.0.2 40000 \r\n",
+            b"EPRT\r\n",
+            b"EPRT |1|198.18.0.2%eth0|40000|\r\n",
+        ];
+        assert_eq!(lines.len(), 40);
+        for line in lines {
+            assert_code(Mode::Gateway, line, b"5");
+        }
+    }
+
+    /// A 227 naming another host never leads anywhere but the session's own server; one
+    /// naming a privileged or malformed endpoint gets the client a 425 and no pinhole.
+    #[test]
+    fn passive_replies_lead_only_to_the_sessions_server() {
+        let internal = [
+            "10,0,0,1",
+            "127,0,0,1",
+            "192,168,1,1",
+            "203,0,113,9",
+            "0,0,0,0",
+            "169,254,169,254",
+            "198,18,0,2",
+            "255,255,255,255",
+        ];
+        for host in internal {
+            let mut s = greeted(Mode::Gateway);
+            s.handle_server_data(
+                format!("227 Entering Passive Mode ({host},156,65)\r\n").as_bytes(),
+            );
+            match &drain(&mut s)[..] {
+                [Action::Open(r)] => {
+                    assert_eq!(r.dial_ip, s.ctx.server.ip(), "{host}: {r:?}");
+                    assert_eq!(r.dial_port, Some(40001), "{host}");
+                    assert_eq!(r.dnat, None, "{host}");
+                    assert_eq!(r.source, s.ctx.client.ip(), "{host}");
+                }
+                other => panic!("{host}: {other:?}"),
+            }
+            s.handle_opened(opened(1, 40001));
+            assert_eq!(
+                drain(&mut s),
+                vec![Action::ToClient(
+                    b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n".to_vec()
+                )]
+            );
+        }
+        let bad: &[&[u8]] = &[
+            b"227 Entering Passive Mode (203,0,113,2,0,21)\r\n",
+            b"227 Entering Passive Mode (203,0,113,2,0,0)\r\n",
+            b"227 Entering Passive Mode (203,0,113,2,3,255)\r\n",
+            b"227 Entering Passive Mode (203,0,113,2,256,1)\r\n",
+            b"227 Entering Passive Mode (203,0,113,2,156)\r\n",
+            b"227 Entering Passive Mode (203,0,113,2,156,-1)\r\n",
+            b"227 Entering Passive Mode\r\n",
+            b"227 Entering Passive Mode (a,b,c,d,e,f)\r\n",
+            b"229 Entering Extended Passive Mode (|||22|)\r\n",
+            b"229 Entering Extended Passive Mode (|||0|)\r\n",
+            b"229 Entering Extended Passive Mode (|||70000|)\r\n",
+            b"229 Entering Extended Passive Mode (|||-1|)\r\n",
+            b"229 Entering Extended Passive Mode (||1025|)\r\n",
+            b"229 Entering Extended Passive Mode (|!|1025|)\r\n",
+            b"229 Entering Extended Passive Mode ()\r\n",
+            b"229 Entering Extended Passive Mode (|||99999999999999999999|)\r\n",
+        ];
+        for reply in bad {
+            for mode in [Mode::Gateway, Mode::Reverse] {
+                let mut s = greeted(mode);
+                s.handle_server_data(reply);
+                let actions = drain(&mut s);
+                assert!(
+                    matches!(&actions[..], [Action::ToClient(r)] if r.starts_with(b"425")),
+                    "{:?}: {actions:?}",
+                    String::from_utf8_lossy(reply)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overlong_lines_nul_bytes_and_telnet_codes() {
+        for len in [513usize, 1000, 4096, 100_000] {
+            let mut line = vec![b'A'; len];
+            line.extend_from_slice(b"\r\n");
+            assert_code(Mode::Gateway, &line, b"500");
+            let mut port = b"PORT ".to_vec();
+            port.extend(std::iter::repeat_n(b'1', len));
+            port.extend_from_slice(b"\r\n");
+            assert_code(Mode::Gateway, &port, b"500");
+        }
+        // Not announcements: passed on byte for byte, whatever they hold.
+        for line in [
+            &b"RETR \x00file\r\n"[..],
+            b"USER \xff\xfe\xfd\r\n",
+            b"PO\xff\xffRT 198,18,0,2,156,64\r\n",
+            b"\xff\xfb\x01\r\n",
+            b"CWD \xe6\x97\xa5\xe6\x9c\xac\r\n",
+        ] {
+            let mut s = greeted(Mode::Gateway);
+            s.handle_client_data(line);
+            assert_eq!(drain(&mut s), vec![Action::ToServer(line.to_vec())]);
+        }
+    }
+
+    /// Every split of a PORT line, and of a 227, yields exactly one pinhole request.
+    #[test]
+    fn announcements_split_at_every_byte() {
+        let line = b"PORT 198,18,0,2,156,64\r\n";
+        for cut in 0..=line.len() {
+            let mut s = greeted(Mode::Gateway);
+            s.handle_client_data(&line[..cut]);
+            let mut actions = drain(&mut s);
+            s.handle_client_data(&line[cut..]);
+            actions.extend(drain(&mut s));
+            assert!(
+                matches!(&actions[..], [Action::Open(r)] if r.dnat == Some("198.18.0.2:40000".parse().unwrap())),
+                "cut {cut}: {actions:?}"
+            );
+        }
+        let reply = b"227 Entering Passive Mode (203,0,113,2,156,65).\r\n";
+        for cut in 0..=reply.len() {
+            let mut s = greeted(Mode::Reverse);
+            s.handle_server_data(&reply[..cut]);
+            let mut actions = drain(&mut s);
+            s.handle_server_data(&reply[cut..]);
+            actions.extend(drain(&mut s));
+            assert!(
+                matches!(&actions[..], [Action::Open(r)] if r.dnat == Some("203.0.113.2:40001".parse().unwrap())),
+                "cut {cut}: {actions:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn floods_stay_in_order_and_leave_one_pinhole() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(&b"NOOP\r\n".repeat(10_000));
+        let actions = drain(&mut s);
+        assert_eq!(actions.len(), 10_000);
+        assert!(actions
+            .iter()
+            .all(|a| *a == Action::ToServer(b"NOOP\r\n".to_vec())));
+
+        // Thousands of PASV answers: each supersedes the one before, so only the last pinhole
+        // stays open.
+        let mut s = greeted(Mode::Reverse);
+        let mut closed = Vec::new();
+        for n in 0..3000u64 {
+            s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+            for action in drain(&mut s) {
+                match action {
+                    Action::Open(_) => s.handle_opened(opened(n, 61000)),
+                    Action::Close(ids) => closed.extend(ids),
+                    _ => {}
+                }
+            }
+            drain(&mut s);
+        }
+        assert_eq!(closed, (0..2999).collect::<Vec<_>>());
     }
 }
