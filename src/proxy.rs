@@ -94,8 +94,7 @@ impl Drop for Admitted {
 }
 
 /// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
-/// delete the table, which removes every pinhole (established data connections live on in
-/// conntrack).
+/// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a second instance started by mistake fails here, before it could replace
     // the running daemon's table and with it every open pinhole.
@@ -141,11 +140,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await?;
     tracing::info!(
         open_pinholes = shared.pinholes.open_count(),
-        "shutting down: removing the nftables table"
+        "shutting down: removing every pinhole (the table's chains stay, so that connections \
+         under way keep their address translation)"
     );
-    nft::delete_table(&nft_path)
+    nft::flush_pinholes(&nft_path)
         .await
-        .context("removing the nftables table")?;
+        .context("removing the pinholes")?;
     Ok(())
 }
 

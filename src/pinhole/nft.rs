@@ -63,21 +63,26 @@ async fn run_nft(nft: &Path, args: &[&str], input: &str) -> Result<String, Backe
         .spawn()
         .map_err(spawn_err)?;
     let run = async {
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes()).await?;
-        }
-        child.wait_with_output().await
+        // nft may fail and exit before it has read all its input: its stderr says why, so a
+        // failed write does not end the wait for it.
+        let written = match child.stdin.take() {
+            Some(mut stdin) => stdin.write_all(input.as_bytes()).await,
+            None => Ok(()),
+        };
+        (written, child.wait_with_output().await)
     };
     // A hung nft would stall every session waiting for a pinhole; kill_on_drop ends it.
-    let output = tokio::time::timeout(NFT_TIMEOUT, run)
-        .await
-        .map_err(|_| BackendError::Refused {
-            program: program.clone(),
-            status: format!("no answer within {} s", NFT_TIMEOUT.as_secs()),
-            stderr: String::new(),
-        })?
-        .map_err(spawn_err)?;
+    let (written, output) =
+        tokio::time::timeout(NFT_TIMEOUT, run)
+            .await
+            .map_err(|_| BackendError::Refused {
+                program: program.clone(),
+                status: format!("no answer within {} s", NFT_TIMEOUT.as_secs()),
+                stderr: String::new(),
+            })?;
+    let output = output.map_err(spawn_err)?;
     if output.status.success() {
+        written.map_err(spawn_err)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(BackendError::Refused {
@@ -101,6 +106,28 @@ pub async fn load_table(
     intercept: &[String],
 ) -> Result<(), BackendError> {
     run_script(nft, &table_script(ct_mark, intercept_port, intercept)).await
+}
+
+/// The sets and maps that hold pinholes, as (kind, name) in `rules/ftp-alg.nft`.
+const PINHOLE_SETS: [(&str, &str); 6] = [
+    ("set", "pin_v4"),
+    ("set", "pin_v6"),
+    ("map", "dnat_v4"),
+    ("map", "dnat_v6"),
+    ("map", "snat_v4"),
+    ("map", "snat_v6"),
+];
+
+/// Remove every pinhole but keep the table's chains. While a NAT chain is registered in the
+/// network namespace the kernel goes on applying the translations recorded in conntrack;
+/// deleting the table, possibly the namespace's last NAT chain, would cut every translated
+/// connection under way: data connections and redirected control connections alike.
+pub async fn flush_pinholes(nft: &Path) -> Result<(), BackendError> {
+    let script: String = PINHOLE_SETS
+        .iter()
+        .map(|(kind, name)| format!("flush {kind} inet {TABLE} {name}\n"))
+        .collect();
+    run_script(nft, &script).await
 }
 
 /// Delete the daemon's table and every pinhole in it; a missing table is not an error.
