@@ -305,7 +305,7 @@ fn from_150(replies: &[String]) -> &[String] {
 
 /// `replies` (CRLF-terminated or not) against `expected`, where a bare code stands for any
 /// reply with that code, as for replies whose text holds a port.
-fn assert_replies(what: &str, replies: &[String], expected: &[&str]) {
+pub(super) fn assert_replies(what: &str, replies: &[String], expected: &[&str]) {
     let seen: Vec<&str> = replies
         .iter()
         .enumerate()
@@ -711,7 +711,7 @@ fn lftp(lab: &mut Lab, commands: &[String]) -> LftpRun {
 /// A Python script run as an FTP client: [`PY_PRELUDE`] and a body that uses it. It reports
 /// each reply it receives and each checkpoint it reaches as one JSON line; at a checkpoint it
 /// waits until the test has looked at the gateway.
-struct PyClient {
+pub(super) struct PyClient {
     child: Child,
     events: BufReader<ChildStdout>,
     /// The script's stderr and every event, shown when the test fails.
@@ -727,7 +727,7 @@ enum Event {
 
 impl PyClient {
     /// `body` in the client namespace, dialling what the topology's client dials.
-    fn in_client(lab: &mut Lab, body: &str) -> PyClient {
+    pub(super) fn in_client(lab: &mut Lab, body: &str) -> PyClient {
         let host = lab.addrs().dial.ip().to_string();
         let args = PyClient::args(lab, body, &host);
         let cmd = lab.client_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -789,7 +789,7 @@ impl PyClient {
     }
 
     /// The replies received until the script reaches `checkpoint`.
-    fn replies_until(&mut self, checkpoint: &str) -> Vec<String> {
+    pub(super) fn replies_until(&mut self, checkpoint: &str) -> Vec<String> {
         let mut replies = Vec::new();
         loop {
             match self.next_event() {
@@ -804,13 +804,20 @@ impl PyClient {
     }
 
     /// Lets the script go on from its checkpoint.
-    fn resume(&mut self) {
+    pub(super) fn resume(&mut self) {
         // Unbuffered: the line reaches the script at once.
         writeln!(self.child.stdin.as_mut().expect("piped stdin")).expect("write python3");
     }
 
+    /// Kills the script with SIGKILL, the way a client host that crashes or loses power
+    /// vanishes: the kernel closes its sockets and nothing more is said on them.
+    pub(super) fn vanish(mut self) {
+        self.child.kill().expect("kill python3");
+        self.child.wait().expect("wait python3");
+    }
+
     /// The remaining replies; the script must end without error.
-    fn finish(mut self) -> Vec<String> {
+    pub(super) fn finish(mut self) -> Vec<String> {
         let mut replies = Vec::new();
         while let Some(event) = self.next_event() {
             match event {

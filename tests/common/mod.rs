@@ -997,7 +997,9 @@ struct Lab {
     /// pure-ftpd's log (see [`Lab::pure_ftpd_command`]).
     syslog: Option<SyslogSink>,
     alg: Option<Child>,
-    /// Lines appended to the daemon's configuration (sections such as `[limits]`).
+    /// TOML laid over the harness's configuration of the daemon, key by key (see
+    /// [`merge_toml`]): new sections such as `[limits]`, or keys that replace the harness's own,
+    /// such as `[pinholes] timeout_secs`.
     alg_config: String,
     runs: u32,
 }
@@ -1484,15 +1486,18 @@ impl Lab {
             ),
         };
         let conf = format!(
-            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n{}",
+            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n",
             PINHOLE_PORTS.start(),
             PINHOLE_PORTS.end(),
             PINHOLE_TIMEOUT_SECS,
-            self.alg_config
         );
         let conf_path = self.dir.join("ftp-alg.toml");
-        fs::write(&conf_path, conf).expect("write ftp-alg.toml");
+        fs::write(&conf_path, merge_toml(&conf, &self.alg_config)).expect("write ftp-alg.toml");
         let log = self.dir.join("daemon.log");
+        // A restarted daemon appends to the log of the one before it, and finds the table that
+        // one left: only its own `listening on`, logged once it has replaced the table, says it
+        // is ready.
+        let earlier = fs::metadata(&log).map_or(0, |m| m.len());
         let mut child = self
             .exec(
                 &self.gateway_ns(),
@@ -1511,14 +1516,41 @@ impl Lab {
         };
         let g = self.gateway_ns();
         let table_loaded = || {
-            self.exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
-                .output()
-                .is_ok_and(|o| o.status.success())
+            let logged_now = fs::read(&log).is_ok_and(|text| {
+                let new = text.get(earlier as usize..).unwrap_or_default();
+                String::from_utf8_lossy(new).contains("listening on")
+            });
+            logged_now
+                && self
+                    .exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
         };
         let ready = self.wait_ready(&mut child, &g, port, &log, table_loaded);
         self.alg = Some(child);
         if let Err(e) = ready {
             panic!("ftp-alg {e}");
+        }
+    }
+
+    /// Sends `signal` (as kill(1) names it: `TERM`, `KILL`) to the daemon and waits up to
+    /// `within` for it to exit. Its exit status, or `None` while it still runs (it is then
+    /// left to `Drop`). Never panics: `Drop` uses it too.
+    fn stop_alg(&mut self, signal: &str, within: Duration) -> Option<ExitStatus> {
+        let alg = self.alg.as_mut()?;
+        let _ = Command::new("kill")
+            .args([format!("-{signal}"), alg.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = alg.try_wait().ok().flatten() {
+                self.alg = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(20));
         }
     }
 
@@ -1821,16 +1853,11 @@ impl Drop for Lab {
         if failed {
             self.dump_diagnostics();
         }
-        if let Some(mut alg) = self.alg.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &alg.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while alg.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                sleep(Duration::from_millis(20));
+        if self.stop_alg("TERM", Duration::from_secs(5)).is_none() {
+            if let Some(mut alg) = self.alg.take() {
+                let _ = alg.kill();
+                let _ = alg.wait();
             }
-            let _ = alg.kill();
-            let _ = alg.wait();
         }
         if let Some(mut server) = self.server_process.take() {
             let _ = server.kill();
@@ -1971,6 +1998,29 @@ fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
     }
 }
 
+/// `overrides` laid over `base`, both TOML: a table is merged key by key, any other value
+/// replaces the one in `base`. TOML itself refuses a key or a section given twice, so a test's
+/// `[pinholes] timeout_secs` could not simply follow the harness's.
+fn merge_toml(base: &str, overrides: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    let parse = |text: &str| -> toml::Table {
+        text.parse()
+            .unwrap_or_else(|e| panic!("the daemon's configuration {text:?}: {e}"))
+    };
+    let mut merged = parse(base);
+    merge(&mut merged, parse(overrides));
+    merged.to_string()
+}
+
 /// The text between the first `open` and the following `close`.
 fn between(s: &str, open: char, close: char) -> &str {
     s.split_once(open)
@@ -1996,3 +2046,4 @@ fn parse_host_port(s: &str) -> SocketAddr {
 }
 
 pub mod edge;
+pub mod faults;

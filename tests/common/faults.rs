@@ -1,0 +1,491 @@
+//! Faults end to end: what happens to transfers, pinholes and sessions when the daemon is
+//! killed or stopped, when `nft` fails at run time, when the upstream server cannot be reached
+//! and when a client vanishes. One `pub fn` per `#[test]` of `tests/e2e_faults.rs`, all with
+//! vsftpd and Python clients (see [`PyClient`]).
+//!
+//! The promise under test is DESIGN.md's: data runs in the kernel, so a transfer outlives the
+//! daemon; every pinhole has a kernel timeout, so a crashed daemon leaks nothing for long; and a
+//! fault of one session or one pinhole is answered with an FTP reply, never with the daemon's
+//! end.
+
+use std::os::unix::process::ExitStatusExt;
+
+use super::edge::{assert_replies, PyClient};
+use super::*;
+
+/// vsftpd's pace for the downloads that must still run when the fault strikes: data.bin
+/// (1 MiB) takes 5.2 s, longer than [`SHORT_TIMEOUT_SECS`].
+const SLOW_DOWNLOAD: &str = "anon_max_rate=200000\n";
+/// The pinhole lifetime of the SIGKILL test: short, so that the test sees it run out.
+const SHORT_TIMEOUT_SECS: u64 = 3;
+/// A port of the server's host where nothing listens.
+const DEAD_PORT: u16 = 2199;
+/// `proxy.connect_timeout_secs` of the unreachable-upstream test.
+const CONNECT_TIMEOUT_SECS: u64 = 2;
+/// What the nft wrapper says on stderr when it refuses a pinhole transaction.
+const NFT_REFUSAL: &str = "e2e nft wrapper: pinhole transaction refused on purpose";
+/// The reply-like event the scripts emit once the daemon's end of the control connection is
+/// gone (ftplib and [`PyClient`]'s raw `Control` raise `EOFError`).
+const CLOSED: &str = "(closed)";
+/// The first replies of [`DOWNLOAD_UNDER_WAY`], up to its checkpoint.
+const DOWNLOAD_STARTED: [&str; 5] = [
+    "220 (vsFTPd 3.0.3)",
+    "230 Login successful.",
+    "200 Switching to Binary mode.",
+    "227",
+    "150 Opening BINARY mode data connection for data.bin (1048576 bytes).",
+];
+
+/// The daemon is killed with SIGKILL while a download runs through its pinhole (reverse mode,
+/// so the data connection is translated both ways). The download completes byte for byte,
+/// since the translation lives in conntrack; the control connection dies with the daemon. The
+/// pinhole the daemon could not remove runs out by its kernel timeout while the data still
+/// flows. A restarted daemon replaces the table the dead one left, and serves a new session.
+pub fn daemon_killed_during_a_transfer() {
+    let mut lab = lab_with(Topology::Reverse(Family::V4), SLOW_DOWNLOAD, |_| {
+        format!("[pinholes]\ntimeout_secs = {SHORT_TIMEOUT_SECS}\n")
+    });
+    let mut client = download_under_way(&mut lab, FINISH_DOWNLOAD);
+
+    let killed = Instant::now();
+    let status = lab
+        .stop_alg("KILL", Duration::from_secs(2))
+        .expect("the daemon still runs 2 s after SIGKILL");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the daemon's end");
+    let left = table_handle(&lab).expect("SIGKILL leaves the daemon's table in the kernel");
+    let orphans = lab.pinholes();
+    assert_eq!(
+        orphans.len(),
+        1,
+        "the dead daemon's pinhole, left to its kernel timeout: {orphans:#?}"
+    );
+    client.resume();
+
+    by(
+        killed + Duration::from_secs(SHORT_TIMEOUT_SECS + 2),
+        "the dead daemon's pinhole runs out by its kernel timeout",
+        || lab.pinholes().is_empty(),
+    );
+    assert!(
+        !lab.dir.join("download.took").exists(),
+        "the download ended before its pinhole ran out: the test shows less than it should"
+    );
+    download_completes(&lab, client);
+
+    lab.start_alg();
+    let replaced = table_handle(&lab);
+    assert!(
+        replaced.as_ref().is_some_and(|h| *h != left),
+        "the restarted daemon must replace the dead one's table (handle {left}), not keep it: \
+         handle now {replaced:?}"
+    );
+    let run = lab.client_session(Client::Ftplib, DataMode::Pasv, &[Op::List]);
+    assert!(
+        run.status.success() && run.stdout.contains(DATA_FILE),
+        "a listing through the restarted daemon\n{}",
+        run.transcript
+    );
+    lab.assert_no_pinholes_left();
+}
+
+/// The rest of the download once the daemon is gone, into download.bin, and how long it took;
+/// then the transfer's final reply, which never comes, since the control connection goes with
+/// the daemon. A data connection that fails is reported as a reply, so that the test says how.
+const FINISH_DOWNLOAD: &str = r#"
+with data, open(os.path.join(DIR, "download.bin"), "wb") as f:
+    f.write(first)
+    try:
+        while chunk := data.recv(1 << 16):
+            f.write(chunk)
+    except OSError as e:
+        emit(reply="data connection: " + type(e).__name__)
+took("download", start)
+until_closed(ftp.getmultiline)
+"#;
+
+/// `pinholes.nft` names a wrapper that runs the real nft to load the table (`-f -`) and to
+/// list it, but refuses every pinhole transaction (`-j -f -`), as nft does when the kernel
+/// runs out of memory or another program has broken the table. PASV and PORT each get 425 and
+/// neither announcement reaches the client or the server; the session goes on, a second one is
+/// accepted, and the daemon logs what nft said. Like nft, the wrapper reads its whole input
+/// before it fails: one that exits first fails the daemon's write to its stdin (EPIPE), and the
+/// daemon then logs that instead of what nft said.
+pub fn nft_failing_at_run_time() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |lab| {
+        let wrapper = lab.dir.join("nft-wrapper");
+        let nft = find_tool("nft").expect("preflight found nft");
+        let script = format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = -j ] && [ \"$2\" = -f ]; then\n\
+             \tcat >/dev/null\n\
+             \techo '{NFT_REFUSAL}' >&2\n\
+             \texit 1\n\
+             fi\n\
+             exec {} \"$@\"\n",
+            nft.display()
+        );
+        fs::write(&wrapper, script).expect("write the nft wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        format!("[pinholes]\nnft = \"{}\"\n", wrapper.display())
+    });
+    let replies = script(&mut lab, PINHOLES_REFUSED).finish();
+    let refused = "425 Can't open data connection (firewall).";
+    assert_replies(
+        "replies",
+        &replies,
+        &[
+            "220 (vsFTPd 3.0.3)",
+            "230 Login successful.",
+            refused,
+            refused,
+            "200 NOOP ok.",
+            "220 (vsFTPd 3.0.3)",
+            "221 Goodbye.",
+            "221 Goodbye.",
+        ],
+    );
+    let log = ServerLog::read(&lab);
+    assert_eq!(
+        log.commands(),
+        ["USER anonymous", "PASV", "NOOP", "QUIT", "QUIT"],
+        "what vsftpd received: the PORT whose pinhole failed must not reach it"
+    );
+    assert!(
+        log.responses().iter().any(|r| r.starts_with("227 ")),
+        "vsftpd answered PASV: the 425 must be ftp-alg's"
+    );
+    let failures = daemon_log_lines(&lab, "cannot open pinhole");
+    assert!(
+        failures.len() == 2 && failures.iter().all(|l| l.contains(NFT_REFUSAL)),
+        "the daemon must log nft's complaint once for PASV and once for PORT: {failures:#?}"
+    );
+    assert_daemon_runs(&mut lab);
+    lab.assert_no_pinholes_left();
+}
+
+/// Login, PASV and PORT (each answered 425), NOOP, and a second session while the first is
+/// still open.
+const PINHOLES_REFUSED: &str = r#"
+c = Control()
+c.command("USER anonymous")
+c.command("PASV")
+listener, port = c.listen()
+c.send(port)
+c.reply()
+c.command("NOOP")
+Control().command("QUIT")
+c.command("QUIT")
+"#;
+
+/// Reverse mode with `proxy.upstream` on a port of the server's host where nothing listens:
+/// the client gets 421 at once. Then the server's host drops SYNs to that port: the client gets
+/// 421 after `proxy.connect_timeout_secs`, and again on the next connection, which shows that
+/// the daemon still serves.
+pub fn upstream_unreachable() {
+    let mut lab = lab_with(Topology::Reverse(Family::V4), "", |lab| {
+        format!(
+            "[proxy]\nupstream = \"{}\"\nconnect_timeout_secs = {CONNECT_TIMEOUT_SECS}\n",
+            SocketAddr::new(lab.addrs().server, DEAD_PORT)
+        )
+    });
+    let mut client = script(&mut lab, UNREACHABLE);
+    let refused = "421 Service not available: cannot reach the FTP server.";
+    assert_replies("refused", &client.replies_until("drop"), &[refused, CLOSED]);
+    must(lab.exec(
+        &lab.server_ns(),
+        &[
+            "nft",
+            &format!(
+                "add table inet faults; \
+                 add chain inet faults input {{ type filter hook input priority filter; }}; \
+                 add rule inet faults input tcp dport {DEAD_PORT} drop"
+            ),
+        ],
+    ));
+    client.resume();
+    assert_replies(
+        "dropped",
+        &client.finish(),
+        &[refused, CLOSED, refused, CLOSED],
+    );
+
+    let refused_within = took(&lab, "refused");
+    assert!(
+        refused_within < 1.0,
+        "a refused upstream must be answered at once, not after {refused_within} s"
+    );
+    let timeout = CONNECT_TIMEOUT_SECS as f64;
+    for name in ["dropped", "again"] {
+        let t = took(&lab, name);
+        assert!(
+            (timeout..timeout + 1.0).contains(&t),
+            "{name}: 421 after {t} s, expected after the {timeout} s connect timeout"
+        );
+    }
+    let unreachable = daemon_log_lines(&lab, "upstream server unreachable");
+    let why = [
+        "Connection refused",
+        "connect timed out",
+        "connect timed out",
+    ];
+    assert!(
+        unreachable.len() == why.len() && unreachable.iter().zip(why).all(|(l, w)| l.contains(w)),
+        "the daemon must log each unreachable upstream with its reason, {why:?}: {unreachable:#?}"
+    );
+    assert_daemon_runs(&mut lab);
+}
+
+/// Three control connections, each answered and closed by the daemon, timed; the test drops
+/// SYNs to the upstream at the checkpoint.
+const UNREACHABLE: &str = r#"
+def dial(name):
+    start = time.monotonic()
+    until_closed(Control().reply)
+    took(name, start)
+
+dial("refused")
+checkpoint("drop")
+dial("dropped")
+dial("again")
+"#;
+
+/// The client is killed (SIGKILL) while its download runs: the daemon sees its control
+/// connection end, ends the session, and removes the session's pinhole itself, long before its
+/// kernel timeout.
+pub fn client_vanishing_mid_transfer() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), SLOW_DOWNLOAD, |_| {
+        String::new()
+    });
+    download_under_way(&mut lab, "").vanish();
+    let vanished = Instant::now();
+    // Well within the default `pinholes.timeout_secs` of the harness: the daemon's doing.
+    let deadline = vanished + Duration::from_secs(3);
+    by(deadline, "the vanished client's pinhole is removed", || {
+        lab.pinholes().is_empty()
+    });
+    by(deadline, "the daemon logs the end of session 1", || {
+        daemon_log_lines(&lab, "session{id=1 ")
+            .iter()
+            .any(|l| l.ends_with("session ended"))
+    });
+}
+
+/// SIGTERM with a session open and its pinhole waiting: the daemon deletes its table, with
+/// the pinhole in it, and exits 0; the data connection the pinhole was for is dropped.
+pub fn sigterm_removes_every_pinhole() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| String::new());
+    let mut client = script(&mut lab, OPEN_SESSION);
+    assert_replies(
+        "before SIGTERM",
+        &client.replies_until("open"),
+        &["220 (vsFTPd 3.0.3)", "230 Login successful.", "227"],
+    );
+    let pinholes = lab.pinholes();
+    assert!(
+        matches!(&pinholes[..], [p] if p.state == "waiting"),
+        "one pinhole waiting for PASV's connection: {pinholes:#?}"
+    );
+    let status = lab
+        .stop_alg("TERM", Duration::from_secs(3))
+        .expect("the daemon still runs 3 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "the daemon's exit status");
+    // The chains stay (see `sigterm_during_a_transfer`), the pinholes go.
+    assert!(
+        table_handle(&lab).is_some(),
+        "the daemon's table (its NAT chains) must stay after SIGTERM"
+    );
+    let left = lab.pinholes();
+    assert!(left.is_empty(), "pinholes left after SIGTERM: {left:#?}");
+    let shutdown = "shutting down: removing every pinhole";
+    assert!(
+        daemon_log_lines(&lab, shutdown)
+            .iter()
+            .filter(|l| l.contains("open_pinholes=1"))
+            .count()
+            == 1,
+        "the daemon must log its shutdown with the pinhole it removes: {shutdown:?}"
+    );
+    client.resume();
+    assert_replies(
+        "the data connection PASV announced, dialled after SIGTERM",
+        &client.finish(),
+        &["data connection: timed out"],
+    );
+}
+
+/// A session logged in, with a PASV pinhole waiting; after the checkpoint, the data connection
+/// that PASV announced, dialled with a short timeout, since a dropped SYN is the expected end.
+/// What becomes of the control connection is [`sigterm_during_a_transfer`]'s subject.
+const OPEN_SESSION: &str = r#"
+c = Control()
+c.command("USER anonymous")
+port = ftplib.parse227(c.command("PASV"))[1]
+checkpoint("open")
+try:
+    socket.create_connection((HOST, port), timeout=2).close()
+    emit(reply="data connection: accepted")
+except TimeoutError:
+    emit(reply="data connection: timed out")
+"#;
+
+/// README: on SIGTERM the daemon removes every pinhole, and transfers already under way go on,
+/// since they live in conntrack (with their translation: the table's NAT chains stay, and
+/// with them the kernel's NAT hooks). A download runs in gateway mode
+/// (its data connection source-translated, its control connection redirected to the daemon)
+/// when the daemon gets SIGTERM: the download must complete byte for byte, and the client must
+/// see its control connection close.
+pub fn sigterm_during_a_transfer() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), SLOW_DOWNLOAD, |_| {
+        String::new()
+    });
+    let mut client = download_under_way(&mut lab, FINISH_DOWNLOAD);
+    let status = lab
+        .stop_alg("TERM", Duration::from_secs(3))
+        .expect("the daemon still runs 3 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "the daemon's exit status");
+    client.resume();
+    download_completes(&lab, client);
+}
+
+/// Helpers of the scripts here, after [`PyClient`]'s own prelude.
+const PRELUDE: &str = r#"
+import time
+
+def took(name, start):
+    """How long since `start`, in seconds, into DIR/name.took."""
+    with open(os.path.join(DIR, name + ".took"), "w") as f:
+        f.write(str(time.monotonic() - start))
+
+def until_closed(read):
+    """Reads replies until the daemon's end of the control connection is gone; reports a
+    connection that fails instead (a reset, or no end within its timeout)."""
+    try:
+        while True:
+            read()
+    except EOFError:
+        emit(reply="(closed)")
+    except OSError as e:
+        emit(reply="control connection: " + type(e).__name__)
+"#;
+
+/// A download of data.bin at [`SLOW_DOWNLOAD`]'s pace, stopped at a checkpoint once its data
+/// flows, with the data socket in `data`, the first bytes in `first`, and its start in `start`.
+/// Both connections time out after 5 s, which is long for a transfer that sends every few
+/// milliseconds, and keeps a stalled one from taking the test's time.
+const DOWNLOAD_UNDER_WAY: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=5)
+ftp.login()
+ftp.voidcmd("TYPE I")
+start = time.monotonic()
+data = ftp.transfercmd("RETR data.bin")
+first = data.recv(1 << 16)
+checkpoint("flowing")
+"#;
+
+/// A lab whose daemon starts with the configuration `alg_config` returns (given the lab, once
+/// its files are written), and whose vsftpd has `vsftpd` at the end of its configuration.
+/// `Setup::AlgStopped` only delays the daemon's start here: its policy's extra forward rule for
+/// tcp/21 does not come into play, since a gateway's daemon redirects tcp/21 before the forward
+/// hook, and a reverse proxy's client dials G itself.
+fn lab_with(topology: Topology, vsftpd: &str, alg_config: impl FnOnce(&Lab) -> String) -> Lab {
+    let mut lab = Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |_| {
+        vsftpd.to_owned()
+    });
+    lab.alg_config = alg_config(&lab);
+    lab.start_alg();
+    lab
+}
+
+/// Starts [`DOWNLOAD_UNDER_WAY`] followed by `rest`, and returns the client at its checkpoint,
+/// once the download is seen to run through exactly one pinhole, used by session 1.
+fn download_under_way(lab: &mut Lab, rest: &str) -> PyClient {
+    let mut client = script(lab, &format!("{DOWNLOAD_UNDER_WAY}{rest}"));
+    assert_replies(
+        "until the data flows",
+        &client.replies_until("flowing"),
+        &DOWNLOAD_STARTED,
+    );
+    let pinholes = lab.pinholes();
+    assert!(
+        matches!(&pinholes[..], [p] if p.state == "used" && p.session == 1),
+        "one used pinhole of session 1 while the data flows: {pinholes:#?}"
+    );
+    client
+}
+
+/// A client of [`download_under_way`] and [`FINISH_DOWNLOAD`], resumed once the daemon is
+/// gone: the download completes byte for byte, and the control connection is seen to close.
+fn download_completes(lab: &Lab, client: PyClient) {
+    assert_replies(
+        "replies once the daemon is gone",
+        &client.finish(),
+        &[CLOSED],
+    );
+    assert_same_bytes(
+        "download",
+        &lab.read(&lab.download_path()),
+        &lab.read(&lab.served_path()),
+    );
+}
+
+/// `body` run as a client after [`PRELUDE`].
+fn script(lab: &mut Lab, body: &str) -> PyClient {
+    PyClient::in_client(lab, &format!("{PRELUDE}{body}"))
+}
+
+/// Waits until `done` holds, failing the test if it does not by `deadline`.
+fn by(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "not by the deadline: {what}");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// The handle of the daemon's table in G; `None` when `nft list table inet ftp_alg` fails
+/// because there is no such table.
+fn table_handle(lab: &Lab) -> Option<String> {
+    let out = lab
+        .exec(
+            &lab.gateway_ns(),
+            &["nft", "-a", "list", "table", "inet", "ftp_alg"],
+        )
+        .output()
+        .expect("run nft");
+    if !out.status.success() {
+        return None;
+    }
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let handle = listing
+        .lines()
+        .next()
+        .and_then(|l| l.split_once("# handle "))
+        .map(|(_, h)| h.trim().to_owned());
+    Some(handle.unwrap_or_else(|| panic!("no table handle in {listing:?}")))
+}
+
+/// The lines of the daemon's log that contain `text`.
+fn daemon_log_lines(lab: &Lab, text: &str) -> Vec<String> {
+    fs::read_to_string(lab.dir.join("daemon.log"))
+        .expect("the daemon's log")
+        .lines()
+        .filter(|l| l.contains(text))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The seconds a script recorded with `took(name, ...)`.
+fn took(lab: &Lab, name: &str) -> f64 {
+    let path = lab.dir.join(format!("{name}.took"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
+}
+
+/// A fault of one session or one pinhole must not end the daemon.
+fn assert_daemon_runs(lab: &mut Lab) {
+    let alg = lab.alg.as_mut().expect("the daemon was started");
+    let exited = alg.try_wait().expect("try_wait");
+    assert!(exited.is_none(), "the daemon has exited: {exited:?}");
+}
