@@ -41,6 +41,9 @@ pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 16;
 /// A control connection with no command from the client for this long, and no transfer
 /// running, is closed with 421 (RFC 6384 §12: never while a transfer runs).
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
+/// Pinholes one session may hold at once: the current endpoint plus those of pipelined
+/// transfers still awaiting their final reply.
+pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
 
 /// Errors found while reading or checking a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +113,9 @@ pub struct LimitsConfig {
     /// is closed with 421.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// Pinholes one session may hold at once; an announcement beyond it gets 425.
+    #[serde(default = "default_max_pinholes_per_session")]
+    pub max_pinholes_per_session: usize,
 }
 
 /// `[policy]`: what a session may do.
@@ -124,6 +130,9 @@ pub struct PolicyConfig {
     /// What to do with a PORT/EPRT that names another host than the client.
     #[serde(default)]
     pub foreign_port: ForeignPort,
+    /// What to do with a 227 that names another address than the server's.
+    #[serde(default)]
+    pub foreign_pasv: ForeignPasv,
     /// What to do with AUTH (TLS), which ftp-alg cannot see into.
     #[serde(default)]
     pub auth: AuthPolicy,
@@ -179,6 +188,18 @@ pub enum ForeignPort {
     Replace,
 }
 
+/// `policy.foreign_pasv`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForeignPasv {
+    /// Use the server's own address: servers behind NAT announce a private address or 0.0.0.0,
+    /// and a pinhole must never lead to a third host.
+    #[default]
+    Replace,
+    /// Answer the client 425 instead.
+    Refuse,
+}
+
 /// `policy.auth`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -197,6 +218,7 @@ impl Default for LimitsConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
         }
     }
 }
@@ -273,6 +295,9 @@ fn default_max_sessions_per_client() -> usize {
 }
 fn default_idle_timeout() -> u64 {
     DEFAULT_IDLE_TIMEOUT_SECS
+}
+fn default_max_pinholes_per_session() -> usize {
+    DEFAULT_MAX_PINHOLES_PER_SESSION
 }
 fn default_port_min() -> u16 {
     DEFAULT_PORT_MIN
@@ -429,6 +454,9 @@ impl Config {
                     "policy.deny_commands: {verb:?} is not an FTP command verb"
                 ));
             }
+        }
+        if l.max_pinholes_per_session == 0 {
+            return Err("limits.max_pinholes_per_session must be at least 1".into());
         }
         if l.idle_timeout_secs == 0 {
             return Err("limits.idle_timeout_secs must be at least 1".into());

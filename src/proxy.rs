@@ -285,6 +285,7 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
         announce: cfg.announce,
         max_line: cfg.max_line,
         policy: shared.policy.clone(),
+        max_pinholes: shared.config.limits.max_pinholes_per_session,
     };
     let mut session = Session::new(ctx);
     if let Err(e) = relay(&mut session, client, upstream, shared).await {

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use std::sync::Arc;
 
-use crate::config::{AuthPolicy, ForeignPort, Mode, PolicyConfig};
+use crate::config::{AuthPolicy, ForeignPasv, ForeignPort, Mode, PolicyConfig};
 use crate::ftp::command::Command;
 use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
 use crate::ftp::{framing, FramingError, LineBuffer};
@@ -49,6 +49,8 @@ pub struct SessionContext {
     pub max_line: usize,
     /// What the session may do (`[policy]`).
     pub policy: Arc<PolicyConfig>,
+    /// Pinholes the session may hold at once (`limits.max_pinholes_per_session`).
+    pub max_pinholes: usize,
 }
 
 /// What the proxy must do next, in order.
@@ -111,6 +113,10 @@ pub enum Reject {
     NotLoggedIn,
     /// A command that `policy.read_only` or `policy.deny_commands` refuses.
     CommandDenied,
+    /// A 227 naming another host than the server, with `policy.foreign_pasv = "refuse"`.
+    ForeignPassiveAddress,
+    /// The session holds `limits.max_pinholes_per_session` pinholes already.
+    TooManyPinholes,
 }
 
 impl Reject {
@@ -127,6 +133,8 @@ impl Reject {
             Reject::PinholeFailed => "pinhole_failed",
             Reject::NotLoggedIn => "not_logged_in",
             Reject::CommandDenied => "command_denied",
+            Reject::ForeignPassiveAddress => "foreign_passive_address",
+            Reject::TooManyPinholes => "too_many_pinholes",
         }
     }
 
@@ -147,6 +155,8 @@ impl Reject {
             Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
             Reject::NotLoggedIn => b"530 Please log in first.\r\n",
             Reject::CommandDenied => b"550 Command not allowed by gateway policy.\r\n",
+            Reject::ForeignPassiveAddress => Reject::ForeignPassiveAddress.passive_reply(),
+            Reject::TooManyPinholes => b"425 Too many data connections announced at once.\r\n",
         }
     }
 
@@ -155,6 +165,7 @@ impl Reject {
         match self {
             Reject::LineTooLong => b"421 Server reply too long; closing control connection.\r\n",
             Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
+            Reject::TooManyPinholes => Reject::TooManyPinholes.client_reply(),
             _ => b"425 Can't open data connection: the server announced an unusable endpoint.\r\n",
         }
     }
@@ -560,6 +571,13 @@ impl Session {
         if !family_ok {
             return self.refuse_reply(Reject::FamilyMismatch);
         }
+        if let PassiveReply::Pasv { addr, .. } = &reply {
+            let foreign = IpAddr::V4(*addr.ip()) != self.ctx.server.ip().to_canonical();
+            if foreign && self.ctx.policy.foreign_pasv == ForeignPasv::Refuse {
+                tracing::info!(announced = %addr, "227 names another host than the server");
+                return self.refuse_reply(Reject::ForeignPassiveAddress);
+            }
+        }
         let request = self.passive_request(reply.port());
         self.request_pinhole(request, Pending::Passive(reply));
     }
@@ -611,6 +629,20 @@ impl Session {
         // A new announcement voids the previous data endpoint (RFC 959 §3.2), unless a transfer
         // command has already taken it.
         self.close_pinholes();
+        let held: usize = self
+            .owed
+            .iter()
+            .map(|o| match o {
+                Owed::Transfer(ids) => ids.len(),
+                _ => 0,
+            })
+            .sum();
+        if held >= self.ctx.max_pinholes {
+            return match pending {
+                Pending::Active { .. } => self.refuse_command(Reject::TooManyPinholes),
+                Pending::Passive(_) => self.refuse_reply(Reject::TooManyPinholes),
+            };
+        }
         self.pending = Some(pending);
         self.actions.push_back(Action::Open(request));
     }
@@ -710,6 +742,7 @@ pub(super) mod tests {
             announce: None,
             max_line: 512,
             policy: Arc::default(),
+            max_pinholes: 8,
         }
     }
 
@@ -1191,6 +1224,33 @@ pub(super) mod tests {
                 Action::ToServer(b"RETR y\r\n".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn a_foreign_227_can_be_refused() {
+        let mut s = with_policy(PolicyConfig {
+            foreign_pasv: ForeignPasv::Refuse,
+            ..PolicyConfig::default()
+        });
+        s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,156,65)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
+    }
+
+    #[test]
+    fn pipelined_announcements_are_capped_per_session() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(&b"PORT 198,18,0,2,156,64\r\nRETR f\r\n".repeat(10));
+        let mut opens = 0;
+        while let Some(action) = s.poll_action() {
+            if let Action::Open(_) = action {
+                opens += 1;
+                s.handle_opened(opened(opens, 61000));
+            }
+        }
+        // The ninth PORT's 425 waits for its turn among the replies the server owes.
+        assert_eq!(opens, 8, "at most 8 pinholes held at once");
     }
 
     #[test]
