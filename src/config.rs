@@ -41,6 +41,8 @@ pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 16;
 /// A control connection with no command from the client for this long, and no transfer
 /// running, is closed with 421 (RFC 6384 §12: never while a transfer runs).
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
+/// After SIGTERM, how long the sessions under way may go on before the daemon stops.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// Pinholes one session may hold at once: the current endpoint plus those of pipelined
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
@@ -116,6 +118,10 @@ pub struct LimitsConfig {
     /// Pinholes one session may hold at once; an announcement beyond it gets 425.
     #[serde(default = "default_max_pinholes_per_session")]
     pub max_pinholes_per_session: usize,
+    /// After SIGTERM or SIGINT, seconds the sessions under way may go on (no new ones are
+    /// accepted); then the daemon removes every pinhole and exits.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 /// `[policy]`: what a session may do.
@@ -219,6 +225,7 @@ impl Default for LimitsConfig {
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
         }
     }
 }
@@ -298,6 +305,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_max_pinholes_per_session() -> usize {
     DEFAULT_MAX_PINHOLES_PER_SESSION
+}
+fn default_shutdown_grace() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 fn default_port_min() -> u16 {
     DEFAULT_PORT_MIN

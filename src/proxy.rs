@@ -129,15 +129,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_session: AtomicU64::new(1),
         sessions: Mutex::new(SessionCount::default()),
     });
+    let mut accepting = Vec::new();
     for listener in listeners {
         let local = listener
             .local_addr()
             .context("reading a listener's address")?;
         tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
-        tokio::spawn(accept_loop(listener, shared.clone()));
+        accepting.push(tokio::spawn(accept_loop(listener, shared.clone())));
     }
 
-    shutdown_signal().await?;
+    let mut signals = Signals::new()?;
+    signals.next_stop().await;
+    // Stop accepting (the listeners close: new clients are refused at once), then give the
+    // sessions under way their grace period; a second signal cuts it short.
+    for task in &accepting {
+        task.abort();
+    }
+    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+    let sessions = shared.lock_sessions().total;
+    if sessions > 0 {
+        tracing::info!(
+            sessions,
+            "stopping: no new sessions; waiting up to {grace:?} for those open"
+        );
+        tokio::select! {
+            () = sessions_ended(&shared) => {}
+            () = tokio::time::sleep(grace) => {
+                tracing::info!(sessions = shared.lock_sessions().total, "grace period over");
+            }
+            () = signals.next_stop() => {}
+        }
+    }
     tracing::info!(
         open_pinholes = shared.pinholes.open_count(),
         "shutting down: removing every pinhole (the table's chains stay, so that connections \
@@ -149,14 +171,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+/// Every session has ended.
+async fn sessions_ended(shared: &Shared) {
+    while shared.lock_sessions().total > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Wait for SIGTERM or SIGINT. SIGHUP, whose default action would kill the daemon and
+    /// leave its pinholes to their timeout, is answered with a log line: the listeners, the
+    /// table and the port pool belong to one run, so a new configuration needs a restart
+    /// (transfers under way survive it, in conntrack).
+    async fn next_stop(&mut self) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => tracing::warn!(
+                    "SIGHUP: configuration reload is not supported; restart ftp-alg to apply a new configuration"
+                ),
+            }
+        }
+    }
 }
 
 /// Bind a listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]` can share a port.

@@ -37,3 +37,8 @@ fn sigterm_removes_every_pinhole() {
 fn sigterm_leaves_running_transfers_alone() {
     faults::sigterm_during_a_transfer();
 }
+
+#[test]
+fn sigterm_lets_open_sessions_finish() {
+    faults::sigterm_lets_open_sessions_finish();
+}

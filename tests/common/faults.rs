@@ -22,6 +22,8 @@ const SHORT_TIMEOUT_SECS: u64 = 3;
 const DEAD_PORT: u16 = 2199;
 /// `proxy.connect_timeout_secs` of the unreachable-upstream test.
 const CONNECT_TIMEOUT_SECS: u64 = 2;
+/// The SIGTERM tests that are not about the grace period keep it short.
+const SHORT_GRACE: &str = "[limits]\nshutdown_grace_secs = 1\n";
 /// What the nft wrapper says on stderr when it refuses a pinhole transaction.
 const NFT_REFUSAL: &str = "e2e nft wrapper: pinhole transaction refused on purpose";
 /// The reply-like event the scripts emit once the daemon's end of the control connection is
@@ -273,7 +275,9 @@ pub fn client_vanishing_mid_transfer() {
 /// SIGTERM with a session open and its pinhole waiting: the daemon deletes its table, with
 /// the pinhole in it, and exits 0; the data connection the pinhole was for is dropped.
 pub fn sigterm_removes_every_pinhole() {
-    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| String::new());
+    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| {
+        SHORT_GRACE.to_owned()
+    });
     let mut client = script(&mut lab, OPEN_SESSION);
     assert_replies(
         "before SIGTERM",
@@ -336,7 +340,7 @@ except TimeoutError:
 /// see its control connection close.
 pub fn sigterm_during_a_transfer() {
     let mut lab = lab_with(Topology::Gateway(Family::V4), SLOW_DOWNLOAD, |_| {
-        String::new()
+        SHORT_GRACE.to_owned()
     });
     let mut client = download_under_way(&mut lab, FINISH_DOWNLOAD);
     let status = lab
@@ -489,3 +493,49 @@ fn assert_daemon_runs(lab: &mut Lab) {
     let exited = alg.try_wait().expect("try_wait");
     assert!(exited.is_none(), "the daemon has exited: {exited:?}");
 }
+
+/// SIGTERM with a grace period: the open session goes on (a listing, then QUIT) while no new
+/// one is accepted, and the daemon exits as soon as it has ended, well within the period.
+pub fn sigterm_lets_open_sessions_finish() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| {
+        "[limits]\nshutdown_grace_secs = 20\n".to_owned()
+    });
+    let mut client = script(&mut lab, GRACEFUL_SESSION);
+    assert_replies(
+        "before SIGTERM",
+        &client.replies_until("open"),
+        &["220 (vsFTPd 3.0.3)", "230 Login successful."],
+    );
+    assert!(
+        lab.stop_alg("TERM", Duration::from_millis(500)).is_none(),
+        "the daemon must wait for the open session"
+    );
+    client.resume();
+    assert_replies(
+        "after SIGTERM",
+        &client.finish(),
+        &["new session refused", "200", "227", "150", "226", "221"],
+    );
+    let status = lab
+        .wait_alg(Duration::from_secs(3))
+        .expect("the daemon exits once its last session has ended");
+    assert_eq!(status.code(), Some(0), "the daemon's exit status");
+    assert!(
+        lab.pinholes().is_empty(),
+        "pinholes left after the shutdown"
+    );
+}
+
+const GRACEFUL_SESSION: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+checkpoint("open")
+try:
+    socket.create_connection((HOST, 21), timeout=2).recv(100)
+    emit(reply="new session accepted")
+except OSError:
+    emit(reply="new session refused")
+ftp.retrlines("LIST", lambda line: None)
+ftp.quit()
+"#;

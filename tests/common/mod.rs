@@ -1541,6 +1541,12 @@ impl Lab {
         let _ = Command::new("kill")
             .args([format!("-{signal}"), alg.id().to_string()])
             .status();
+        self.wait_alg(within)
+    }
+
+    /// The daemon's exit status once it has exited, or `None` if it still runs after `within`.
+    fn wait_alg(&mut self, within: Duration) -> Option<ExitStatus> {
+        let alg = self.alg.as_mut()?;
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = alg.try_wait().ok().flatten() {
