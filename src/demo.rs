@@ -114,9 +114,7 @@ async fn scenario(exe: &Path, work: &WorkDir) -> anyhow::Result<()> {
     );
 
     run_ok(
-        Command::new("ip")
-            .args(["netns", "exec", &net.gateway, "nft", "-f", "-"])
-            .stdin(Stdio::piped()),
+        Command::new("ip").args(["netns", "exec", &net.gateway, "nft", "-f", "-"]),
         Some(GATEWAY_POLICY),
     )
     .await
@@ -207,16 +205,20 @@ async fn negative_control(
     server: &mut Server,
     digest: &str,
 ) -> anyhow::Result<()> {
+    // A stopped daemon leaves its table's chains (and its tcp/21 redirect) in place so that
+    // connections under way keep their translation; the control without ftp-alg removes them.
     run_ok(
-        Command::new("ip")
-            .args(["netns", "exec", &net.gateway, "nft", "add", "rule", "inet"])
-            .args(["gateway", "forward", "tcp", "dport", "21", "accept"]),
-        None,
+        Command::new("ip").args(["netns", "exec", &net.gateway, "nft", "-f", "-"]),
+        Some(
+            "delete table inet ftp_alg\n\
+             add rule inet gateway forward tcp dport 21 accept\n",
+        ),
     )
     .await
-    .context("letting tcp/21 through G directly")?;
+    .context("removing ftp-alg's table and letting tcp/21 through G directly")?;
     println!(
-        "negative control: ftp-alg stopped (SIGTERM), G forwards tcp/21 directly, same passive session"
+        "negative control: ftp-alg stopped (SIGTERM) and its table removed, G forwards tcp/21 \
+         directly, same passive session"
     );
     let outcome = run_client(
         exe,
@@ -645,6 +647,9 @@ async fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// Run a command to completion, feeding it `input`; its stdout, or an error with its stderr.
 async fn run_ok(command: &mut Command, input: Option<&str>) -> anyhow::Result<String> {
+    if input.is_some() {
+        command.stdin(Stdio::piped());
+    }
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
