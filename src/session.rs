@@ -339,6 +339,20 @@ impl Session {
         let Some(pending) = self.pending.take() else {
             return;
         };
+        if self.closed {
+            // The server went away while the pinhole was being installed: nothing can use it
+            // now, and nothing may follow the Shutdown already queued.
+            if let Some(opened) = result {
+                let before_shutdown = self
+                    .actions
+                    .iter()
+                    .position(|a| *a == Action::Shutdown)
+                    .unwrap_or(self.actions.len());
+                self.actions
+                    .insert(before_shutdown, Action::Close(vec![opened.id]));
+            }
+            return;
+        }
         let Some(opened) = result else {
             match pending {
                 Pending::Active { .. } => self.refuse_command(Reject::PinholeFailed),
@@ -860,6 +874,19 @@ pub(super) mod tests {
         assert!(!actions.contains(&Action::Close(vec![2])), "{actions:?}");
         s.handle_server_data(b"200 ok\r\n150 b\r\n226 b done\r\n");
         assert!(drain(&mut s).contains(&Action::Close(vec![2])));
+    }
+
+    #[test]
+    fn a_pinhole_installed_after_the_server_left_is_closed_not_announced() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"PORT 198,18,0,2,156,64\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
+        s.handle_eof(Side::Server);
+        s.handle_opened(opened(1, 61000));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Close(vec![1]), Action::Shutdown]
+        );
     }
 
     #[test]

@@ -24,6 +24,11 @@ fn unreachable_upstream_answers_421() {
 }
 
 #[test]
+fn unreachable_upstreams_leak_no_fds_or_tasks() {
+    faults::unreachable_upstreams_leak_nothing();
+}
+
+#[test]
 fn vanished_client_loses_its_pinholes() {
     faults::client_vanishing_mid_transfer();
 }

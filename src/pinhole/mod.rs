@@ -235,7 +235,7 @@ impl<B: Backend> Pinholes<B> {
                 Some(port) => (port, false),
                 None => (
                     reg.ports
-                        .allocate(Instant::now())
+                        .allocate(request.source, Instant::now())
                         .ok_or(OpenError::PortsExhausted)?,
                     true,
                 ),
@@ -265,7 +265,7 @@ impl<B: Backend> Pinholes<B> {
                 if allocated {
                     self.lock()
                         .ports
-                        .release(pinhole.dial.port(), Instant::now());
+                        .release(pinhole.dial.port(), pinhole.source, Instant::now());
                 }
                 Err(e.into())
             }
@@ -285,7 +285,7 @@ impl<B: Backend> Pinholes<B> {
             for id in ids {
                 if let Some((pinhole, allocated)) = reg.open.remove(id) {
                     if allocated {
-                        reg.ports.release(pinhole.dial.port(), now);
+                        reg.ports.release(pinhole.dial.port(), pinhole.source, now);
                     }
                     removed.push(pinhole);
                 }

@@ -193,17 +193,7 @@ pub fn upstream_unreachable() {
     let mut client = script(&mut lab, UNREACHABLE);
     let refused = "421 Service not available: cannot reach the FTP server.";
     assert_replies("refused", &client.replies_until("drop"), &[refused, CLOSED]);
-    must(lab.exec(
-        &lab.server_ns(),
-        &[
-            "nft",
-            &format!(
-                "add table inet faults; \
-                 add chain inet faults input {{ type filter hook input priority filter; }}; \
-                 add rule inet faults input tcp dport {DEAD_PORT} drop"
-            ),
-        ],
-    ));
+    drop_syns_to_dead_port(&lab);
     client.resume();
     assert_replies(
         "dropped",
@@ -235,6 +225,127 @@ pub fn upstream_unreachable() {
         "the daemon must log each unreachable upstream with its reason, {why:?}: {unreachable:#?}"
     );
     assert_daemon_runs(&mut lab);
+}
+
+/// Many control connections to an upstream that refuses, then many at once to one that drops
+/// SYNs, so each waits out the connect timeout: every one is answered 421, and the daemon holds
+/// exactly the file descriptors and threads it held before the first one. A leaked socket, or a
+/// session task that never ends (it holds its client's socket), would show as a larger count.
+pub fn unreachable_upstreams_leak_nothing() {
+    let mut lab = lab_with(Topology::Reverse(Family::V4), "", |lab| {
+        format!(
+            "[proxy]\nupstream = \"{}\"\nconnect_timeout_secs = {CONNECT_TIMEOUT_SECS}\n\
+             [limits]\nmax_sessions_per_client = {DROPPED_BURST}\n",
+            SocketAddr::new(lab.addrs().server, DEAD_PORT)
+        )
+    });
+    let before = daemon_resources(&lab);
+    let mut client = script(
+        &mut lab,
+        &format!("REFUSED = {REFUSED_BURST}\nDROPPED = {DROPPED_BURST}\n{UNREACHABLE_BURSTS}"),
+    );
+    assert_eq!(
+        client.replies_until("drop"),
+        [format!("{REFUSED_BURST} x 421")],
+        "every refused upstream is answered 421"
+    );
+    let after_refused = daemon_resources(&lab);
+    drop_syns_to_dead_port(&lab);
+    client.resume();
+    assert_eq!(
+        client.finish(),
+        [format!("{DROPPED_BURST} x 421")],
+        "every upstream that never answers is answered 421"
+    );
+    let after_dropped = daemon_resources(&lab);
+    println!(
+        "daemon (fds, threads): at start {before:?}, after {REFUSED_BURST} refused \
+         {after_refused:?}, after {DROPPED_BURST} timed out {after_dropped:?}"
+    );
+    assert_eq!(
+        after_refused, before,
+        "(fds, threads) after the refused burst"
+    );
+    assert_eq!(
+        after_dropped, before,
+        "(fds, threads) after the timed-out burst"
+    );
+    assert_daemon_runs(&mut lab);
+}
+
+/// Sequential control connections of [`UNREACHABLE_BURSTS`] to a refusing upstream.
+const REFUSED_BURST: usize = 200;
+/// Concurrent control connections of [`UNREACHABLE_BURSTS`] to an upstream that drops SYNs.
+const DROPPED_BURST: usize = 50;
+
+/// [`REFUSED_BURST`] connections one after the other, a checkpoint at which the test drops
+/// SYNs to the upstream, then [`DROPPED_BURST`] at once. Each burst reports how many
+/// connections were answered 421 and then closed.
+const UNREACHABLE_BURSTS: &str = r#"
+import threading
+
+def answered_421():
+    try:
+        with socket.create_connection((HOST, 21), timeout=10) as s:
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+        return got.startswith(b"421 ")
+    except OSError:
+        return False
+
+ok = sum(answered_421() for _ in range(REFUSED))
+emit(reply=f"{ok} x 421")
+checkpoint("drop")
+results = []
+threads = [threading.Thread(target=lambda: results.append(answered_421())) for _ in range(DROPPED)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+emit(reply=f"{sum(results)} x 421")
+"#;
+
+/// The daemon's open file descriptors and threads, from /proc. Connections still closing are
+/// given a moment: the count is read until it stops changing.
+fn daemon_resources(lab: &Lab) -> (usize, usize) {
+    let pid = lab.alg.as_ref().expect("the daemon was started").id();
+    let read = || {
+        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the daemon's fds")
+            .count();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("a Threads: line");
+        (fds, threads)
+    };
+    let mut last = read();
+    loop {
+        sleep(Duration::from_millis(300));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The server's host drops SYNs to [`DEAD_PORT`] from now on.
+fn drop_syns_to_dead_port(lab: &Lab) {
+    must(lab.exec(
+        &lab.server_ns(),
+        &[
+            "nft",
+            &format!(
+                "add table inet faults; \
+                 add chain inet faults input {{ type filter hook input priority filter; }}; \
+                 add rule inet faults input tcp dport {DEAD_PORT} drop"
+            ),
+        ],
+    ));
 }
 
 /// Three control connections, each answered and closed by the daemon, timed; the test drops
