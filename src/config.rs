@@ -47,6 +47,9 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
 
+/// Where the daemon serves its control API, and where the CLI looks for it.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ftp-alg/control.sock";
+
 /// Errors found while reading or checking a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +102,66 @@ pub struct Config {
     /// What the ALG lets a session do.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The operator's control API.
+    #[serde(default)]
+    pub control: ControlConfig,
+    /// The Prometheus metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[control]`: the Unix socket that `ftp-alg status`, `sessions` and `pinholes` talk to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Serve the control API at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The socket's path; it is created mode 0600, and only root (or the daemon's own user)
+    /// is answered.
+    #[serde(default = "default_control_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            enabled: true,
+            socket: default_control_socket(),
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus text exposition over HTTP, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener serving `GET /metrics`, e.g. `127.0.0.1:9477`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`: how log lines are written (to stderr; `RUST_LOG` sets the level).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event, with the session's span fields.
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// `[limits]`: how much one client, and all of them, may hold.
@@ -327,6 +390,12 @@ fn default_ct_mark() -> u32 {
 fn default_nft() -> PathBuf {
     PathBuf::from("nft")
 }
+fn default_true() -> bool {
+    true
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
 
 impl Default for PinholeConfig {
     fn default() -> Self {
@@ -357,6 +426,9 @@ impl Config {
             pinholes: PinholeConfig::default(),
             limits: LimitsConfig::default(),
             policy: PolicyConfig::default(),
+            control: ControlConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 
@@ -464,6 +536,9 @@ impl Config {
                     "policy.deny_commands: {verb:?} is not an FTP command verb"
                 ));
             }
+        }
+        if self.control.enabled && self.control.socket.as_os_str().is_empty() {
+            return Err("control.socket: a path is needed (or control.enabled = false)".into());
         }
         if l.max_pinholes_per_session == 0 {
             return Err("limits.max_pinholes_per_session must be at least 1".into());

@@ -455,8 +455,11 @@ struct Daemon {
 impl Daemon {
     async fn start(exe: &Path, net: &Topology, work: &WorkDir) -> anyhow::Result<Daemon> {
         let config = work.path("ftp-alg.toml");
+        // The demo's own control socket: a daemon of the host may be serving the default one.
         let text = format!(
-            "[proxy]\nmode = \"gateway\"\nlisten = [\"0.0.0.0:{DAEMON_PORT}\"]\nintercept = [\"lan0\"]\n"
+            "[proxy]\nmode = \"gateway\"\nlisten = [\"0.0.0.0:{DAEMON_PORT}\"]\nintercept = [\"lan0\"]\n\
+             [control]\nsocket = {:?}\n",
+            work.path("control.sock")
         );
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let log_path = work.path(WorkDir::DAEMON_LOG);

@@ -8,16 +8,23 @@
 //!   asks for pinholes with plain values ([`pinhole::PinholeRequest`]) and never calls the
 //!   backend;
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
+//!   [`registry`] keeps the live sessions;
+//! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
+//!   Prometheus [`metrics`];
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination;
 //! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces.
 
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod ftp;
+pub mod metrics;
 pub mod origdst;
 pub mod pinhole;
 pub mod ports;
 pub mod proxy;
+pub mod registry;
 pub mod session;

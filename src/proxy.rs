@@ -1,17 +1,15 @@
-//! The tokio shell: listeners, control connections, and carrying out each session's actions in
-//! order.
+//! The tokio shell of the FTP proxy: accepting control connections, and carrying out each
+//! session's actions in order. The daemon around it (start-up, control API, metrics,
+//! shutdown) is `daemon.rs`.
 //!
 //! This module only moves bytes and calls the pinhole manager; every decision is made by
 //! [`crate::session::Session`]. While a pinhole is being installed the session's connections are
 //! not read, which keeps the order of lines and pushes back on a peer that floods.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -19,201 +17,29 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::config::{Config, Mode, PolicyConfig};
+use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
-use crate::pinhole::nft::{self, NftBackend};
-use crate::pinhole::Pinholes;
-use crate::ports::PortPool;
-use crate::session::{Action, Session, SessionContext, Side};
+use crate::pinhole::nft::NftBackend;
+use crate::pinhole::{OpenError, Pinholes};
+use crate::registry::{Admitted, Entry, Registry};
+use crate::session::{Action, Event, Session, SessionContext, Side};
 
 const READ_BUFFER: usize = 8192;
 /// How long the server may take to answer and close after the client has closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Shared by every session of a daemon run.
-struct Shared {
-    config: Config,
+pub(crate) struct Shared {
+    pub(crate) config: Config,
     /// `config.policy`, shared by every session.
-    policy: Arc<PolicyConfig>,
-    pinholes: Pinholes<NftBackend>,
-    next_session: AtomicU64,
-    sessions: Mutex<SessionCount>,
-}
-
-/// Sessions open now, in all and per client address.
-#[derive(Default)]
-struct SessionCount {
-    total: usize,
-    per_client: HashMap<IpAddr, usize>,
-}
-
-/// A session's place under the limits; given back when dropped, however the session ends.
-struct Admitted {
-    shared: Arc<Shared>,
-    client: IpAddr,
-}
-
-impl Shared {
-    /// Take a place for a session from `client`, or say which limit is reached.
-    fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Admitted, &'static str> {
-        let limits = &self.config.limits;
-        let mut count = self.lock_sessions();
-        if count.total >= limits.max_sessions {
-            return Err("limits.max_sessions");
-        }
-        let mine = count.per_client.entry(client).or_insert(0);
-        if *mine >= limits.max_sessions_per_client {
-            return Err("limits.max_sessions_per_client");
-        }
-        *mine += 1;
-        count.total += 1;
-        Ok(Admitted {
-            shared: self.clone(),
-            client,
-        })
-    }
-
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, SessionCount> {
-        // Two counters that each update leaves consistent: a poisoned lock is still usable.
-        self.sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut count = self.shared.lock_sessions();
-        count.total = count.total.saturating_sub(1);
-        if let Some(mine) = count.per_client.get_mut(&self.client) {
-            *mine = mine.saturating_sub(1);
-            if *mine == 0 {
-                count.per_client.remove(&self.client);
-            }
-        }
-    }
-}
-
-/// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
-/// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]).
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    // Bind first: a second instance started by mistake fails here, before it could replace
-    // the running daemon's table and with it every open pinhole.
-    let mut listeners = Vec::new();
-    for addr in &config.proxy.listen {
-        listeners.push(bind(*addr).with_context(|| format!("listening on {addr}"))?);
-    }
-    let nft_path = config.pinholes.nft.clone();
-    let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
-    nft::load_table(
-        &nft_path,
-        config.pinholes.ct_mark,
-        intercept_port,
-        &config.proxy.intercept,
-    )
-    .await
-    .with_context(|| format!("loading the nftables table inet {}", nft::TABLE))?;
-
-    let pinholes = Pinholes::new(
-        NftBackend::start(nft_path.clone()),
-        PortPool::new(
-            config.pinholes.port_min,
-            config.pinholes.port_max,
-            Duration::from_secs(config.pinholes.reuse_delay_secs),
-        ),
-        config.pinhole_timeout(),
-    );
-    let shared = Arc::new(Shared {
-        policy: Arc::new(config.policy.clone()),
-        config,
-        pinholes,
-        next_session: AtomicU64::new(1),
-        sessions: Mutex::new(SessionCount::default()),
-    });
-    let mut accepting = Vec::new();
-    for listener in listeners {
-        let local = listener
-            .local_addr()
-            .context("reading a listener's address")?;
-        tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
-        accepting.push(tokio::spawn(accept_loop(listener, shared.clone())));
-    }
-
-    let mut signals = Signals::new()?;
-    signals.next_stop().await;
-    // Stop accepting (the listeners close: new clients are refused at once), then give the
-    // sessions under way their grace period; a second signal cuts it short.
-    for task in &accepting {
-        task.abort();
-    }
-    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
-    let sessions = shared.lock_sessions().total;
-    if sessions > 0 {
-        tracing::info!(
-            sessions,
-            "stopping: no new sessions; waiting up to {grace:?} for those open"
-        );
-        tokio::select! {
-            () = sessions_ended(&shared) => {}
-            () = tokio::time::sleep(grace) => {
-                tracing::info!(sessions = shared.lock_sessions().total, "grace period over");
-            }
-            () = signals.next_stop() => {}
-        }
-    }
-    tracing::info!(
-        open_pinholes = shared.pinholes.open_count(),
-        "shutting down: removing every pinhole (the table's chains stay, so that connections \
-         under way keep their address translation)"
-    );
-    nft::flush_pinholes(&nft_path)
-        .await
-        .context("removing the pinholes")?;
-    Ok(())
-}
-
-/// Every session has ended.
-async fn sessions_ended(shared: &Shared) {
-    while shared.lock_sessions().total > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The signals the daemon acts on.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
-        })
-    }
-
-    /// Wait for SIGTERM or SIGINT. SIGHUP, whose default action would kill the daemon and
-    /// leave its pinholes to their timeout, is answered with a log line: the listeners, the
-    /// table and the port pool belong to one run, so a new configuration needs a restart
-    /// (transfers under way survive it, in conntrack).
-    async fn next_stop(&mut self) {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
-                _ = self.hup.recv() => tracing::warn!(
-                    "SIGHUP: configuration reload is not supported; restart ftp-alg to apply a new configuration"
-                ),
-            }
-        }
-    }
+    pub(crate) policy: Arc<PolicyConfig>,
+    pub(crate) pinholes: Pinholes<NftBackend>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Bind a listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]` can share a port.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -229,19 +55,21 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let peer = canonical(peer);
-                match shared.admit(peer.ip()) {
+                match shared.registry.admit(peer) {
                     Ok(admitted) => {
-                        let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+                        shared.metrics.session_started();
+                        let id = admitted.entry().id();
                         let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
-                        tokio::spawn(session(stream, id, admitted).instrument(span));
+                        tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
                     }
                     Err(limit) => {
-                        tracing::warn!(client = %peer, reason = "limit_reached", limit, "refused session");
+                        shared.metrics.refused_session(Admission::SessionLimit);
+                        tracing::warn!(client = %peer, reason = "limit_reached", limit = limit.key(), "refused session");
                         tokio::spawn(refuse_session(stream));
                     }
                 }
@@ -265,8 +93,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
-    let shared = &admitted.shared;
+async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted) {
+    let entry = admitted.entry();
+    let id = entry.id();
+    let shared = &*shared;
     let cfg = &shared.config.proxy;
     let addresses = client
         .peer_addr()
@@ -297,20 +127,22 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
     };
     if !shared.policy.client_allowed(peer.ip()) || !shared.policy.server_allowed(server.ip()) {
         tracing::warn!(%server, reason = "network_denied", "refused session");
+        shared.metrics.refused_session(Admission::NetworkDenied);
         let _ = client
             .write_all(b"421 Not allowed by gateway policy.\r\n")
             .await;
         return;
     }
     tracing::Span::current().record("server", tracing::field::display(server));
+    entry.set_server(server);
     let connect = tokio::time::timeout(
         Duration::from_secs(cfg.connect_timeout_secs),
         TcpStream::connect(server),
     );
     let upstream = match connect.await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return refuse_unreachable(client, &e.to_string()).await,
-        Err(_) => return refuse_unreachable(client, "connect timed out").await,
+        Ok(Err(e)) => return refuse_unreachable(shared, client, &e.to_string()).await,
+        Err(_) => return refuse_unreachable(shared, client, "connect timed out").await,
     };
     let upstream_local = match upstream.local_addr() {
         Ok(addr) => addr,
@@ -341,7 +173,7 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
         max_pinholes: shared.config.limits.max_pinholes_per_session,
     };
     let mut session = Session::new(ctx);
-    if let Err(e) = relay(&mut session, client, upstream, shared).await {
+    if let Err(e) = relay(&mut session, client, upstream, shared, entry).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -351,11 +183,13 @@ async fn session(mut client: TcpStream, id: u64, admitted: Admitted) {
             close(shared, ids);
         }
     }
+    count_events(shared, &mut session);
     tracing::info!("session ended");
 }
 
-async fn refuse_unreachable(mut client: TcpStream, why: &str) {
+async fn refuse_unreachable(shared: &Shared, mut client: TcpStream, why: &str) {
     tracing::warn!(error = why, "upstream server unreachable");
+    shared.metrics.upstream_connect_failed();
     let _ = client
         .write_all(b"421 Service not available: cannot reach the FTP server.\r\n")
         .await;
@@ -368,6 +202,7 @@ async fn relay(
     client: TcpStream,
     server: TcpStream,
     shared: &Shared,
+    entry: &Entry,
 ) -> std::io::Result<()> {
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut server_rx, mut server_tx) = server.into_split();
@@ -386,12 +221,20 @@ async fn relay(
                 Action::ToServerSynch(line) => send_synch(&mut server_tx, &line).await?,
                 Action::ToClient(bytes) => client_tx.write_all(&bytes).await?,
                 Action::Open(request) => {
+                    let started = std::time::Instant::now();
                     let result = shared.pinholes.open(&request).await;
                     match &result {
                         Ok(opened) => {
+                            shared.metrics.installed_in(started.elapsed());
                             tracing::debug!(pinhole = opened.id, ?request, "pinhole open")
                         }
-                        Err(e) => tracing::error!(error = %e, ?request, "cannot open pinhole"),
+                        Err(e) => {
+                            shared.metrics.pinhole_failed(match e {
+                                OpenError::PortsExhausted => PinholeFailure::PortsExhausted,
+                                OpenError::Backend(_) => PinholeFailure::Firewall,
+                            });
+                            tracing::error!(error = %e, ?request, "cannot open pinhole")
+                        }
                     }
                     session.handle_opened(result.ok());
                 }
@@ -405,6 +248,8 @@ async fn relay(
                 Action::Shutdown => return Ok(()),
             }
         }
+        count_events(shared, session);
+        entry.observe(session);
         tokio::select! {
             read = client_rx.read(&mut client_buf), if client_open && session.wants_client_data() => match read? {
                 0 => {
@@ -413,6 +258,7 @@ async fn relay(
                 }
                 n => {
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
+                    entry.touch();
                     session.handle_client_data(&client_buf[..n]);
                     // A read stops at TCP's urgent mark, even inline, and tokio takes a short
                     // read to mean the socket is drained (and stops polling it): read on
@@ -437,6 +283,13 @@ async fn relay(
                 n => session.handle_server_data(&server_buf[..n]),
             },
             () = &mut grace => return Ok(()),
+            () = entry.killed() => {
+                tracing::info!(reason = "operator", "session killed by the operator");
+                client_tx
+                    .write_all(b"421 Session closed by the operator.\r\n")
+                    .await?;
+                return Ok(());
+            }
             () = &mut idle => {
                 // RFC 6384 §12: a control connection is not idle while its transfer runs.
                 if session.transfer_in_progress() {
@@ -493,4 +346,14 @@ fn close(shared: &Shared, ids: Vec<u64>) {
             tracing::warn!(error = %e, ?ids, "cannot remove pinholes; they expire by timeout");
         }
     });
+}
+
+/// Count what the session core did since the last call.
+fn count_events(shared: &Shared, session: &mut Session) {
+    while let Some(event) = session.poll_event() {
+        match event {
+            Event::Rewrote(kind) => shared.metrics.rewrote(kind),
+            Event::Refused(reason) => shared.metrics.refused(reason),
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use crate::config::{AuthPolicy, ForeignPasv, ForeignPort, Mode, PolicyConfig};
-use crate::ftp::command::Command;
+use crate::ftp::command::{self, Command};
 use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
 use crate::ftp::{framing, FramingError, LineBuffer};
 use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
@@ -26,6 +26,8 @@ use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
 const MIN_DATA_PORT: u16 = 1024;
 /// Client bytes buffered, unprocessed, before the proxy stops reading from the client.
 const MAX_CLIENT_BACKLOG: usize = 64 * 1024;
+/// A USER argument is kept for `sessions list` up to this many characters.
+const MAX_USER_CHARS: usize = 64;
 
 /// The addresses of one control connection, as the proxy sees them.
 #[derive(Debug, Clone)]
@@ -75,6 +77,44 @@ pub enum Action {
     Shutdown,
 }
 
+/// Something the session did that the daemon counts (its metrics); drained with
+/// [`Session::poll_event`]. Events never change what the session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An announcement was rewritten and forwarded, its pinhole installed.
+    Rewrote(Rewrite),
+    /// A command or reply was refused.
+    Refused(Reject),
+}
+
+/// The kinds of announcement ftp-alg rewrites, named after the verb or reply they came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// The client's PORT.
+    Port,
+    /// The client's EPRT.
+    Eprt,
+    /// The server's 227 (answer to PASV).
+    Pasv,
+    /// The server's 229 (answer to EPSV).
+    Epsv,
+}
+
+impl Rewrite {
+    /// Every kind, in the order metrics list them.
+    pub const ALL: [Rewrite; 4] = [Rewrite::Port, Rewrite::Eprt, Rewrite::Pasv, Rewrite::Epsv];
+
+    /// The kind as logs and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rewrite::Port => "port",
+            Rewrite::Eprt => "eprt",
+            Rewrite::Pasv => "pasv",
+            Rewrite::Epsv => "epsv",
+        }
+    }
+}
+
 /// One end of the control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -120,7 +160,23 @@ pub enum Reject {
 }
 
 impl Reject {
-    /// The reason as it appears in logs.
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [Reject; 12] = [
+        Reject::ThirdPartyAddress,
+        Reject::PrivilegedPort,
+        Reject::BadArgument,
+        Reject::BadPassiveReply,
+        Reject::LineTooLong,
+        Reject::TlsRefused,
+        Reject::FamilyMismatch,
+        Reject::PinholeFailed,
+        Reject::NotLoggedIn,
+        Reject::CommandDenied,
+        Reject::ForeignPassiveAddress,
+        Reject::TooManyPinholes,
+    ];
+
+    /// The reason as it appears in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Reject::ThirdPartyAddress => "third_party_address",
@@ -227,6 +283,7 @@ pub struct Session {
     from_server: LineBuffer,
     replies: ReplyTracker,
     actions: VecDeque<Action>,
+    events: VecDeque<Event>,
     pending: Option<Pending>,
     /// Pinholes of the current data endpoint: announced, not yet taken by a transfer command.
     pinholes: Vec<PinholeId>,
@@ -238,6 +295,8 @@ pub struct Session {
     blocked: Option<Blocked>,
     /// The server has accepted a login (230 or 232) since the start or the last REIN.
     logged_in: bool,
+    /// The argument of the client's last USER command, for operators listing sessions.
+    user: Option<String>,
     /// TLS has started (AUTH accepted with `policy.auth = "transparent"`): every byte passes
     /// unread both ways.
     transparent: bool,
@@ -258,11 +317,13 @@ impl Session {
             from_server: LineBuffer::new(max_line),
             replies: ReplyTracker::new(),
             actions: VecDeque::new(),
+            events: VecDeque::new(),
             pending: None,
             pinholes: Vec::new(),
             owed: VecDeque::from([Owed::Plain]),
             blocked: None,
             logged_in: false,
+            user: None,
             transparent: false,
             client_eof: false,
             client_done: false,
@@ -273,6 +334,31 @@ impl Session {
     /// The session's addresses.
     pub fn context(&self) -> &SessionContext {
         &self.ctx
+    }
+
+    /// Whether the server has accepted a login (and no REIN has voided it since).
+    pub fn logged_in(&self) -> bool {
+        self.logged_in
+    }
+
+    /// The user name of the client's last USER command.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The pinholes the session holds: its current data endpoint's and those of transfers
+    /// still awaiting their final reply.
+    pub fn pinhole_ids(&self) -> Vec<PinholeId> {
+        let announced = self.owed.iter().filter_map(|o| match o {
+            Owed::Transfer(ids) => Some(ids.as_slice()),
+            _ => None,
+        });
+        announced.flatten().chain(&self.pinholes).copied().collect()
+    }
+
+    /// The next event to count, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// Bytes read from the client.
@@ -371,6 +457,8 @@ impl Session {
                     _ => Command::Eprt(SocketAddr::new(ip, opened.dial_port)),
                 };
                 tracing::info!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
+                let kind = if eprt { Rewrite::Eprt } else { Rewrite::Port };
+                self.events.push_back(Event::Rewrote(kind));
                 if let Some(line) = command.encode() {
                     self.forward_command(Action::ToServer(line), Owed::Announcement(opened.id));
                 }
@@ -383,6 +471,11 @@ impl Session {
                 match reply.rewrite(endpoint) {
                     Ok(line) => {
                         tracing::info!(announce = %endpoint, "rewrote passive announcement");
+                        let kind = match reply {
+                            PassiveReply::Pasv { .. } => Rewrite::Pasv,
+                            PassiveReply::Epsv { .. } => Rewrite::Epsv,
+                        };
+                        self.events.push_back(Event::Rewrote(kind));
                         self.actions.push_back(Action::ToClient(line));
                     }
                     Err(e) => {
@@ -460,7 +553,15 @@ impl Session {
             Err(_) => return self.refuse_command(Reject::LineTooLong),
         };
         let text = framing::text_of(&raw);
-        match Command::parse(&text) {
+        tracing::debug!(command = %command::redacted(&text), "client command");
+        let command = Command::parse(&text);
+        if let Command::Other { verb } = &command {
+            if verb == "USER" {
+                self.user =
+                    command::argument(&text).map(|u| u.chars().take(MAX_USER_CHARS).collect());
+            }
+        }
+        match command {
             // Pipelined after USER and PASS, an announcement comes before the server's verdict
             // on the login: it waits for it.
             Command::Port(_) | Command::Eprt(_)
@@ -698,12 +799,14 @@ impl Session {
     /// Answer a client command that is not forwarded, in its turn (see [`Blocked::Answer`]).
     fn refuse_command(&mut self, reason: Reject) {
         tracing::warn!(reason = reason.as_str(), "refused command");
+        self.events.push_back(Event::Refused(reason));
         self.blocked = Some(Blocked::Answer(reason.client_reply().to_vec()));
     }
 
     /// Replace a server reply that cannot be forwarded; it takes that reply's place.
     fn refuse_reply(&mut self, reason: Reject) {
         tracing::warn!(reason = reason.as_str(), "refused server reply");
+        self.events.push_back(Event::Refused(reason));
         self.actions
             .push_back(Action::ToClient(reason.passive_reply().to_vec()));
     }
@@ -874,6 +977,34 @@ pub(super) mod tests {
         assert!(!actions.contains(&Action::Close(vec![2])), "{actions:?}");
         s.handle_server_data(b"200 ok\r\n150 b\r\n226 b done\r\n");
         assert!(drain(&mut s).contains(&Action::Close(vec![2])));
+    }
+
+    #[test]
+    fn rewrites_and_refusals_are_reported_as_events() {
+        let mut s = greeted(Mode::Gateway);
+        assert_eq!(s.user(), Some("anonymous"));
+        assert!(s.logged_in());
+        s.handle_client_data(b"PORT 10,9,9,9,156,64\r\nEPRT |1|198.18.0.2|40000|\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(1, 61000));
+        drain(&mut s);
+        s.handle_client_data(b"PASV\r\n");
+        s.handle_server_data(b"200 ok\r\n227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+        drain(&mut s);
+        s.handle_opened(opened(2, 61001));
+        drain(&mut s);
+        s.handle_client_data(b"RETR f\r\n");
+        drain(&mut s);
+        assert_eq!(s.pinhole_ids(), vec![2]);
+        let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(
+            events,
+            vec![
+                Event::Refused(Reject::ThirdPartyAddress),
+                Event::Rewrote(Rewrite::Eprt),
+                Event::Rewrote(Rewrite::Pasv),
+            ]
+        );
     }
 
     #[test]

@@ -35,6 +35,34 @@ pub enum Command {
     },
 }
 
+/// Commands whose argument is a secret (RFC 959 §4.1.1: the password, the account).
+const SECRET_VERBS: [&str; 2] = ["PASS", "ACCT"];
+
+/// The verb and the argument of a command line (text without CRLF).
+fn split(text: &[u8]) -> (&[u8], &[u8]) {
+    let mut words = text.trim_ascii().splitn(2, u8::is_ascii_whitespace);
+    let verb = words.next().unwrap_or_default();
+    let arg = words.next().unwrap_or_default().trim_ascii_start();
+    (verb, arg)
+}
+
+/// The argument of a command line, lossily decoded; `None` when there is none.
+pub fn argument(text: &[u8]) -> Option<String> {
+    let (_, arg) = split(text);
+    (!arg.is_empty()).then(|| String::from_utf8_lossy(arg).into_owned())
+}
+
+/// A command line as logs may show it: the arguments of PASS and ACCT are masked, control
+/// characters are escaped (a log line must stay one line).
+pub fn redacted(text: &[u8]) -> String {
+    let (verb, arg) = split(text);
+    let verb = String::from_utf8_lossy(verb);
+    if SECRET_VERBS.contains(&verb.to_ascii_uppercase().as_str()) && !arg.is_empty() {
+        return format!("{} ****", verb.escape_debug());
+    }
+    String::from_utf8_lossy(text).escape_debug().to_string()
+}
+
 /// The argument of EPSV (RFC 2428 §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EpsvArg {
@@ -68,9 +96,7 @@ impl Command {
     /// must recognise every PORT/EPRT a lenient server would act on: one it
     /// missed would reach the server unchecked.
     pub fn parse(text: &[u8]) -> Command {
-        let mut words = text.trim_ascii().splitn(2, u8::is_ascii_whitespace);
-        let verb = words.next().unwrap_or_default();
-        let arg = words.next().unwrap_or_default().trim_ascii_start();
+        let (verb, arg) = split(text);
         let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
         // The host-port parsers see non-UTF-8 bytes as U+FFFD, which none
         // of them accepts, so lossy decoding cannot turn garbage into an
@@ -321,5 +347,23 @@ mod tests {
                 prop_assert_eq!(Command::parse(&text_of(&line)), cmd);
             }
         }
+    }
+
+    #[test]
+    fn secrets_are_masked_in_logs() {
+        assert_eq!(redacted(b"PASS hunter2"), "PASS ****");
+        assert_eq!(redacted(b"pass  hunter2 with spaces"), "pass ****");
+        assert_eq!(redacted(b"ACCT 12345"), "ACCT ****");
+        assert_eq!(redacted(b"PASS"), "PASS");
+        assert_eq!(redacted(b"USER anonymous"), "USER anonymous");
+        assert_eq!(redacted(b"RETR a\nb"), "RETR a\\nb");
+        assert!(!redacted(b"PaSs \xffsecret").contains("secret"));
+    }
+
+    #[test]
+    fn argument_is_what_follows_the_verb() {
+        assert_eq!(argument(b"USER  anonymous").as_deref(), Some("anonymous"));
+        assert_eq!(argument(b"NOOP"), None);
+        assert_eq!(argument(b"USER "), None);
     }
 }

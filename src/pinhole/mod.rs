@@ -119,6 +119,10 @@ pub enum PinholeState {
 /// A pinhole as the kernel holds it: what `pinholes list --json` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinholeEntry {
+    /// The daemon's id for it (what `pinholes close` takes); `None` when read from the kernel
+    /// without the daemon, or for a pinhole the daemon no longer tracks.
+    #[serde(default)]
+    pub id: Option<PinholeId>,
     /// Waiting for its connection, or used.
     pub state: PinholeState,
     /// Session id, or `None` when the element has no ftp-alg label.
@@ -200,10 +204,32 @@ pub struct Opened {
     pub dial_port: u16,
 }
 
+/// Counts of one daemon run's pinholes, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinholeStats {
+    /// Open now (as far as the daemon knows: some may have run out in the kernel).
+    pub open: u64,
+    /// Installed since start.
+    pub opened: u64,
+    /// Removed by the daemon before their kernel timeout.
+    pub closed: u64,
+    /// Removed by the daemon after their kernel timeout had already run out.
+    pub expired: u64,
+}
+
+/// One open pinhole in the registry.
+struct OpenPinhole {
+    pinhole: Pinhole,
+    /// Its port came from the pool (and goes back to it).
+    allocated: bool,
+    opened_at: Instant,
+}
+
 struct Registry {
     ports: PortPool,
-    open: HashMap<PinholeId, (Pinhole, bool)>,
+    open: HashMap<PinholeId, OpenPinhole>,
     next_id: PinholeId,
+    stats: PinholeStats,
 }
 
 /// The registry of open pinholes, the port pool, and the backend that makes them real.
@@ -223,6 +249,7 @@ impl<B: Backend> Pinholes<B> {
                 ports,
                 open: HashMap::new(),
                 next_id: 1,
+                stats: PinholeStats::default(),
             }),
         }
     }
@@ -255,7 +282,17 @@ impl<B: Backend> Pinholes<B> {
         match self.backend.install(vec![pinhole.clone()]).await {
             Ok(()) => {
                 let port = pinhole.dial.port();
-                self.lock().open.insert(id, (pinhole, allocated));
+                let mut reg = self.lock();
+                reg.stats.opened += 1;
+                let opened_at = Instant::now();
+                reg.open.insert(
+                    id,
+                    OpenPinhole {
+                        pinhole,
+                        allocated,
+                        opened_at,
+                    },
+                );
                 Ok(Opened {
                     id,
                     dial_port: port,
@@ -283,9 +320,15 @@ impl<B: Backend> Pinholes<B> {
             let now = Instant::now();
             let mut removed = Vec::new();
             for id in ids {
-                if let Some((pinhole, allocated)) = reg.open.remove(id) {
-                    if allocated {
+                if let Some(open) = reg.open.remove(id) {
+                    let pinhole = open.pinhole;
+                    if open.allocated {
                         reg.ports.release(pinhole.dial.port(), pinhole.source, now);
+                    }
+                    if now.duration_since(open.opened_at) >= pinhole.timeout {
+                        reg.stats.expired += 1;
+                    } else {
+                        reg.stats.closed += 1;
                     }
                     removed.push(pinhole);
                 }
@@ -304,6 +347,35 @@ impl<B: Backend> Pinholes<B> {
     /// Number of pinholes this run has open.
     pub fn open_count(&self) -> usize {
         self.lock().open.len()
+    }
+
+    /// Whether `id` is open.
+    pub fn is_open(&self, id: PinholeId) -> bool {
+        self.lock().open.contains_key(&id)
+    }
+
+    /// The ids of every open pinhole.
+    pub fn open_ids(&self) -> Vec<PinholeId> {
+        self.lock().open.keys().copied().collect()
+    }
+
+    /// Every open pinhole's id, by the source and endpoint it admits: how a kernel listing
+    /// (which has no ids) is matched to the daemon's pinholes.
+    pub fn ids_by_endpoint(&self) -> HashMap<(IpAddr, SocketAddr), PinholeId> {
+        self.lock()
+            .open
+            .iter()
+            .map(|(id, o)| ((o.pinhole.source, o.pinhole.dial), *id))
+            .collect()
+    }
+
+    /// The run's counts so far.
+    pub fn stats(&self) -> PinholeStats {
+        let reg = self.lock();
+        PinholeStats {
+            open: reg.open.len() as u64,
+            ..reg.stats
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {

@@ -196,6 +196,7 @@ fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
                  (label, seconds_left): (Option<Label>, u64),
                  state,
                  maps_to: Option<SocketAddr>| PinholeEntry {
+        id: None,
         state,
         session: label.map(|l| l.session),
         client: label.map(|l| l.client),
@@ -681,6 +682,7 @@ mod tests {
 
     fn entry(state: PinholeState, dial: &str, maps_to: Option<&str>) -> PinholeEntry {
         PinholeEntry {
+            id: None,
             state,
             session: Some(3),
             client: Some("198.18.0.2".parse().unwrap()),

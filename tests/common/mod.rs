@@ -805,6 +805,8 @@ impl Drop for SyslogSink {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Pinhole {
+    /// The daemon's id; `None` when listed from the kernel without the daemon.
+    id: Option<u64>,
     state: String,
     session: u64,
     client: IpAddr,
@@ -1486,10 +1488,12 @@ impl Lab {
             ),
         };
         let conf = format!(
-            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n",
+            "[proxy]\n{proxy}\n[pinholes]\nport_min = {}\nport_max = {}\ntimeout_secs = {}\n\
+             [control]\nsocket = {:?}\n",
             PINHOLE_PORTS.start(),
             PINHOLE_PORTS.end(),
             PINHOLE_TIMEOUT_SECS,
+            self.control_socket(),
         );
         let conf_path = self.dir.join("ftp-alg.toml");
         fs::write(&conf_path, merge_toml(&conf, &self.alg_config)).expect("write ftp-alg.toml");
@@ -1797,9 +1801,22 @@ impl Lab {
         }
     }
 
+    /// The daemon's control socket, in the lab's directory: tests run in parallel.
+    fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// `ftp-alg ARGS` in G, talking to this lab's daemon.
+    fn alg_cli(&self, args: &[&str]) -> Command {
+        let socket = self.control_socket();
+        let mut cmd = self.exec(&self.gateway_ns(), &[ALG]);
+        cmd.args(args).env("FTP_ALG_SOCKET", socket);
+        cmd
+    }
+
     /// `ftp-alg pinholes list --json` in G.
     fn pinholes(&self) -> Vec<Pinhole> {
-        let text = must(self.exec(&self.gateway_ns(), &[ALG, "pinholes", "list", "--json"]));
+        let text = must(self.alg_cli(&["pinholes", "list", "--json"]));
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("pinholes list --json printed {text:?}: {e}"))
     }
@@ -2053,3 +2070,4 @@ fn parse_host_port(s: &str) -> SocketAddr {
 
 pub mod edge;
 pub mod faults;
+pub mod operate;

@@ -1,0 +1,458 @@
+//! The daemon's counters, and their Prometheus text exposition (format 0.0.4) over HTTP when
+//! `[metrics] listen` is set.
+//!
+//! Counters are plain atomics bumped by the proxy; gauges (sessions, open pinholes) are read
+//! at scrape time from their owners and passed to [`Metrics::render`], so they cannot drift.
+//! The exposition and its tiny HTTP responder are written here rather than taken from a crate:
+//! the families are few and fixed, and `prometheus-client` (OpenMetrics naming) would not let the
+//! gauge `ftp_alg_sessions` sit beside the counter `ftp_alg_sessions_total`. Metric names are
+//! documented in README.md; `deploy/prometheus/` has alert rules built on them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pinhole::PinholeStats;
+use crate::session::{Reject, Rewrite};
+
+/// Upper bounds of the install-latency histogram's buckets, in seconds.
+const INSTALL_BUCKETS: [f64; 13] = [
+    0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// A scrape request larger than this is not HTTP we want to read.
+const MAX_REQUEST: usize = 8192;
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session was refused before it started, beside the session core's [`Reject`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// `limits.max_sessions` or `limits.max_sessions_per_client` was reached.
+    SessionLimit,
+    /// `policy.allow_*`/`deny_*` refused the client or the server.
+    NetworkDenied,
+}
+
+impl Admission {
+    const ALL: [Admission; 2] = [Admission::SessionLimit, Admission::NetworkDenied];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Admission::SessionLimit => "session_limit",
+            Admission::NetworkDenied => "network_denied",
+        }
+    }
+}
+
+/// Why a pinhole could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinholeFailure {
+    /// No free port in `pinholes.port_min..=port_max` for that source.
+    PortsExhausted,
+    /// The firewall backend refused or failed.
+    Firewall,
+}
+
+impl PinholeFailure {
+    const ALL: [PinholeFailure; 2] = [PinholeFailure::PortsExhausted, PinholeFailure::Firewall];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            PinholeFailure::PortsExhausted => "ports_exhausted",
+            PinholeFailure::Firewall => "firewall",
+        }
+    }
+}
+
+/// Values owned elsewhere, read when the metrics are rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Sessions open now.
+    pub sessions: usize,
+    /// Pinholes counted by the pinhole registry.
+    pub pinholes: PinholeStats,
+}
+
+/// Every counter of one daemon run.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    sessions_total: AtomicU64,
+    rewrites: [AtomicU64; Rewrite::ALL.len()],
+    refusals: [AtomicU64; Reject::ALL.len()],
+    admission_refusals: [AtomicU64; Admission::ALL.len()],
+    pinhole_failures: [AtomicU64; PinholeFailure::ALL.len()],
+    upstream_connect_failures: AtomicU64,
+    install: Histogram,
+}
+
+impl Metrics {
+    /// A session was admitted.
+    pub fn session_started(&self) {
+        self.sessions_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The session core rewrote an announcement.
+    pub fn rewrote(&self, kind: Rewrite) {
+        bump(&self.rewrites, Rewrite::ALL.iter().position(|k| *k == kind));
+    }
+
+    /// The session core refused a command or reply.
+    pub fn refused(&self, reason: Reject) {
+        bump(
+            &self.refusals,
+            Reject::ALL.iter().position(|r| *r == reason),
+        );
+    }
+
+    /// A session was refused before it started.
+    pub fn refused_session(&self, why: Admission) {
+        bump(
+            &self.admission_refusals,
+            Admission::ALL.iter().position(|a| *a == why),
+        );
+    }
+
+    /// A pinhole could not be opened.
+    pub fn pinhole_failed(&self, why: PinholeFailure) {
+        bump(
+            &self.pinhole_failures,
+            PinholeFailure::ALL.iter().position(|f| *f == why),
+        );
+    }
+
+    /// The upstream server could not be reached.
+    pub fn upstream_connect_failed(&self) {
+        self.upstream_connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A pinhole was installed in this long.
+    pub fn installed_in(&self, took: Duration) {
+        self.install.observe(took);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::new();
+        let p = gauges.pinholes;
+        family(
+            &mut out,
+            "ftp_alg_sessions",
+            "gauge",
+            "Control sessions open now.",
+        );
+        sample(&mut out, "ftp_alg_sessions", "", gauges.sessions as u64);
+        counter(
+            &mut out,
+            "ftp_alg_sessions_total",
+            "Control sessions admitted since start.",
+            &self.sessions_total,
+        );
+        family(
+            &mut out,
+            "ftp_alg_pinholes_open",
+            "gauge",
+            "Pinholes the daemon holds open now.",
+        );
+        sample(&mut out, "ftp_alg_pinholes_open", "", p.open);
+        for (name, help, value) in [
+            (
+                "ftp_alg_pinholes_opened_total",
+                "Pinholes installed since start.",
+                p.opened,
+            ),
+            (
+                "ftp_alg_pinholes_closed_total",
+                "Pinholes removed by the daemon before their kernel timeout.",
+                p.closed,
+            ),
+            (
+                "ftp_alg_pinholes_expired_total",
+                "Pinholes whose kernel timeout ran out before the daemon removed them.",
+                p.expired,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            sample(&mut out, name, "", value);
+        }
+        labelled(
+            &mut out,
+            "ftp_alg_rewrites_total",
+            "Announcements rewritten, by kind.",
+            "kind",
+            Rewrite::ALL.iter().map(|k| k.as_str()).zip(&self.rewrites),
+        );
+        family(
+            &mut out,
+            "ftp_alg_refusals_total",
+            "counter",
+            "Commands, replies and sessions refused, by reason.",
+        );
+        let reasons = Reject::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .zip(&self.refusals)
+            .chain(
+                Admission::ALL
+                    .iter()
+                    .map(|a| a.as_str())
+                    .zip(&self.admission_refusals),
+            );
+        for (reason, value) in reasons {
+            let labels = format!("{{reason=\"{reason}\"}}");
+            sample(&mut out, "ftp_alg_refusals_total", &labels, load(value));
+        }
+        labelled(
+            &mut out,
+            "ftp_alg_pinhole_failures_total",
+            "Pinholes that could not be opened, by cause.",
+            "cause",
+            PinholeFailure::ALL
+                .iter()
+                .map(|f| f.as_str())
+                .zip(&self.pinhole_failures),
+        );
+        counter(
+            &mut out,
+            "ftp_alg_upstream_connect_failures_total",
+            "Connections to the FTP server that failed or timed out.",
+            &self.upstream_connect_failures,
+        );
+        self.install.render(
+            &mut out,
+            "ftp_alg_nft_install_seconds",
+            "Time from a pinhole request to the pinhole being in the kernel.",
+        );
+        out
+    }
+}
+
+fn bump(counters: &[AtomicU64], index: Option<usize>) {
+    if let Some(counter) = index.and_then(|i| counters.get(i)) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
+    let _ = writeln!(out, "{name}{labels} {value}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    family(out, name, "counter", help);
+    sample(out, name, "", load(value));
+}
+
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl Iterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    family(out, name, "counter", help);
+    for (value_label, value) in values {
+        sample(
+            out,
+            name,
+            &format!("{{{label}=\"{value_label}\"}}"),
+            load(value),
+        );
+    }
+}
+
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); the last slot is above every bound.
+    buckets: [AtomicU64; INSTALL_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let index = INSTALL_BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(INSTALL_BUCKETS.len());
+        bump(&self.buckets, Some(index));
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        family(out, name, "histogram", help);
+        let mut cumulative = 0;
+        let bounds = INSTALL_BUCKETS.iter().map(f64::to_string);
+        for (bound, count) in bounds.chain(["+Inf".to_owned()]).zip(&self.buckets) {
+            cumulative += load(count);
+            let labels = format!("{{le=\"{bound}\"}}");
+            sample(out, &format!("{name}_bucket"), &labels, cumulative);
+        }
+        let sum = Duration::from_nanos(load(&self.sum_nanos)).as_secs_f64();
+        let _ = writeln!(out, "{name}_sum {sum}");
+        sample(out, &format!("{name}_count"), "", load(&self.count));
+    }
+}
+
+/// Serve `GET /metrics` on `listener` until the task is dropped; `gauges` reads the gauges
+/// at each scrape.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    gauges: impl Fn() -> Gauges + Send + Sync + 'static,
+) {
+    let gauges = std::sync::Arc::new(gauges);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let metrics = metrics.clone();
+                let gauges = gauges.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, &metrics, gauges()).await {
+                        tracing::debug!(%peer, error = %e, "metrics request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Read one HTTP request and answer it: the exposition for `GET /metrics`, 404 otherwise.
+async fn answer(mut stream: TcpStream, metrics: &Metrics, gauges: Gauges) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let target = request.split(|b| *b == b' ').take(2).collect::<Vec<_>>();
+    let (status, content_type, body) = match target.as_slice() {
+        [b"GET", path] if path.split(|b| *b == b'?').next() == Some(b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(gauges),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "ftp-alg serves GET /metrics only\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_with_its_values() {
+        let m = Metrics::default();
+        m.session_started();
+        m.rewrote(Rewrite::Epsv);
+        m.refused(Reject::ThirdPartyAddress);
+        m.refused_session(Admission::SessionLimit);
+        m.pinhole_failed(PinholeFailure::PortsExhausted);
+        m.upstream_connect_failed();
+        m.installed_in(Duration::from_micros(150));
+        m.installed_in(Duration::from_secs(3));
+        let text = m.render(Gauges {
+            sessions: 2,
+            pinholes: PinholeStats {
+                open: 1,
+                opened: 5,
+                closed: 3,
+                expired: 1,
+            },
+        });
+        for line in [
+            "# TYPE ftp_alg_sessions gauge",
+            "ftp_alg_sessions 2",
+            "ftp_alg_sessions_total 1",
+            "ftp_alg_pinholes_open 1",
+            "ftp_alg_pinholes_opened_total 5",
+            "ftp_alg_pinholes_closed_total 3",
+            "ftp_alg_pinholes_expired_total 1",
+            "ftp_alg_rewrites_total{kind=\"epsv\"} 1",
+            "ftp_alg_rewrites_total{kind=\"port\"} 0",
+            "ftp_alg_refusals_total{reason=\"third_party_address\"} 1",
+            "ftp_alg_refusals_total{reason=\"session_limit\"} 1",
+            "ftp_alg_pinhole_failures_total{cause=\"ports_exhausted\"} 1",
+            "ftp_alg_upstream_connect_failures_total 1",
+            "# TYPE ftp_alg_nft_install_seconds histogram",
+            "ftp_alg_nft_install_seconds_bucket{le=\"0.0001\"} 0",
+            "ftp_alg_nft_install_seconds_bucket{le=\"0.0002\"} 1",
+            "ftp_alg_nft_install_seconds_bucket{le=\"1\"} 1",
+            "ftp_alg_nft_install_seconds_bucket{le=\"+Inf\"} 2",
+            "ftp_alg_nft_install_seconds_sum 3.00015",
+            "ftp_alg_nft_install_seconds_count 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in:\n{text}"
+            );
+        }
+        // Every sample belongs to a family declared once.
+        let mut types = std::collections::HashSet::new();
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(types.insert(l.to_owned()), "declared twice: {l}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http_answers_metrics_and_404() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let server = tokio::spawn(serve(listener, metrics, Gauges::default));
+        for (request, status) in [
+            (
+                "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                "HTTP/1.1 200 OK",
+            ),
+            ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+            ("garbage\r\n\r\n", "HTTP/1.1 404 Not Found"),
+        ] {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            assert!(response.starts_with(status), "{request:?}: {response}");
+        }
+        server.abort();
+    }
+}

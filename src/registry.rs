@@ -1,0 +1,316 @@
+//! The daemon's table of live sessions: admission under `[limits]`, what `sessions list`
+//! shows, and how `sessions kill` reaches a session.
+//!
+//! A session holds an [`Admitted`] for as long as it runs; dropping it, however the session
+//! ends, gives its place back. The proxy copies what operators want to see (user, login,
+//! pinholes) from the session core into the registry after each burst of activity, so a
+//! listing never waits on a session.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::pinhole::PinholeId;
+use crate::session::Session;
+
+/// Identifies a session within one daemon run.
+pub type SessionId = u64;
+
+/// A session as `sessions list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The daemon's id for it (what `sessions kill` takes, and pinholes are labelled with).
+    pub id: SessionId,
+    /// The control connection's client.
+    pub client: SocketAddr,
+    /// The FTP server, once known.
+    pub server: Option<SocketAddr>,
+    /// The argument of the client's last USER command.
+    pub user: Option<String>,
+    /// Whether the server has accepted a login.
+    pub logged_in: bool,
+    /// The pinholes the session holds.
+    pub pinholes: Vec<PinholeId>,
+    /// When it started, in seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// Seconds since the client last sent anything.
+    pub idle_secs: u64,
+}
+
+/// Which limit refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReached {
+    /// `limits.max_sessions`.
+    Total,
+    /// `limits.max_sessions_per_client`.
+    PerClient,
+}
+
+impl LimitReached {
+    /// The configuration key, for logs.
+    pub fn key(self) -> &'static str {
+        match self {
+            LimitReached::Total => "limits.max_sessions",
+            LimitReached::PerClient => "limits.max_sessions_per_client",
+        }
+    }
+}
+
+/// Every live session, and the limits they are admitted under.
+pub struct Registry {
+    max_sessions: usize,
+    max_per_client: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: SessionId,
+    sessions: HashMap<SessionId, Arc<Entry>>,
+    per_client: HashMap<IpAddr, usize>,
+    admitted_total: u64,
+}
+
+/// One live session's registry entry.
+pub struct Entry {
+    id: SessionId,
+    client: SocketAddr,
+    started: SystemTime,
+    live: Mutex<Live>,
+    kill: Notify,
+}
+
+/// What the session core last reported.
+struct Live {
+    server: Option<SocketAddr>,
+    user: Option<String>,
+    logged_in: bool,
+    pinholes: Vec<PinholeId>,
+    last_active: Instant,
+}
+
+/// A session's place in the registry; given back when dropped.
+pub struct Admitted {
+    registry: Arc<Registry>,
+    entry: Arc<Entry>,
+}
+
+impl Registry {
+    /// An empty registry enforcing these limits.
+    pub fn new(max_sessions: usize, max_per_client: usize) -> Registry {
+        Registry {
+            max_sessions,
+            max_per_client,
+            inner: Mutex::new(Inner {
+                next_id: 1,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Take a place for a session from `client`, or say which limit is reached.
+    pub fn admit(self: &Arc<Self>, client: SocketAddr) -> Result<Admitted, LimitReached> {
+        let mut inner = self.lock();
+        if inner.sessions.len() >= self.max_sessions {
+            return Err(LimitReached::Total);
+        }
+        let mine = inner.per_client.entry(client.ip()).or_insert(0);
+        if *mine >= self.max_per_client {
+            return Err(LimitReached::PerClient);
+        }
+        *mine += 1;
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.admitted_total += 1;
+        let entry = Arc::new(Entry {
+            id,
+            client,
+            started: SystemTime::now(),
+            live: Mutex::new(Live {
+                server: None,
+                user: None,
+                logged_in: false,
+                pinholes: Vec::new(),
+                last_active: Instant::now(),
+            }),
+            kill: Notify::new(),
+        });
+        inner.sessions.insert(id, entry.clone());
+        Ok(Admitted {
+            registry: self.clone(),
+            entry,
+        })
+    }
+
+    /// Sessions open now.
+    pub fn count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Sessions admitted since start.
+    pub fn admitted_total(&self) -> u64 {
+        self.lock().admitted_total
+    }
+
+    /// Every live session, by id.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let entries: Vec<Arc<Entry>> = self.lock().sessions.values().cloned().collect();
+        let mut infos: Vec<SessionInfo> = entries.iter().map(|e| e.info()).collect();
+        infos.sort_by_key(|i| i.id);
+        infos
+    }
+
+    /// Ask session `id` to end; `false` when there is no such session.
+    pub fn kill(&self, id: SessionId) -> bool {
+        let entry = self.lock().sessions.get(&id).cloned();
+        match entry {
+            Some(entry) => {
+                // A stored permit: the session sees it even if it is not waiting right now.
+                entry.kill.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wait until no session is left.
+    pub async fn all_ended(&self) {
+        while self.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Each update leaves the maps consistent: a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Entry {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The server is known.
+    pub fn set_server(&self, server: SocketAddr) {
+        self.live().server = Some(server);
+    }
+
+    /// The client sent something.
+    pub fn touch(&self) {
+        self.live().last_active = Instant::now();
+    }
+
+    /// Copy what operators see from the session core.
+    pub fn observe(&self, session: &Session) {
+        let mut live = self.live();
+        live.logged_in = session.logged_in();
+        if live.user.as_deref() != session.user() {
+            live.user = session.user().map(str::to_owned);
+        }
+        live.pinholes = session.pinhole_ids();
+    }
+
+    /// Resolves when an operator has asked this session to end.
+    pub async fn killed(&self) {
+        self.kill.notified().await;
+    }
+
+    fn info(&self) -> SessionInfo {
+        let live = self.live();
+        SessionInfo {
+            id: self.id,
+            client: self.client,
+            server: live.server,
+            user: live.user.clone(),
+            logged_in: live.logged_in,
+            pinholes: live.pinholes.clone(),
+            started_unix: self
+                .started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            idle_secs: live.last_active.elapsed().as_secs(),
+        }
+    }
+
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Admitted {
+    /// The session's entry.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        inner.sessions.remove(&self.entry.id);
+        let client = self.entry.client.ip();
+        if let Some(mine) = inner.per_client.get_mut(&client) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                inner.per_client.remove(&client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn limits_hold_and_places_come_back() {
+        let registry = Arc::new(Registry::new(3, 2));
+        let a1 = registry.admit(addr("198.18.0.2:1000")).unwrap();
+        let _a2 = registry.admit(addr("198.18.0.2:1001")).unwrap();
+        assert_eq!(
+            registry.admit(addr("198.18.0.2:1002")).err(),
+            Some(LimitReached::PerClient)
+        );
+        let _b = registry.admit(addr("198.18.0.3:1000")).unwrap();
+        assert_eq!(
+            registry.admit(addr("198.18.0.4:1000")).err(),
+            Some(LimitReached::Total)
+        );
+        drop(a1);
+        assert_eq!(registry.count(), 2);
+        let again = registry.admit(addr("198.18.0.2:1003")).unwrap();
+        assert_eq!(again.entry().id(), 4, "ids are never reused");
+        assert_eq!(registry.admitted_total(), 4);
+    }
+
+    #[test]
+    fn list_and_kill_by_id() {
+        let registry = Arc::new(Registry::new(10, 10));
+        let a = registry.admit(addr("198.18.0.2:1000")).unwrap();
+        a.entry().set_server(addr("203.0.113.2:21"));
+        let listed = registry.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].server, Some(addr("203.0.113.2:21")));
+        assert!(registry.kill(1));
+        assert!(!registry.kill(2));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), a.entry().killed())
+                .await
+                .expect("the kill reaches the session even though it was not waiting yet");
+        });
+    }
+}

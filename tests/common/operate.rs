@@ -1,0 +1,310 @@
+//! The operator's side end to end: every CLI command against a running daemon in G (status,
+//! sessions list and kill, pinholes list, watch, close and flush), the metrics endpoint, JSON
+//! logs without secrets, and what the CLI says when the daemon is not running or the caller is
+//! not root. One `pub fn` per `#[test]` of `tests/e2e_operate.rs`; real vsftpd, a Python client.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Output;
+
+use serde_json::Value;
+
+use super::edge::{assert_replies, PyClient};
+use super::*;
+
+/// The password the client logs in with; it must never reach the daemon's log.
+const PASSWORD: &str = "s3cret-pass@example.org";
+/// Where the daemon serves metrics, on G's own loopback.
+const METRICS: &str = "127.0.0.1:9477";
+/// What a killed session's client reads last.
+const KILLED: &str = "421 Session closed by the operator.";
+
+/// A logged-in client that asks for two passive endpoints, pausing after each, then reads
+/// replies until the daemon closes the connection.
+const HELD_SESSION: &str = r#"
+c = Control()
+c.command("USER anonymous")
+c.command("PASS PASSWORD")
+c.command("PASV")
+checkpoint("pasv")
+c.command("PASV")
+checkpoint("pasv2")
+try:
+    while True:
+        c.reply()
+except EOFError:
+    emit(reply="(closed)")
+"#;
+
+/// Every command of the operator's CLI against one running daemon, with a client session held
+/// open in between; then its metrics and its log.
+pub fn operator_cli_against_a_running_daemon() {
+    let mut lab = Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |_| String::new(),
+    );
+    lab.alg_config = format!("[metrics]\nlisten = \"{METRICS}\"\n[log]\nformat = \"json\"\n");
+    lab.start_alg();
+
+    let status = json(&lab, &["status", "--json"]);
+    assert_eq!(status["mode"], "gateway", "{status:#}");
+    assert_eq!(status["sessions"], 0, "{status:#}");
+    let human = must(lab.alg_cli(&["status"]));
+    println!("$ ftp-alg status\n{human}");
+    assert!(human.contains("mode:     gateway"), "{human}");
+    assert!(
+        human.contains(&format!("metrics:  http://{METRICS}/metrics")),
+        "{human}"
+    );
+
+    let mut client = PyClient::in_client(&mut lab, &HELD_SESSION.replace("PASSWORD", PASSWORD));
+    assert_replies(
+        "login and PASV",
+        &client.replies_until("pasv"),
+        // The lab's vsftpd lets anonymous in at USER and answers PASS "230 Already logged
+        // in": the password still goes through the daemon, which must not log it.
+        &["220", "230", "230", "227"],
+    );
+    let sessions = json(&lab, &["sessions", "list", "--json"]);
+    let [session] = sessions.as_array().expect("an array").as_slice() else {
+        panic!("one session: {sessions:#}");
+    };
+    assert_eq!(session["user"], "anonymous", "{session:#}");
+    assert_eq!(session["logged_in"], true, "{session:#}");
+    assert!(
+        session["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("{}:", lab.addrs().client))),
+        "{session:#}"
+    );
+    let session_id = session["id"].as_u64().expect("a session id");
+    let pinhole_id = match session["pinholes"].as_array().map(Vec::as_slice) {
+        Some([id]) => id.as_u64().expect("a pinhole id"),
+        _ => panic!("the session holds one pinhole: {session:#}"),
+    };
+    println!(
+        "$ ftp-alg sessions list\n{}",
+        must(lab.alg_cli(&["sessions", "list"]))
+    );
+
+    let pinholes = lab.pinholes();
+    assert!(
+        matches!(&pinholes[..], [p] if p.id == Some(pinhole_id) && p.session == session_id),
+        "the session's pinhole, with the daemon's id: {pinholes:#?}"
+    );
+    println!(
+        "$ ftp-alg pinholes list\n{}",
+        must(lab.alg_cli(&["pinholes", "list"]))
+    );
+
+    let closed = must(lab.alg_cli(&["pinholes", "close", &pinhole_id.to_string()]));
+    assert_eq!(closed.trim(), format!("closed pinholes {pinhole_id}"));
+    assert!(lab.pinholes().is_empty(), "closed: {:#?}", lab.pinholes());
+    let again = run(lab.alg_cli(&["pinholes", "close", &pinhole_id.to_string()]));
+    assert_exit(&again, 4, "no open pinhole");
+
+    client.resume();
+    assert_replies("second PASV", &client.replies_until("pasv2"), &["227"]);
+    let watched = must(lab.alg_cli(&[
+        "pinholes",
+        "list",
+        "--watch",
+        "--count",
+        "2",
+        "--interval",
+        "0.2",
+        "--json",
+    ]));
+    let refreshes: Vec<Value> = watched
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        refreshes.len() == 2
+            && refreshes
+                .iter()
+                .all(|r| r.as_array().is_some_and(|a| a.len() == 1)),
+        "two refreshes of one pinhole each: {watched}"
+    );
+    let flushed = must(lab.alg_cli(&["pinholes", "flush"]));
+    assert!(flushed.starts_with("closed pinholes "), "{flushed}");
+    assert!(lab.pinholes().is_empty(), "flushed: {:#?}", lab.pinholes());
+
+    let metrics = must(lab.exec(
+        &lab.gateway_ns(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{METRICS}/metrics"),
+        ],
+    ));
+    for line in [
+        "ftp_alg_sessions 1",
+        "ftp_alg_sessions_total 1",
+        "ftp_alg_rewrites_total{kind=\"pasv\"} 2",
+        "ftp_alg_pinholes_opened_total 2",
+        "ftp_alg_pinholes_closed_total 2",
+        "ftp_alg_pinholes_open 0",
+        "ftp_alg_nft_install_seconds_count 2",
+        "ftp_alg_upstream_connect_failures_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} missing:\n{metrics}"
+        );
+    }
+
+    let killed = must(lab.alg_cli(&["sessions", "kill", &session_id.to_string()]));
+    assert_eq!(killed.trim(), format!("session {session_id} is ending"));
+    client.resume();
+    assert_replies("after the kill", &client.finish(), &[KILLED, "(closed)"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while json(&lab, &["sessions", "list", "--json"]) != serde_json::json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed session is still listed"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    let again = run(lab.alg_cli(&["sessions", "kill", &session_id.to_string()]));
+    assert_exit(&again, 4, "no session");
+
+    assert_json_logs_without_secrets(&lab, session_id);
+}
+
+/// The daemon's log: every line one JSON object; the session's lines carry its span (id,
+/// client, server); the PASS command is logged masked, the password nowhere.
+fn assert_json_logs_without_secrets(lab: &Lab, session_id: u64) {
+    let log = fs::read_to_string(lab.dir.join("daemon.log")).expect("the daemon's log");
+    assert!(
+        !log.contains(PASSWORD),
+        "the password is in the log:\n{log}"
+    );
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let masked = lines
+        .iter()
+        .find(|l| l["fields"]["command"] == "PASS ****")
+        .unwrap_or_else(|| panic!("no masked PASS logged:\n{log}"));
+    let span = &masked["span"];
+    assert_eq!(span["name"], "session", "{masked:#}");
+    assert_eq!(span["id"], session_id, "{masked:#}");
+    assert!(
+        span["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("{}:", lab.addrs().client))),
+        "{masked:#}"
+    );
+    assert!(span["server"].as_str().is_some(), "{masked:#}");
+}
+
+/// Without a daemon the CLI says so, with exit status 3, except `pinholes list`, which reads
+/// the kernel and says it did; a restarted daemon replaces the stale socket. A caller other
+/// than root is refused, by the socket's mode and, should that be loosened, by the daemon.
+pub fn cli_without_a_daemon_and_for_other_users() {
+    let mut lab = Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |_| String::new(),
+    );
+    for args in [
+        &["status"][..],
+        &["sessions", "list"],
+        &["sessions", "kill", "1"],
+        &["pinholes", "close", "1"],
+        &["pinholes", "flush"],
+    ] {
+        let out = run(lab.alg_cli(args));
+        assert_exit(&out, 3, "ftp-alg is not running");
+        assert!(
+            stderr(&out).contains("hint: start it"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let no_table = run(lab.alg_cli(&["pinholes", "list"]));
+    assert_exit(&no_table, 1, "ftp-alg is not running");
+
+    lab.start_alg();
+    lab.stop_alg("KILL", Duration::from_secs(5))
+        .expect("the daemon dies at SIGKILL");
+    assert!(
+        lab.control_socket().exists(),
+        "a killed daemon leaves its socket behind"
+    );
+    let listed = run(lab.alg_cli(&["pinholes", "list"]));
+    assert_exit(&listed, 0, "");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    println!("$ ftp-alg pinholes list   # daemon killed\n{text}");
+    assert!(text.starts_with("ftp-alg is not running"), "{text}");
+    let listed = run(lab.alg_cli(&["pinholes", "list", "--json"]));
+    assert_exit(&listed, 0, "");
+    assert!(
+        stderr(&listed).starts_with("ftp-alg is not running"),
+        "{}",
+        stderr(&listed)
+    );
+    let entries: Value = serde_json::from_slice(&listed.stdout).expect("JSON on stdout");
+    assert_eq!(entries, serde_json::json!([]));
+
+    lab.start_alg();
+    assert_exit(&run(lab.alg_cli(&["status"])), 0, "");
+
+    let as_nobody = |lab: &Lab| {
+        let mut cmd = lab.exec(
+            &lab.gateway_ns(),
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                ALG,
+                "status",
+            ],
+        );
+        cmd.env("FTP_ALG_SOCKET", lab.control_socket());
+        run(cmd)
+    };
+    assert_exit(&as_nobody(&lab), 1, "the control socket is for root only");
+    // Loosen the socket's mode: the daemon still refuses, by the caller's credentials.
+    fs::set_permissions(lab.control_socket(), fs::Permissions::from_mode(0o666)).expect("chmod");
+    let refused = as_nobody(&lab);
+    assert_exit(&refused, 1, "the control socket is for root only");
+    assert!(
+        !stderr(&refused).contains("permission denied on"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The command exited with `code`, and its stderr contains `says`.
+fn assert_exit(out: &Output, code: i32, says: &str) {
+    assert!(
+        out.status.code() == Some(code) && stderr(out).contains(says),
+        "expected exit {code} saying {says:?}; got {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        stderr(out)
+    );
+}
+
+/// `ftp-alg ARGS` in G, parsed as JSON.
+fn json(lab: &Lab, args: &[&str]) -> Value {
+    let text = must(lab.alg_cli(args));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed {text:?}: {e}"))
+}

@@ -1,0 +1,18 @@
+//! The operator's CLI, metrics and logs end to end, against a daemon in namespaces; the
+//! bodies are in `common::operate`.
+
+// Each test binary uses its own part of the shared harness.
+#[allow(unused)]
+mod common;
+
+use common::operate;
+
+#[test]
+fn operator_cli_against_a_running_daemon() {
+    operate::operator_cli_against_a_running_daemon();
+}
+
+#[test]
+fn cli_without_a_daemon_and_for_other_users() {
+    operate::cli_without_a_daemon_and_for_other_users();
+}
