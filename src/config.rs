@@ -659,6 +659,69 @@ mod tests {
         Config::builtin_gateway().validate().unwrap();
     }
 
+    const K8S_SIDECAR: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/k8s/vsftpd-sidecar.yaml"
+    );
+
+    /// The ftp-alg TOML embedded in the k8s manifest's ConfigMap: the lines from `# BEGIN
+    /// ftp-alg.toml` to `# END ftp-alg.toml` of a YAML block scalar, without their indentation,
+    /// with the pod address the container fills in at start (`@POD_IP@`) set to an example.
+    /// Read without a YAML parser: the markers delimit it.
+    fn k8s_embedded_config(yaml: &str) -> String {
+        let lines: Vec<&str> = yaml.lines().collect();
+        let begin = lines
+            .iter()
+            .position(|l| l.trim() == "# BEGIN ftp-alg.toml")
+            .expect("BEGIN marker");
+        let end = lines
+            .iter()
+            .position(|l| l.trim() == "# END ftp-alg.toml")
+            .expect("END marker");
+        let indent = lines[begin].len() - lines[begin].trim_start().len();
+        lines[begin..=end]
+            .iter()
+            .map(|l| {
+                assert!(
+                    l.trim().is_empty() || l[..indent].trim().is_empty(),
+                    "line {l:?} leaves the block scalar"
+                );
+                format!("{}\n", l.get(indent..).unwrap_or(""))
+            })
+            .collect::<String>()
+            .replace("@POD_IP@", "10.244.1.7")
+    }
+
+    /// The YAML document (between `---` lines) whose top-level `kind` is `kind`.
+    fn k8s_document<'a>(yaml: &'a str, kind: &str) -> &'a str {
+        yaml.split("\n---\n")
+            .find(|doc| doc.lines().any(|l| l == format!("kind: {kind}")))
+            .unwrap_or_else(|| panic!("no {kind} in {K8S_SIDECAR}"))
+    }
+
+    /// Every `key: NUMBER` in `text`, in order, whether in block or flow style.
+    fn numbers_after(text: &str, key: &str) -> Vec<u16> {
+        let pattern = format!("{key}: ");
+        let mut found = Vec::new();
+        for (i, _) in text.match_indices(&pattern) {
+            // Only whole keys: `port:` must not match inside `targetPort:` or `endPort:`.
+            let before = text[..i].chars().next_back();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric()) {
+                continue;
+            }
+            let digits: String = text[i + pattern.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            found.push(
+                digits
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{key}: {digits:?}")),
+            );
+        }
+        found
+    }
+
     #[test]
     fn shipped_examples_parse() {
         for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
@@ -667,5 +730,52 @@ mod tests {
                 Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
             }
         }
+        let yaml = std::fs::read_to_string(K8S_SIDECAR).unwrap();
+        let c = Config::from_toml(&k8s_embedded_config(&yaml), Path::new(K8S_SIDECAR))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.proxy.mode, Mode::Reverse);
+        assert_eq!(c.proxy.upstream, Some("10.244.1.7:2100".parse().unwrap()));
+    }
+
+    /// A Service cannot take a port range: it must list port 21 and every pinhole port of the
+    /// embedded configuration, each to the same target port (clients dial the number the 227
+    /// names), and the NetworkPolicy must admit the same range.
+    #[test]
+    fn k8s_service_matches_embedded_config() {
+        let yaml = std::fs::read_to_string(K8S_SIDECAR).unwrap();
+        let c = Config::from_toml(&k8s_embedded_config(&yaml), Path::new(K8S_SIDECAR)).unwrap();
+        let range: Vec<u16> = (c.pinholes.port_min..=c.pinholes.port_max).collect();
+        let listen: Vec<u16> = c.proxy.listen.iter().map(|a| a.port()).collect();
+        assert_eq!(listen, [21]);
+
+        let service = k8s_document(&yaml, "Service");
+        let ports = numbers_after(service, "port");
+        assert_eq!(
+            ports,
+            numbers_after(service, "targetPort"),
+            "port != targetPort"
+        );
+        let expected: Vec<u16> = listen.iter().chain(&range).copied().collect();
+        assert_eq!(
+            ports, expected,
+            "Service ports vs listen port and pinhole range"
+        );
+
+        let policy = k8s_document(&yaml, "NetworkPolicy");
+        assert_eq!(numbers_after(policy, "port"), [21, c.pinholes.port_min]);
+        assert_eq!(numbers_after(policy, "endPort"), [c.pinholes.port_max]);
+
+        // vsftpd listens where ftp-alg connects, and its passive ports stay out of the range.
+        let upstream = c.proxy.upstream.unwrap().port();
+        let vsftpd = |key: &str| -> u16 {
+            let line = yaml
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("vsftpd.conf has no {key}"));
+            line.parse().unwrap()
+        };
+        assert_eq!(vsftpd("listen_port"), upstream);
+        let pasv = vsftpd("pasv_min_port")..=vsftpd("pasv_max_port");
+        assert!(!range.iter().any(|p| pasv.contains(p)));
     }
 }
