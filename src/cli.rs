@@ -39,6 +39,10 @@ pub enum Command {
     /// Show ftp-alg at work: client, gateway and server in throw-away network namespaces, a
     /// passive and an active transfer through a default-deny firewall (needs root).
     Demo,
+    /// Watch FTP control traffic on an interface (read-only, no proxying) and say for each
+    /// PORT, EPRT, 227 and 229 whether a pinhole lets its data connection through (needs
+    /// CAP_NET_RAW and CAP_NET_ADMIN).
+    Sniff(crate::sniff::SniffArgs),
     /// The demo's FTP server (run by `demo`).
     #[command(hide = true)]
     DemoServer(crate::demo::server::ServerArgs),

@@ -11,6 +11,8 @@
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination;
 //! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces.
+//! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
+//!   have a pinhole.
 
 pub mod cli;
 pub mod config;
@@ -21,3 +23,4 @@ pub mod pinhole;
 pub mod ports;
 pub mod proxy;
 pub mod session;
+pub mod sniff;

@@ -21,6 +21,10 @@ async fn main() -> std::process::ExitCode {
         Command::Pinholes {
             command: PinholesCommand::List { json, nft },
         } => cli::list_pinholes(json, &nft).await,
+        Command::Sniff(args) => match ftp_alg::sniff::run(args).await {
+            Ok(outcome) => return outcome.exit_code(),
+            Err(e) => Err(e.into()),
+        },
         Command::Demo => ftp_alg::demo::run().await,
         Command::DemoServer(args) => ftp_alg::demo::server::run(args).await,
         Command::DemoClient(args) => ftp_alg::demo::client::run(args).await,
