@@ -11,10 +11,11 @@
 //!
 //! Timing. A gateway installs a passive pinhole just before it forwards the 227 or 229, and an
 //! active one just after it has read the PORT or EPRT; the pinhole is gone once the transfer
-//! is over, which can be milliseconds later. So the pinholes are read at once when an
-//! announcement is seen, again every [`POLL_INTERVAL`] for up to [`GRACE`] until one matches,
-//! and already when a client sends PASV or EPSV, so that a pinhole that comes and goes before
-//! its reply is read is still seen. "No pinhole" is said only after [`GRACE`].
+//! is over, which can be milliseconds later, sooner than one `nft list` takes. So sniff also
+//! follows the pinholes as they are added ([`nft::Monitor`]) and remembers them for a while,
+//! and it reads the whole table at once when an announcement is seen (and already when a
+//! client sends PASV or EPSV), then every [`POLL_INTERVAL`] until one matches. "No pinhole" is
+//! said only after [`GRACE`].
 //!
 //! Not here: anything that changes the interface or the firewall. The capture is not
 //! promiscuous: on a gateway the control connections go through the interface anyway.
@@ -209,6 +210,7 @@ pub async fn run(args: SniffArgs) -> Result<Outcome, SniffError> {
     );
     let rx = open_capture(&interface)?;
     check_pinholes(&args.nft).await?;
+    let added = watch_pinholes(&args.nft);
 
     let (tx, events) = mpsc::channel(QUEUE);
     let name = interface.name.clone();
@@ -227,7 +229,38 @@ pub async fn run(args: SniffArgs) -> Result<Outcome, SniffError> {
         interface.name,
         ports.join(", ")
     );
-    Printer::new(&args, interface.name).run(events).await
+    Printer::new(&args, interface.name).run(events, added).await
+}
+
+/// The pinholes added from now on, as [`nft::Monitor`] reports them. Without it sniff still
+/// reads the pinholes, only it may miss one that comes and goes between two readings.
+fn watch_pinholes(nft_path: &Path) -> mpsc::Receiver<Vec<PinholeEntry>> {
+    let (tx, added) = mpsc::channel(QUEUE);
+    match nft::Monitor::start(nft_path) {
+        Ok(mut monitor) => {
+            tokio::spawn(async move {
+                loop {
+                    match monitor.next().await {
+                        Ok(Some(entries)) => {
+                            if tx.send(entries).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            eprintln!("ftp-alg sniff: nft monitor has exited");
+                            return;
+                        }
+                        Err(e) => {
+                            eprintln!("ftp-alg sniff: nft monitor: {e}");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        Err(e) => eprintln!("ftp-alg sniff: cannot watch the pinholes being added: {e}"),
+    }
+    added
 }
 
 /// The interface named `name` and how to read its frames.
@@ -400,7 +433,11 @@ impl Printer {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<Outcome, SniffError> {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut added: mpsc::Receiver<Vec<PinholeEntry>>,
+    ) -> Result<Outcome, SniffError> {
         let end = self.timeout.map(|t| Instant::now() + t);
         // After --timeout, announcements already seen still get their verdict.
         let mut closing = false;
@@ -421,6 +458,7 @@ impl Printer {
                         source: std::io::Error::other("the capture thread stopped"),
                     }),
                 },
+                Some(entries) = added.recv() => self.added(entries),
                 () = tokio::time::sleep_until(self.next_poll), if polling => self.poll().await,
                 () = tokio::time::sleep_until(wake), if !self.pending.is_empty() => {}
                 () = tokio::time::sleep_until(end.unwrap_or(now)), if end.is_some() && !closing => {
@@ -487,17 +525,42 @@ impl Printer {
         for entry in entries {
             self.seen.insert((entry.source, entry.dial), (now, entry));
         }
-        // Older sightings can match no announcement still waiting or yet to come.
-        self.seen
-            .retain(|_, (when, _)| now.duration_since(*when) <= GRACE * 2);
-        for pending in self.pending.iter_mut().filter(|p| p.pinhole.is_none()) {
-            pending.pinhole = recent_match(&self.seen, pending.at, pending.announcement.endpoint);
-        }
+        self.rematch();
         if self.pending.iter().all(|p| p.pinhole.is_some()) && !self.pending.is_empty() {
             // Everything seen so far has its pinhole: no need to keep reading.
             self.poll_until = Some(now);
         }
         self.next_poll = now + POLL_INTERVAL;
+    }
+
+    /// Pinholes the monitor saw added. A pinhole's elements arrive one by one (its pin, then
+    /// its DNAT), so what is known of it is merged; a reading of the whole table replaces it.
+    fn added(&mut self, entries: Vec<PinholeEntry>) {
+        let now = Instant::now();
+        for entry in entries {
+            match self.seen.get_mut(&(entry.source, entry.dial)) {
+                Some((when, known)) => {
+                    known.maps_to = known.maps_to.or(entry.maps_to);
+                    known.snat = known.snat.or(entry.snat);
+                    *when = now;
+                }
+                None => {
+                    self.seen.insert((entry.source, entry.dial), (now, entry));
+                }
+            }
+        }
+        self.rematch();
+    }
+
+    /// Give each announcement still without a pinhole the one seen for it, if any, and forget
+    /// sightings too old to match an announcement still waiting or yet to come.
+    fn rematch(&mut self) {
+        let now = Instant::now();
+        self.seen
+            .retain(|_, (when, _)| now.duration_since(*when) <= GRACE * 2);
+        for pending in self.pending.iter_mut().filter(|p| p.pinhole.is_none()) {
+            pending.pinhole = recent_match(&self.seen, pending.at, pending.announcement.endpoint);
+        }
     }
 
     /// Print the announcements at the front of the queue that have their verdict. `Ok(true)`

@@ -41,7 +41,8 @@ pub struct Report {
     pub kind: Kind,
     /// The endpoint announced.
     pub endpoint: SocketAddr,
-    /// The pinhole that matches it, as last read from the kernel; `null` when none does.
+    /// The pinhole that matches it, as last seen in the kernel (listed, or reported added);
+    /// `null` when none does.
     pub pinhole: Option<PinholeEntry>,
 }
 
