@@ -2053,3 +2053,4 @@ fn parse_host_port(s: &str) -> SocketAddr {
 
 pub mod edge;
 pub mod faults;
+pub mod sniff;
