@@ -10,7 +10,7 @@
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination;
-//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces.
+//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
 //! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
 //!   have a pinhole.
 
