@@ -30,10 +30,13 @@ pub mod exit {
     pub const NOT_RUNNING: u8 = 3;
     /// No session or pinhole with that id.
     pub const NOT_FOUND: u8 = 4;
+    /// `sniff --timeout` ran out before `--count` announcements were seen.
+    pub const TIMED_OUT: u8 = 5;
 }
 
 const EXIT_STATUSES: &str = "Exit status: 0 done, 1 failed, 2 usage error, \
-                             3 the daemon is not running, 4 no such session or pinhole.";
+                             3 the daemon is not running, 4 no such session or pinhole, \
+                             5 sniff --timeout ran out before --count announcements.";
 
 /// FTP application layer gateway: rewrites PORT/EPRT/PASV/EPSV on the control channel and opens
 /// short-lived nftables pinholes for exactly the announced data connections.
@@ -89,6 +92,10 @@ pub enum Command {
         /// Where to write them; created if missing.
         dir: PathBuf,
     },
+    /// Watch FTP control traffic on an interface (read-only, no proxying) and say for each
+    /// PORT, EPRT, 227 and 229 whether a pinhole lets its data connection through (needs
+    /// CAP_NET_RAW and CAP_NET_ADMIN).
+    Sniff(crate::sniff::SniffArgs),
     /// Show ftp-alg at work: client, gateway and server in throw-away network namespaces, a
     /// passive and an active transfer through a default-deny firewall (needs root).
     Demo,
@@ -145,6 +152,11 @@ pub enum PinholesCommand {
     /// Remove every pinhole the daemon holds now.
     Flush,
 }
+
+/// `sniff --timeout` ran out before `--count` announcements.
+#[derive(Debug, thiserror::Error)]
+#[error("--timeout ran out before --count announcements were seen")]
+struct CountNotReached;
 
 /// An error answer from the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +216,7 @@ fn exit_status(e: &anyhow::Error) -> u8 {
                 ..
             }),
         ) => exit::NOT_FOUND,
+        _ if e.is::<CountNotReached>() => exit::TIMED_OUT,
         _ => exit::FAILURE,
     }
 }
@@ -284,6 +297,10 @@ async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
             println!("man pages written to {}", dir.display());
             Ok(())
         }
+        Command::Sniff(args) => match crate::sniff::run(args).await? {
+            crate::sniff::Outcome::Done => Ok(()),
+            crate::sniff::Outcome::CountNotReached => Err(CountNotReached.into()),
+        },
         Command::Demo => crate::demo::run().await,
         Command::DemoServer(args) => crate::demo::server::run(args).await,
         Command::DemoClient(args) => crate::demo::client::run(args).await,

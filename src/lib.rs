@@ -13,7 +13,9 @@
 //!   Prometheus [`metrics`];
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination;
-//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces.
+//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
+//! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
+//!   have a pinhole.
 
 pub mod cli;
 pub mod config;
@@ -28,3 +30,4 @@ pub mod ports;
 pub mod proxy;
 pub mod registry;
 pub mod session;
+pub mod sniff;

@@ -148,6 +148,80 @@ pub async fn list(nft: &Path) -> Result<Vec<PinholeEntry>, BackendError> {
     })
 }
 
+/// Pinholes as the kernel adds them, from `nft -j monitor new elements`: a pinhole that is
+/// installed, used and removed between two [`list`] calls still shows here. Each element added
+/// to ftp-alg's table is read as [`list`] reads it, on its own: a DNAT element arrives apart
+/// from its pin element, and so is reported as a used pinhole with only its translation.
+pub struct Monitor {
+    program: String,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Killed when the monitor is dropped.
+    _child: tokio::process::Child,
+}
+
+impl Monitor {
+    /// Start `nft -j monitor new elements`.
+    pub fn start(nft: &Path) -> Result<Monitor, BackendError> {
+        let program = nft.display().to_string();
+        let spawn_err = |source| BackendError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        let mut child = tokio::process::Command::new(nft)
+            .args(["-j", "monitor", "new", "elements"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        let stdout = child.stdout.take().ok_or_else(|| BackendError::Output {
+            program: program.clone(),
+            message: "no stdout".into(),
+        })?;
+        Ok(Monitor {
+            program,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+            _child: child,
+        })
+    }
+
+    /// The pinholes of the next element added to ftp-alg's table; `Ok(None)` once nft exits.
+    pub async fn next(&mut self) -> Result<Option<Vec<PinholeEntry>>, BackendError> {
+        loop {
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .map_err(|source| BackendError::Spawn {
+                    program: self.program.clone(),
+                    source,
+                })?;
+            let Some(line) = line else { return Ok(None) };
+            if let Some(entries) = parse_monitor_line(&line) {
+                return Ok(Some(entries));
+            }
+        }
+    }
+}
+
+/// One line of `nft -j monitor`: the pinholes of an element added to ftp-alg's table, or
+/// `None` for any other event. An added element is
+/// `{"add": {"element": {"family", "table", "name", "elem": {"set": [...]}}}}`, whose elements
+/// have the form of a listed set's, so it is read as a listing of that one set.
+fn parse_monitor_line(line: &str) -> Option<Vec<PinholeEntry>> {
+    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+    let element = event.get("add")?.get("element")?;
+    if element["family"] != "inet" || element["table"] != TABLE {
+        return None;
+    }
+    let listing = serde_json::json!({"nftables": [{"set": {
+        "name": element["name"],
+        "elem": element["elem"]["set"],
+    }}]});
+    parse_listing(&listing.to_string()).ok()
+}
+
 /// Turn `nft -j list table inet ftp_alg` output into pinholes. A pin element is a pinhole
 /// still waiting for its connection; a dnat or snat element whose pin element is gone belongs
 /// to a pinhole whose connection has arrived and whose translation lives on until the transfer
@@ -728,5 +802,32 @@ mod tests {
         let script = table_script(0xf7a0, 2121, &["lan0".into()]);
         assert!(script.starts_with("define ALG_MARK = 0x0000f7a0\ndefine INTERCEPT_PORT = 2121\n"));
         assert!(script.contains("add element inet ftp_alg intercept_ifaces { \"lan0\" }"));
+    }
+
+    /// Lines `nft -j monitor` printed (nftables 1.0.6) for `add element` of a pin and a dnat
+    /// element and a `delete element`, in ftp-alg's table and in another.
+    #[test]
+    fn monitor_lines() {
+        let pin = r#"{"add": {"element": {"family": "inet", "table": "ftp_alg", "name": "pin_v4", "elem": {"set": [{"elem": {"val": {"concat": ["203.0.113.2", "203.0.113.1", 61000]}, "timeout": 30, "expires": 30, "comment": "session=1 client=198.18.0.2 server=203.0.113.2"}}]}}}}"#;
+        let dnat = r#"{"add": {"element": {"family": "inet", "table": "ftp_alg", "name": "dnat_v4", "elem": {"set": [[{"elem": {"val": {"concat": ["203.0.113.2", "203.0.113.1", 61000]}, "timeout": 30, "expires": 30, "comment": "session=1 client=198.18.0.2 server=203.0.113.2"}}, {"concat": ["198.18.0.2", 50001]}]]}}}}"#;
+        let label = Label::from_comment("session=1 client=198.18.0.2 server=203.0.113.2");
+        let [p] = parse_monitor_line(pin).unwrap().try_into().unwrap();
+        assert_eq!(p.state, PinholeState::Waiting);
+        assert_eq!(p.session, label.map(|l| l.session));
+        assert_eq!(p.source, "203.0.113.2".parse::<IpAddr>().unwrap());
+        assert_eq!(p.dial, "203.0.113.1:61000".parse().unwrap());
+        assert_eq!(p.maps_to, None);
+        assert_eq!(p.seconds_left, 30);
+        let [d] = parse_monitor_line(dnat).unwrap().try_into().unwrap();
+        assert_eq!(d.dial, p.dial);
+        assert_eq!(d.maps_to, Some("198.18.0.2:50001".parse().unwrap()));
+        let deleted = pin.replace(r#"{"add""#, r#"{"delete""#);
+        assert_eq!(parse_monitor_line(&deleted), None);
+        let elsewhere = pin.replace("ftp_alg", "gateway");
+        assert_eq!(parse_monitor_line(&elsewhere), None);
+        assert_eq!(
+            parse_monitor_line("# new generation 7 by process 42 (nft)"),
+            None
+        );
     }
 }

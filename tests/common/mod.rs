@@ -2071,3 +2071,4 @@ fn parse_host_port(s: &str) -> SocketAddr {
 pub mod edge;
 pub mod faults;
 pub mod operate;
+pub mod sniff;
