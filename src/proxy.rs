@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -25,6 +25,9 @@ use crate::registry::{Admitted, Entry, Registry};
 use crate::session::{Action, Event, Session, SessionContext, Side};
 
 const READ_BUFFER: usize = 8192;
+/// Reads per readiness event before the session's actions are carried out: bounds what one
+/// fast peer puts in the session's buffers at once.
+const READS_PER_WAKEUP: usize = 8;
 /// How long the server may take to answer and close after the client has closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -204,10 +207,8 @@ async fn relay(
     shared: &Shared,
     entry: &Entry,
 ) -> std::io::Result<()> {
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut server_rx, mut server_tx) = server.into_split();
-    let mut client_buf = vec![0u8; READ_BUFFER];
-    let mut server_buf = vec![0u8; READ_BUFFER];
+    let (client_rx, mut client_tx) = client.into_split();
+    let (server_rx, mut server_tx) = server.into_split();
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
@@ -251,36 +252,23 @@ async fn relay(
         count_events(shared, session);
         entry.observe(session);
         tokio::select! {
-            read = client_rx.read(&mut client_buf), if client_open && session.wants_client_data() => match read? {
-                0 => {
+            ready = client_rx.as_ref().readable(), if client_open && session.wants_client_data() => {
+                ready?;
+                let read = read_available(client_rx.as_ref(), session, Side::Client)?;
+                if read.bytes > 0 {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
+                    entry.touch();
+                }
+                if read.eof {
                     client_open = false;
                     session.handle_eof(Side::Client);
                 }
-                n => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
-                    entry.touch();
-                    session.handle_client_data(&client_buf[..n]);
-                    // A read stops at TCP's urgent mark, even inline, and tokio takes a short
-                    // read to mean the socket is drained (and stops polling it): read on
-                    // directly until it really is, or the rest of an ABOR line would wait for
-                    // the client's next packet.
-                    while session.wants_client_data() {
-                        match read_now(client_rx.as_ref(), &mut client_buf) {
-                            Ok(0) => {
-                                client_open = false;
-                                session.handle_eof(Side::Client);
-                                break;
-                            }
-                            Ok(n) => session.handle_client_data(&client_buf[..n]),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
             },
-            read = server_rx.read(&mut server_buf) => match read? {
-                0 => session.handle_eof(Side::Server),
-                n => session.handle_server_data(&server_buf[..n]),
+            ready = server_rx.as_ref().readable() => {
+                ready?;
+                if read_available(server_rx.as_ref(), session, Side::Server)?.eof {
+                    session.handle_eof(Side::Server);
+                }
             },
             () = &mut grace => return Ok(()),
             () = entry.killed() => {
@@ -306,10 +294,45 @@ async fn relay(
     }
 }
 
-/// Read what the kernel holds for `stream` now, past tokio's readiness tracking.
-fn read_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    (&*socket2::SockRef::from(stream)).read(buf)
+/// What [`read_available`] read.
+struct Read {
+    bytes: usize,
+    eof: bool,
+}
+
+/// Feed `session` what the kernel holds for `stream` from `side` now, up to
+/// [`READS_PER_WAKEUP`] reads. The buffer lives on the stack of this synchronous call, not in
+/// the session's future, so an idle session holds no read buffer. It reads on after a short
+/// read, since a read stops at TCP's urgent mark even inline and the rest of an ABOR line is
+/// right behind it; it stops at `WouldBlock`, which re-arms tokio's readiness, or when the
+/// client's backlog is full.
+fn read_available(stream: &TcpStream, session: &mut Session, side: Side) -> std::io::Result<Read> {
+    let mut buf = [0u8; READ_BUFFER];
+    let mut read = Read {
+        bytes: 0,
+        eof: false,
+    };
+    for _ in 0..READS_PER_WAKEUP {
+        if side == Side::Client && !session.wants_client_data() {
+            break;
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => {
+                read.eof = true;
+                break;
+            }
+            Ok(n) => {
+                read.bytes += n;
+                match side {
+                    Side::Client => session.handle_client_data(&buf[..n]),
+                    Side::Server => session.handle_server_data(&buf[..n]),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(read)
 }
 
 /// Telnet IAC, IP (interrupt process) and DM (data mark), RFC 854.
