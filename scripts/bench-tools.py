@@ -4,6 +4,8 @@ check of what vsftpd received, and the statistics and the table. Standard librar
 
   noop HOST PORT COUNT             one logged-in session, COUNT NOOPs one after the other;
                                    prints a JSON summary of the round-trip times (µs)
+  transfers HOST PORT COUNT PATH   COUNT passive downloads of PATH on one session; prints
+                                   the median of each phase (PASV→227, connect, ..., 226)
   idle-server ADDR PORT            answers every connection with 220 and then idles
   idle-client HOST PORT COUNT PID  opens COUNT control sessions, waits for each one's 220,
                                    reads VmRSS of PID before and with them open; prints JSON
@@ -91,6 +93,48 @@ def noop(host, port, count):
         "p90_us": us[len(us) * 9 // 10],
         "p99_us": us[len(us) * 99 // 100],
     }))
+
+
+def transfers(host, port, count, path):
+    """`count` passive downloads of `path` on one session, each timed phase by phase:
+    PASV until its 227, the data connection's connect, RETR until 150, the data until EOF,
+    and the wait for 226. Prints the median of each phase (µs) as JSON."""
+    c = Control(host, int(port))
+    c.reply()
+    user = c.command("USER anonymous")
+    if user.startswith("331"):
+        c.command("PASS bench")
+    c.command("TYPE I")
+    phases = {"pasv_227": [], "connect": [], "retr_150": [], "data": [], "wait_226": [],
+              "total": []}
+    clock = time.perf_counter_ns
+    for _ in range(int(count)):
+        t0 = clock()
+        reply = c.command("PASV")
+        t1 = clock()
+        m = re.search(r"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)", reply)
+        if not reply.startswith("227") or not m:
+            sys.exit("PASV answered %r" % reply)
+        n = [int(x) for x in m.groups()]
+        data = socket.create_connection((".".join(map(str, n[:4])), n[4] * 256 + n[5]), 10)
+        t2 = clock()
+        started = c.command("RETR " + path)
+        t3 = clock()
+        if not started.startswith("150"):
+            sys.exit("RETR answered %r" % started)
+        while data.recv(65536):
+            pass
+        data.close()
+        t4 = clock()
+        done = c.reply()
+        t5 = clock()
+        if not done.startswith("226"):
+            sys.exit("transfer ended with %r" % done)
+        for key, a, b in [("pasv_227", t0, t1), ("connect", t1, t2), ("retr_150", t2, t3),
+                          ("data", t3, t4), ("wait_226", t4, t5), ("total", t0, t5)]:
+            phases[key].append((b - a) / 1000)
+    c.command("QUIT")
+    print(json.dumps({k: round(statistics.median(v), 1) for k, v in phases.items()}))
 
 
 # --- idle sessions --------------------------------------------------------------------------
@@ -222,6 +266,8 @@ SETUPS = ["ftp-alg", "kernel helper", "open"]
 WORKLOADS = [
     ("small_pasv", "{files} x 1 KiB, lftp mirror, passive (PASV)", "s", False),
     ("small_port", "{files} x 1 KiB, lftp mirror, active (PORT)", "s", False),
+    ("xfer_pasv_227", "one passive transfer: PASV until 227 (median of {xfers})", "us", False),
+    ("xfer_total", "one passive transfer: PASV until 226 (median of {xfers})", "us", False),
     ("bulk", "{bulk} MiB download, curl, passive (whole download)", "MiB/s", True),
     ("bulk_data", "{bulk} MiB download, after the first byte", "MiB/s", True),
     ("noop", "NOOP round trip, {noops} on one session", "us", False),
@@ -365,6 +411,7 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     {
         "noop": noop,
+        "transfers": transfers,
         "idle-server": idle_server,
         "idle-client": idle_client,
         "check-log": check_log,
