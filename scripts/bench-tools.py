@@ -4,6 +4,9 @@ check of what vsftpd received, and the statistics and the table. Standard librar
 
   noop HOST PORT COUNT             one logged-in session, COUNT NOOPs one after the other;
                                    prints a JSON summary of the round-trip times (µs)
+  noop-pair HOST PORT_ALG PORT_DIRECT COUNT
+                                   NOOPs alternating between a session through ftp-alg and
+                                   one only forwarded; medians and the paired difference (µs)
   transfers HOST PORT COUNT PATH   COUNT passive downloads of PATH on one session; prints
                                    the median of each phase (PASV→227, connect, ..., 226)
   idle-server ADDR PORT            answers every connection with 220 and then idles
@@ -60,12 +63,7 @@ class Control:
 
 
 def noop(host, port, count):
-    c = Control(host, int(port))
-    greeting = c.reply()
-    user = c.command("USER anonymous")
-    login = c.command("PASS bench") if user.startswith("331") else user
-    if not login.startswith("230"):
-        sys.exit("login failed: %s / %s / %s" % (greeting, user, login))
+    c = login(host, port)
     for _ in range(200):  # warm-up: caches, the daemon's buffers, TCP's delayed-ACK state
         c.command("NOOP")
     samples = []
@@ -92,6 +90,61 @@ def noop(host, port, count):
         "p10_us": us[len(us) // 10],
         "p90_us": us[len(us) * 9 // 10],
         "p99_us": us[len(us) * 99 // 100],
+    }))
+
+
+def login(host, port):
+    c = Control(host, int(port))
+    greeting = c.reply()
+    user = c.command("USER anonymous")
+    login = c.command("PASS bench") if user.startswith("331") else user
+    if not login.startswith("230"):
+        sys.exit("login on port %s failed: %s / %s / %s" % (port, greeting, user, login))
+    return c
+
+
+def noop_pair(host, port_alg, port_direct, count):
+    """Two logged-in sessions to the same server from the same client at the same time, one
+    through ftp-alg (port_alg, intercepted) and one only forwarded (port_direct), NOOPs
+    alternating between them: drift from other load on the machine hits both alike, and the
+    difference is taken sample by sample. Prints medians (µs) as JSON."""
+    a, b = login(host, port_alg), login(host, port_direct)
+    clock = time.perf_counter_ns
+    line = b"NOOP\r\n"
+
+    def rtt(c):
+        t0 = clock()
+        c.sock.sendall(line)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = c.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during NOOP")
+            data += chunk
+        t1 = clock()
+        if not data.startswith(b"200"):
+            sys.exit("unexpected NOOP reply %r" % data)
+        return (t1 - t0) / 1000
+
+    for _ in range(200):
+        rtt(a), rtt(b)
+    through, direct, diff = [], [], []
+    for i in range(int(count)):
+        # Alternate which goes first, so neither always follows the other's wake-up.
+        if i % 2:
+            y, x = rtt(b), rtt(a)
+        else:
+            x, y = rtt(a), rtt(b)
+        through.append(x)
+        direct.append(y)
+        diff.append(x - y)
+    a.command("QUIT")
+    b.command("QUIT")
+    print(json.dumps({
+        "n": len(diff),
+        "through_median_us": round(statistics.median(through), 2),
+        "direct_median_us": round(statistics.median(direct), 2),
+        "diff_median_us": round(statistics.median(diff), 2),
     }))
 
 
@@ -323,6 +376,9 @@ def table(results, markdown=None):
     out.append(header)
     verdicts = []
     for key, title, unit, higher in WORKLOADS:
+        if not any(k == key for k, _ in rows) and not any(
+                f[0] == key or f[0].startswith(key) for f in failures):
+            continue
         title = title.format(**meta)
         helper = median((key, "kernel helper"))
         for setup in SETUPS:
@@ -356,6 +412,14 @@ def table(results, markdown=None):
                 out.append(["NOOP overhead through ftp-alg", "ftp-alg − open", fmt(overhead, "us"),
                             "-", "≤ 30 µs", met, "n=%d, %s – %s" % (
                                 len(diffs), fmt(min(diffs), "us"), fmt(max(diffs), "us"))])
+            paired = median(("noop_pair_diff", "ftp-alg"))
+            if paired is not None:
+                # Informational: alternating sessions also makes every NOOP through the daemon
+                # wake it from idle and share caches with the other session, so this estimate
+                # leans high; the target is judged on the row above, as specified.
+                out.append(["NOOP overhead, paired on one gateway (through − forwarded, "
+                            "alternating)", "ftp-alg", fmt(paired, "us"), "-", "(info)", "",
+                            spread(("noop_pair_diff", "ftp-alg"), "us")])
     for key, label in [("idle_rss_per_session", "RSS per idle session"),
                        ("idle_rss_idle", "daemon RSS, no session"),
                        ("idle_rss_loaded", "daemon RSS, {sessions} sessions")]:
@@ -379,7 +443,8 @@ def table(results, markdown=None):
             text.append("  ".join("-" * w for w in widths))
     print("\n".join(text))
     notes = []
-    if meta.get("sessions") != meta.get("sessions_wanted"):
+    if rows.get(("idle_rss_per_session", "ftp-alg")) and (
+            meta.get("sessions") != meta.get("sessions_wanted")):
         notes.append("Idle sessions: %s instead of %s; the open-files hard limit here is %s and "
                      "root cannot raise it (no CAP_SYS_RESOURCE), and the daemon needs two "
                      "descriptors per session." % (meta.get("sessions"),
@@ -412,6 +477,7 @@ def main():
     {
         "noop": noop,
         "transfers": transfers,
+        "noop-pair": noop_pair,
         "idle-server": idle_server,
         "idle-client": idle_client,
         "check-log": check_log,
