@@ -339,12 +339,13 @@ def fmt(value, unit):
     if unit == "ms":
         return "%.0f ms" % value
     if unit == "KiB":
-        return "%.2f KiB" % value
+        return "%.1f MiB" % (value / 1024) if value >= 1024 else "%.2f KiB" % value
     return "%g %s" % (value, unit)
 
 
 def table(results, markdown=None):
     rows = {}
+    by_round = {}
     meta = {}
     failures = []
     with open(results) as f:
@@ -355,8 +356,9 @@ def table(results, markdown=None):
             elif parts[0] == "fail":
                 failures.append(parts[1:])
             else:
-                workload, setup, _round, value = parts[:4]
+                workload, setup, rnd, value = parts[:4]
                 rows.setdefault((workload, setup), []).append(float(value))
+                by_round.setdefault((workload, setup), {})[rnd] = float(value)
 
     def median(key):
         values = rows.get(key)
@@ -393,6 +395,8 @@ def table(results, markdown=None):
                 target = "≥ 0.98 × helper"
                 ok = m is not None and helper is not None and m >= 0.98 * helper
                 met = "yes" if ok else "no"
+            if met and (m is None or helper is None):
+                met = "n/a (failed)"
             if met:
                 verdicts.append((title, met))
             out.append([title, setup, fmt(m, unit), ratio, target, met, spread((key, setup), unit)])
@@ -401,11 +405,12 @@ def table(results, markdown=None):
                         "%.0f ms" % median(("bulk_alg_cpu_ms", "ftp-alg")), "-", "", "",
                         spread(("bulk_alg_cpu_ms", "ftp-alg"), "ms")])
         if key == "noop":
-            alg = rows.get(("noop", "ftp-alg"))
-            direct = rows.get(("noop", "open"))
-            if alg and direct:
-                # Per round (the two setups ran back to back), then the median over rounds.
-                diffs = [a - d for a, d in zip(alg, direct)]
+            alg = by_round.get(("noop", "ftp-alg"), {})
+            direct = by_round.get(("noop", "open"), {})
+            if set(alg) & set(direct):
+                # Per round (the two setups ran one after the other), then the median over
+                # the rounds in which both succeeded.
+                diffs = [alg[r] - direct[r] for r in sorted(set(alg) & set(direct))]
                 overhead = statistics.median(diffs)
                 met = "yes" if overhead <= 30 else "no"
                 verdicts.append(("NOOP overhead", met))
