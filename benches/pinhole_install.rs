@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftp_alg::pinhole::nft::{self, NftBackend};
+use ftp_alg::pinhole::nft;
 use ftp_alg::pinhole::{Label, PinholeRequest, Pinholes};
 use ftp_alg::ports::PortPool;
 
@@ -53,7 +53,7 @@ async fn bench(sequential: usize, sessions: usize, per_session: usize) -> anyhow
     let nft_path = std::path::PathBuf::from("nft");
     nft::load_table(&nft_path, 0xf7a0, 2121, &[]).await?;
     let pinholes = Arc::new(Pinholes::new(
-        NftBackend::start(nft_path.clone()),
+        nft::backend(nft_path.clone()),
         PortPool::new(1024, 65535, Duration::ZERO),
         Duration::from_secs(600),
     ));

@@ -13,7 +13,7 @@ use anyhow::Context;
 use crate::config::Config;
 use crate::control::{self, Answer, ErrorKind, Request, Status};
 use crate::metrics::{self, Gauges, Metrics};
-use crate::pinhole::nft::{self, NftBackend};
+use crate::pinhole::nft;
 use crate::pinhole::Pinholes;
 use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
@@ -52,7 +52,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("loading the nftables table inet {}", nft::TABLE))?;
 
     let pinholes = Pinholes::new(
-        NftBackend::start(nft_path.clone()),
+        nft::backend(nft_path.clone()),
         PortPool::new(
             config.pinholes.port_min,
             config.pinholes.port_max,
