@@ -7,8 +7,8 @@
 //! failed batch is retried one request at a time, so one bad request cannot fail the others.
 //!
 //! This module decides *which* elements to add and delete ([`Change`]); a [`Transaction`] says it
-//! to the kernel, such as [`super::nft`] through the nft program. A transport keeps no state of
-//! its own about elements.
+//! to the kernel: [`super::netlink`] over a netlink socket, [`super::nft`] through the nft
+//! program. A transport keeps no state of its own about elements.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -143,7 +143,8 @@ struct Job {
 }
 
 /// The firewall backend the daemon uses: a handle to the worker task that batches requests
-/// into transactions of one kernel interface (see [`super::nft::backend`]).
+/// into transactions of one kernel interface (see [`super::netlink::backend`] and
+/// [`super::nft::backend`]).
 ///
 /// Requests are queued when `install` or `remove` is called, not when the returned future is
 /// first polled, so they reach the kernel in call order even when a caller does not wait.

@@ -5,11 +5,13 @@
 //! the data endpoint really listens, SNAT so the peer sees the address it expects), for a
 //! limited time enforced by the kernel. [`Pinholes`] hands out public ports, keeps the registry of
 //! what is open and drives a [`Backend`]. The real backend is a [`Firewall`]: it batches requests
-//! and applies them as nftables set and map elements through the nft program ([`nft`], which
-//! also loads the table and lists pinholes). Sessions never touch any of this directly: they ask for pinholes through
+//! and applies them as nftables set and map elements, either over a netlink socket
+//! ([`netlink`]) or through the nft program ([`nft`], which also loads the table and lists
+//! pinholes). Sessions never touch any of this directly: they ask for pinholes through
 //! `session::Action::Open`.
 
 mod batch;
+pub mod netlink;
 pub mod nft;
 
 pub use batch::Firewall;
