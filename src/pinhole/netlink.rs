@@ -23,6 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use super::batch::{Change, Element, Transaction, Value, Verb};
 use super::nft::TABLE;
@@ -156,43 +157,36 @@ impl Netlink {
     }
 
     async fn send(&self, batch: &[u8]) -> Result<(), BackendError> {
-        loop {
-            let mut ready = self
-                .socket
-                .writable()
-                .await
-                .map_err(|e| os_error("waiting to send the batch", &e))?;
-            let sent = ready.try_io(|socket| {
+        let sent = self
+            .socket
+            .async_io(Interest::WRITABLE, |socket| {
                 // SAFETY: the pointer and length describe `batch`, which outlives the call.
                 let n = unsafe {
                     libc::send(socket.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0)
                 };
                 usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            });
-            match sent {
-                Ok(Ok(n)) if n == batch.len() => return Ok(()),
-                Ok(Ok(_)) => {
-                    return Err(os_error(
-                        "sending the batch",
-                        &io::Error::from_raw_os_error(libc::EMSGSIZE),
-                    ))
-                }
-                Ok(Err(e)) => return Err(os_error("sending the batch", &e)),
-                Err(_would_block) => continue,
-            }
+            })
+            .await
+            .map_err(|e| os_error("sending the batch", &e))?;
+        if sent != batch.len() {
+            // A netlink datagram goes whole or not at all; this would be a kernel bug.
+            return Err(os_error(
+                "sending the batch",
+                &io::Error::from_raw_os_error(libc::EMSGSIZE),
+            ));
         }
+        Ok(())
     }
 
     /// Receive one datagram into `self.answer`; its length.
+    ///
+    /// ENOBUFS means answers were dropped because the receive buffer was full. Only errors come
+    /// in numbers (a batch that succeeds is answered once), so the batch has failed.
     async fn receive(&mut self) -> Result<usize, BackendError> {
-        loop {
-            let mut ready = self
-                .socket
-                .readable()
-                .await
-                .map_err(|e| os_error("waiting for the kernel's answer", &e))?;
-            let answer = &mut self.answer;
-            let received = ready.try_io(|socket| {
+        let answer = &mut self.answer;
+        let received = self
+            .socket
+            .async_io(Interest::READABLE, |socket| {
                 // SAFETY: the pointer and length describe `answer`, which outlives the call.
                 let n = unsafe {
                     libc::recv(
@@ -203,16 +197,10 @@ impl Netlink {
                     )
                 };
                 usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            });
-            match received {
-                Ok(Ok(n)) => return Ok(n.min(self.answer.len())),
-                // ENOBUFS: answers were dropped because the receive buffer was full. Only
-                // errors come in numbers (a batch that succeeds is answered once), so the
-                // batch has failed.
-                Ok(Err(e)) => return Err(os_error("receiving the kernel's answer", &e)),
-                Err(_would_block) => continue,
-            }
-        }
+            })
+            .await
+            .map_err(|e| os_error("receiving the kernel's answer", &e))?;
+        Ok(received.min(answer.len()))
     }
 
     /// Read answers until the batch that began with sequence number `begin` is settled.
