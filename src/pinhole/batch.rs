@@ -160,6 +160,7 @@ impl Firewall {
         let worker = Worker {
             transaction,
             owners: HashMap::new(),
+            undo: Vec::new(),
         };
         tokio::spawn(worker.run(rx));
         Firewall { jobs }
@@ -206,6 +207,10 @@ type ElementKey = (&'static str, IpAddr, SocketAddr);
 struct Worker<T> {
     transaction: T,
     owners: HashMap<ElementKey, usize>,
+    /// What the batch being applied changed in `owners`, in order: (element, its count
+    /// before). A refused batch is undone from it, at the cost of the batch's size, not of
+    /// every element open.
+    undo: Vec<(ElementKey, usize)>,
 }
 
 impl<T: Transaction> Worker<T> {
@@ -218,23 +223,21 @@ impl<T: Transaction> Worker<T> {
                     Err(_) => break,
                 }
             }
-            let before = self.owners.clone();
             let result = self.apply(&jobs).await;
             if result.is_err() && jobs.len() > 1 {
-                self.owners = before;
+                self.undo();
                 tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
                 for job in jobs {
-                    let before = self.owners.clone();
                     let result = self.apply(std::slice::from_ref(&job)).await;
                     if result.is_err() && job.op == Op::Install {
-                        self.owners = before;
+                        self.undo();
                     }
                     let _ = job.done.send(result);
                 }
                 continue;
             }
             if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
-                self.owners = before;
+                self.undo();
             }
             for job in jobs {
                 // A requester that went away no longer needs the answer.
@@ -246,6 +249,7 @@ impl<T: Transaction> Worker<T> {
     /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
     /// that fails is forgotten all the same: its elements expire by their kernel timeout.
     async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
+        self.undo.clear();
         let mut changes = Vec::new();
         for job in jobs {
             for pinhole in &job.pinholes {
@@ -260,9 +264,22 @@ impl<T: Transaction> Worker<T> {
         self.transaction.commit(&changes).await
     }
 
+    /// Put back the owner counts that the last [`Worker::apply`] changed.
+    fn undo(&mut self) {
+        for (key, count) in self.undo.drain(..).rev() {
+            if count == 0 {
+                self.owners.remove(&key);
+            } else {
+                self.owners.insert(key, count);
+            }
+        }
+    }
+
     /// Add one element's changes to `changes`, if the kernel needs any.
     fn stage(&mut self, op: Op, element: Element, changes: &mut Vec<Change>) {
         let key = (element.set, element.source, element.dest);
+        let count = self.owners.get(&key).copied().unwrap_or(0);
+        self.undo.push((key, count));
         let mut push = |verb| {
             changes.push(Change {
                 verb,
@@ -287,12 +304,13 @@ impl<T: Transaction> Worker<T> {
                     self.owners.remove(&key);
                     // The element may be gone already: the packet path deletes a pin element
                     // when its connection arrives, and the kernel drops an element when its
-                    // timeout runs out. Deleting a missing element fails the whole transaction
-                    // (with the other requests batched into it), so it is added first: a no-op
-                    // when it exists, and then the delete succeeds either way. Neither nft
-                    // 1.0.6 nor Linux before 6.3 has a `destroy` that would ignore a missing
-                    // element, and a delete that fails cannot be ignored within a batch, since
-                    // the kernel aborts the batch.
+                    // timeout runs out. So it is added first (a no-op when it exists), and the
+                    // delete then succeeds either way. Deleting it alone and ignoring ENOENT
+                    // would not do, even over netlink, where the errno of each message is
+                    // seen: the kernel aborts the whole batch at a failed message, and with it
+                    // every other request batched in. A `destroy` that ignores a missing
+                    // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
+                    // runs 6.1) and is not in nft 1.0.6.
                     push(Verb::Add);
                     push(Verb::Delete);
                 }
@@ -323,20 +341,33 @@ pub(crate) mod tests {
         }
     }
 
-    /// Commits nothing: these tests look at what the worker stages.
-    struct Nothing;
+    /// Commits nothing, and succeeds unless told to refuse: these tests look at what the
+    /// worker stages and counts.
+    struct Refuses(bool);
 
-    impl Transaction for Nothing {
+    impl Transaction for Refuses {
         fn commit(
             &mut self,
             _: &[Change],
         ) -> impl Future<Output = Result<(), BackendError>> + Send {
-            std::future::ready(Ok(()))
+            std::future::ready(if self.0 {
+                Err(BackendError::Invalid("refused".into()))
+            } else {
+                Ok(())
+            })
+        }
+    }
+
+    fn worker() -> Worker<Refuses> {
+        Worker {
+            transaction: Refuses(false),
+            owners: HashMap::new(),
+            undo: Vec::new(),
         }
     }
 
     /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
-    fn staged(worker: &mut Worker<Nothing>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
         let mut changes = Vec::new();
         for element in elements(pinhole).unwrap() {
             worker.stage(op, element, &mut changes);
@@ -355,10 +386,7 @@ pub(crate) mod tests {
 
     #[test]
     fn shared_elements_stay_until_their_last_owner_closes() {
-        let mut worker = Worker {
-            transaction: Nothing,
-            owners: HashMap::new(),
-        };
+        let mut worker = worker();
         let p = pinhole();
         let per_set = |verbs: &[&str]| -> Vec<String> {
             ["pin_v4", "dnat_v4", "snat_v4"]
@@ -378,6 +406,35 @@ pub(crate) mod tests {
             per_set(&["add", "delete"])
         );
         assert!(worker.owners.is_empty());
+    }
+
+    #[test]
+    fn a_refused_batch_leaves_the_owner_counts_as_they_were() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let job = |op, pinhole| Job {
+            op,
+            pinholes: vec![pinhole],
+            done: oneshot::channel().0,
+        };
+        let mut worker = worker();
+        runtime
+            .block_on(worker.apply(&[job(Op::Install, pinhole())]))
+            .unwrap();
+        let before = worker.owners.clone();
+        worker.transaction.0 = true;
+        let mut other = pinhole();
+        other.dial = "198.18.0.1:61001".parse().unwrap();
+        let refused = runtime.block_on(worker.apply(&[
+            job(Op::Install, pinhole()),
+            job(Op::Install, other),
+            job(Op::Remove, pinhole()),
+        ]));
+        assert!(refused.is_err());
+        assert_ne!(worker.owners, before);
+        worker.undo();
+        assert_eq!(worker.owners, before);
     }
 
     #[test]
