@@ -1,18 +1,20 @@
-//! Pinhole install latency and rate through the real nftables backend.
+//! Pinhole install latency and rate through both real backends: netlink and the nft program.
 //!
 //! Runs in a private network namespace of its own (unshare(2) before any thread starts), so it
-//! needs root and never touches the host's firewall. Prints one table:
-//! sequential installs (latency from request to "in the kernel", median and p99) and installs
-//! from many concurrent sessions (pinholes per second, batched into shared transactions).
+//! needs root and never touches the host's firewall. For each backend, on a freshly loaded
+//! table: sequential installs (latency from request to "in the kernel", median and p99), then
+//! installs from many concurrent sessions (pinholes per second, batched into shared
+//! transactions). Prints one table.
 //!
 //! `cargo bench --bench pinhole_install [-- SEQUENTIAL CONCURRENT_SESSIONS PER_SESSION]`
+//! (defaults: 10000 100 20)
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftp_alg::pinhole::nft::{self, NftBackend};
-use ftp_alg::pinhole::{Label, PinholeRequest, Pinholes};
+use ftp_alg::pinhole::{netlink, nft, Firewall, Label, PinholeRequest, Pinholes};
 use ftp_alg::ports::PortPool;
 
 fn main() -> anyhow::Result<()> {
@@ -20,9 +22,11 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let sequential = args.first().copied().unwrap_or(1000);
-    let sessions = args.get(1).copied().unwrap_or(100);
-    let per_session = args.get(2).copied().unwrap_or(20);
+    let runs = Runs {
+        sequential: args.first().copied().unwrap_or(10_000).max(1),
+        sessions: args.get(1).copied().unwrap_or(100),
+        per_session: args.get(2).copied().unwrap_or(20),
+    };
     // SAFETY: called before any other thread exists; only changes this process's namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         anyhow::bail!(
@@ -30,7 +34,39 @@ fn main() -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    tokio::runtime::Runtime::new()?.block_on(bench(sequential, sessions, per_session))
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let netlink = measure(&runs, || Ok(netlink::backend()?)).await?;
+        let nft = measure(&runs, || Ok(nft::backend("nft".into()))).await?;
+        println!(
+            "| backend | sequential installs | median | p99 | concurrent installs ({} sessions x {}) | pinholes in the kernel after |",
+            runs.sessions, runs.per_session
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, r) in [("netlink", netlink), ("nft", nft)] {
+            println!(
+                "| {name} | {} | {:.0} us | {:.0} us | {:.0}/s | {} |",
+                runs.sequential,
+                r.median.as_secs_f64() * 1e6,
+                r.p99.as_secs_f64() * 1e6,
+                r.concurrent_rate,
+                r.listed
+            );
+        }
+        anyhow::Ok(())
+    })
+}
+
+struct Runs {
+    sequential: usize,
+    sessions: usize,
+    per_session: usize,
+}
+
+struct Measured {
+    median: Duration,
+    p99: Duration,
+    concurrent_rate: f64,
+    listed: usize,
 }
 
 fn request(i: usize) -> PinholeRequest {
@@ -49,17 +85,21 @@ fn request(i: usize) -> PinholeRequest {
     }
 }
 
-async fn bench(sequential: usize, sessions: usize, per_session: usize) -> anyhow::Result<()> {
-    let nft_path = std::path::PathBuf::from("nft");
-    nft::load_table(&nft_path, 0xf7a0, 2121, &[]).await?;
+/// Both runs of one backend, on a table of their own.
+async fn measure(
+    runs: &Runs,
+    backend: impl FnOnce() -> anyhow::Result<Firewall>,
+) -> anyhow::Result<Measured> {
+    let nft_path = Path::new("nft");
+    nft::load_table(nft_path, 0xf7a0, 2121, &[]).await?;
     let pinholes = Arc::new(Pinholes::new(
-        NftBackend::start(nft_path.clone()),
+        backend()?,
         PortPool::new(1024, 65535, Duration::ZERO),
         Duration::from_secs(600),
     ));
 
-    let mut latencies = Vec::with_capacity(sequential);
-    for i in 0..sequential {
+    let mut latencies = Vec::with_capacity(runs.sequential);
+    for i in 0..runs.sequential {
         let start = Instant::now();
         pinholes.open(&request(i)).await?;
         latencies.push(start.elapsed());
@@ -67,16 +107,15 @@ async fn bench(sequential: usize, sessions: usize, per_session: usize) -> anyhow
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
 
-    let total = sessions * per_session;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for s in 0..sessions {
+    for s in 0..runs.sessions {
         let pinholes = pinholes.clone();
+        let first = 100_000 + s * runs.per_session;
+        let count = runs.per_session;
         tasks.push(tokio::spawn(async move {
-            for k in 0..per_session {
-                pinholes
-                    .open(&request(100_000 + s * per_session + k))
-                    .await?;
+            for k in first..first + count {
+                pinholes.open(&request(k)).await?;
             }
             anyhow::Ok(())
         }));
@@ -85,21 +124,12 @@ async fn bench(sequential: usize, sessions: usize, per_session: usize) -> anyhow
         task.await??;
     }
     let elapsed = start.elapsed();
-    let listed = nft::list(&nft_path).await?.len();
-    nft::delete_table(&nft_path).await?;
-
-    println!("| measurement | n | median | p99 | rate |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| sequential install (request -> in kernel) | {sequential} | {:.0} us | {:.0} us | {:.0}/s |",
-        pct(0.5).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6,
-        sequential as f64 / latencies.iter().sum::<Duration>().as_secs_f64()
-    );
-    println!(
-        "| {sessions} concurrent sessions x {per_session} installs | {total} | - | - | {:.0}/s |",
-        total as f64 / elapsed.as_secs_f64()
-    );
-    println!("(pinholes found in the kernel afterwards: {listed})");
-    Ok(())
+    let listed = nft::list(nft_path).await?.len();
+    nft::delete_table(nft_path).await?;
+    Ok(Measured {
+        median: pct(0.5),
+        p99: pct(0.99),
+        concurrent_rate: (runs.sessions * runs.per_session) as f64 / elapsed.as_secs_f64(),
+        listed,
+    })
 }

@@ -379,8 +379,9 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     }
     let ph = &config.pinholes;
     println!(
-        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}",
-        ph.port_min, ph.port_max, ph.timeout_secs, ph.reuse_delay_secs, ph.ct_mark
+        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}, \
+         installed with {:?}",
+        ph.port_min, ph.port_max, ph.timeout_secs, ph.reuse_delay_secs, ph.ct_mark, ph.backend
     );
     let l = &config.limits;
     println!(

@@ -340,9 +340,26 @@ pub struct PinholeConfig {
     /// Connection mark set on every connection a pinhole lets through.
     #[serde(default = "default_ct_mark")]
     pub ct_mark: u32,
-    /// The nft executable.
+    /// How pinholes reach the kernel.
+    #[serde(default)]
+    pub backend: PinholeBackend,
+    /// The nft executable: loads the table, and installs pinholes with `backend = "nft"`.
     #[serde(default = "default_nft")]
     pub nft: PathBuf,
+}
+
+/// `pinholes.backend`: how pinholes are installed and removed. The table is loaded with the nft
+/// program either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinholeBackend {
+    /// Set elements sent over a netlink socket of the daemon's own: a pinhole is installed in
+    /// well under a millisecond.
+    #[default]
+    Netlink,
+    /// The nft program, once per batch of pinholes: a few milliseconds each, for kernels or
+    /// setups where the netlink encoding would not do.
+    Nft,
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -405,6 +422,7 @@ impl Default for PinholeConfig {
             timeout_secs: DEFAULT_PINHOLE_TIMEOUT_SECS,
             reuse_delay_secs: DEFAULT_PORT_REUSE_DELAY_SECS,
             ct_mark: DEFAULT_CT_MARK,
+            backend: PinholeBackend::default(),
             nft: default_nft(),
         }
     }
@@ -589,6 +607,16 @@ mod tests {
         assert_eq!(c.proxy.listen.len(), 2);
         assert_eq!(c.pinholes.port_min, DEFAULT_PORT_MIN);
         assert_eq!(c.pinholes.ct_mark, DEFAULT_CT_MARK);
+        assert_eq!(c.pinholes.backend, PinholeBackend::Netlink);
+    }
+
+    #[test]
+    fn pinhole_backend_is_netlink_or_nft() {
+        let c = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nbackend = \"nft\"\n").unwrap();
+        assert_eq!(c.pinholes.backend, PinholeBackend::Nft);
+        let e =
+            parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nbackend = \"iptables\"\n").unwrap_err();
+        assert!(e.to_string().contains("netlink"), "{e}");
     }
 
     #[test]

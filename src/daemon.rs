@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::config::Config;
+use crate::config::{Config, PinholeBackend};
 use crate::control::{self, Answer, ErrorKind, Request, Status};
 use crate::metrics::{self, Gauges, Metrics};
-use crate::pinhole::nft::{self, NftBackend};
-use crate::pinhole::Pinholes;
+use crate::pinhole::{netlink, nft, Pinholes};
 use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
@@ -51,8 +50,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("loading the nftables table inet {}", nft::TABLE))?;
 
+    let backend = match config.pinholes.backend {
+        PinholeBackend::Netlink => {
+            netlink::backend().context("opening the netlink socket for pinholes")?
+        }
+        PinholeBackend::Nft => nft::backend(nft_path.clone()),
+    };
     let pinholes = Pinholes::new(
-        NftBackend::start(nft_path.clone()),
+        backend,
         PortPool::new(
             config.pinholes.port_min,
             config.pinholes.port_max,

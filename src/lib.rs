@@ -3,7 +3,8 @@
 //! The layers, from the bottom up:
 //! - [`ftp`]: the sans-IO protocol core (framing, typed commands and replies, host-port codecs);
 //! - [`ports`] and [`pinhole`]: the data ports handed out and the firewall pinholes, with the
-//!   nftables backend in [`pinhole::nft`], the only code that talks to the kernel firewall;
+//!   nftables backends in [`pinhole::netlink`] and [`pinhole::nft`], the only code that talks to
+//!   the kernel firewall;
 //! - [`session`]: the per-control-connection state machine and its policy, without I/O: it
 //!   asks for pinholes with plain values ([`pinhole::PinholeRequest`]) and never calls the
 //!   backend;

@@ -19,8 +19,7 @@ use tracing::Instrument;
 use crate::config::{Config, Mode, PolicyConfig};
 use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
-use crate::pinhole::nft::NftBackend;
-use crate::pinhole::{OpenError, Pinholes};
+use crate::pinhole::{Firewall, OpenError, Pinholes};
 use crate::registry::{Admitted, Entry, Registry};
 use crate::session::{Action, Event, Session, SessionContext, Side};
 
@@ -36,7 +35,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     /// `config.policy`, shared by every session.
     pub(crate) policy: Arc<PolicyConfig>,
-    pub(crate) pinholes: Pinholes<NftBackend>,
+    pub(crate) pinholes: Pinholes<Firewall>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
 }

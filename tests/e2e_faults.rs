@@ -1,5 +1,5 @@
-//! Faults end to end: the daemon killed or stopped, nft failing at run time, an unreachable
-//! upstream, a client that vanishes. Real vsftpd and Python clients through the daemon; the
+//! Faults end to end: the daemon killed or stopped, nft or netlink failing at run time, an
+//! unreachable upstream, a client that vanishes. Real vsftpd and Python clients through the daemon; the
 //! bodies, and what each shows, are in `common::faults`.
 
 // Each test binary uses its own part of the shared harness (this one not its macro).
@@ -16,6 +16,11 @@ fn sigkill_during_a_transfer_leaves_the_data_flowing() {
 #[test]
 fn nft_failing_at_run_time_answers_425() {
     faults::nft_failing_at_run_time();
+}
+
+#[test]
+fn netlink_failing_at_run_time_answers_425() {
+    faults::netlink_failing_at_run_time();
 }
 
 #[test]

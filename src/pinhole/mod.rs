@@ -4,10 +4,17 @@
 //! source address to one destination address and port, optionally translated (DNAT to where
 //! the data endpoint really listens, SNAT so the peer sees the address it expects), for a
 //! limited time enforced by the kernel. [`Pinholes`] hands out public ports, keeps the registry of
-//! what is open and drives a [`Backend`]; [`nft`] is the real backend. Sessions never touch any
-//! of this directly: they ask for pinholes through `session::Action::Open`.
+//! what is open and drives a [`Backend`]. The real backend is a [`Firewall`]: it batches requests
+//! and applies them as nftables set and map elements, either over a netlink socket
+//! ([`netlink`]) or through the nft program ([`nft`], which also loads the table and lists
+//! pinholes). Sessions never touch any of this directly: they ask for pinholes through
+//! `session::Action::Open`.
 
+mod batch;
+pub mod netlink;
 pub mod nft;
+
+pub use batch::Firewall;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -162,9 +169,49 @@ pub enum BackendError {
     /// nft's output could not be understood.
     #[error("unexpected output from {program}: {message}")]
     Output { program: String, message: String },
+    /// The kernel refused a netlink request, or the netlink socket failed; `action` says what
+    /// was being done (which element, in which set), `errno` why.
+    #[error("netlink: {action}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Netlink { action: String, errno: i32 },
+    /// The request cannot be expressed as set elements (such as a pinhole from an IPv4 source
+    /// to an IPv6 address).
+    #[error("{0}")]
+    Invalid(String),
     /// The batching worker is gone (the daemon is shutting down).
     #[error("the firewall worker has stopped")]
     WorkerGone,
+}
+
+/// One batch's result goes to every request in it, so errors are cloned; an I/O error is not
+/// `Clone`, so its copy keeps its kind and message.
+impl Clone for BackendError {
+    fn clone(&self) -> Self {
+        match self {
+            BackendError::Spawn { program, source } => BackendError::Spawn {
+                program: program.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            BackendError::Refused {
+                program,
+                status,
+                stderr,
+            } => BackendError::Refused {
+                program: program.clone(),
+                status: status.clone(),
+                stderr: stderr.clone(),
+            },
+            BackendError::Output { program, message } => BackendError::Output {
+                program: program.clone(),
+                message: message.clone(),
+            },
+            BackendError::Netlink { action, errno } => BackendError::Netlink {
+                action: action.clone(),
+                errno: *errno,
+            },
+            BackendError::Invalid(message) => BackendError::Invalid(message.clone()),
+            BackendError::WorkerGone => BackendError::WorkerGone,
+        }
+    }
 }
 
 /// Why a pinhole could not be opened.
@@ -178,7 +225,7 @@ pub enum OpenError {
     Backend(#[from] BackendError),
 }
 
-/// The firewall operations ftp-alg needs; the nftables backend is the real one.
+/// The firewall operations ftp-alg needs; [`Firewall`] is the real one.
 ///
 /// Both calls queue their request before they return, so requests are applied in call order
 /// even when the returned futures are awaited later, elsewhere, or not at all.

@@ -1,11 +1,12 @@
-//! The nftables backend: the only code in ftp-alg that talks to the kernel firewall.
+//! The nft program: loads the daemon's table, lists pinholes, and is one of the two ways to
+//! install them.
 //!
-//! The daemon's table (`rules/ftp-alg.nft`) is loaded as nft text at start-up. Pinholes are set
-//! and map elements, built as typed JSON with the `nftables` crate and applied with `nft -j -f -`.
-//! Requests that arrive while an nft process runs are queued and applied together in the next
-//! transaction, so the cost of one nft process (a few milliseconds) is paid per batch, not per
-//! pinhole. A failed batch is retried one request at a time, so one bad request cannot fail the
-//! others.
+//! The daemon's table (`rules/ftp-alg.nft`) is loaded as nft text at start-up, and `pinholes
+//! list` reads it back as nft's JSON; this module and [`super::netlink`] are the only code in
+//! ftp-alg that talks to the kernel firewall. With `pinholes.backend = "nft"`, pinholes are set
+//! and map elements built as typed JSON with the `nftables` crate and applied with
+//! `nft -j -f -`, one nft process (a few milliseconds) per batch of requests (see
+//! [`super::batch`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -15,19 +16,17 @@ use std::path::{Path, PathBuf};
 
 use nftables::batch::Batch;
 use nftables::expr::{Elem, Expression, NamedExpression};
-use nftables::schema::{Element, NfListObject};
+use nftables::schema::{self, NfListObject};
 use nftables::types::NfFamily;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
 
-use super::{Backend, BackendError, Label, Pinhole, PinholeEntry, PinholeState};
+use super::batch::{Change, Element, Transaction, Value, Verb};
+use super::{BackendError, Firewall, Label, PinholeEntry, PinholeState};
 
 /// The table the daemon owns (family inet); fixed so that any tool can find it.
 pub const TABLE: &str = "ftp_alg";
 /// The table definition shipped in `rules/`.
 pub const RULES: &str = include_str!("../../rules/ftp-alg.nft");
-/// Most requests applied in one nft transaction.
-const MAX_BATCH: usize = 512;
 /// Longest an nft run may take before it is killed and its requests fail.
 const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -331,266 +330,71 @@ fn value_endpoint(val: &serde_json::Value) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr, u16::try_from(port.as_u64()?).ok()?))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Install,
-    Remove,
+/// Applies changes with `nft -j -f -`, one nft process per transaction.
+struct Nft {
+    program: PathBuf,
 }
 
-struct Job {
-    op: Op,
-    pinholes: Vec<Pinhole>,
-    done: oneshot::Sender<Result<(), BackendError>>,
+/// Start a [`Firewall`] that applies pinholes through the nft program at `nft`.
+pub fn backend(nft: PathBuf) -> Firewall {
+    Firewall::start(Nft { program: nft })
 }
 
-/// A set or map element as the kernel identifies it: the set's name and the key.
-type ElementKey = (String, IpAddr, SocketAddr);
-
-/// The nftables backend: a handle to the worker task that batches requests into transactions.
-///
-/// Requests are queued when `install` or `remove` is called, not when the returned future is
-/// first polled, so they reach the kernel in call order even when a caller does not wait.
-#[derive(Clone)]
-pub struct NftBackend {
-    jobs: mpsc::UnboundedSender<Job>,
-}
-
-impl NftBackend {
-    /// Start the batching worker on the current tokio runtime.
-    pub fn start(nft: PathBuf) -> NftBackend {
-        let (jobs, rx) = mpsc::unbounded_channel();
-        let worker = Worker {
-            nft,
-            owners: HashMap::new(),
-        };
-        tokio::spawn(worker.run(rx));
-        NftBackend { jobs }
-    }
-
-    fn submit(
-        &self,
-        op: Op,
-        pinholes: Vec<Pinhole>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
-        let (done, result) = oneshot::channel();
-        let queued = self.jobs.send(Job { op, pinholes, done }).is_ok();
-        async move {
-            if !queued {
-                return Err(BackendError::WorkerGone);
-            }
-            result.await.map_err(|_| BackendError::WorkerGone)?
-        }
-    }
-}
-
-impl Backend for NftBackend {
-    fn install(
-        &self,
-        pinholes: Vec<Pinhole>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
-        self.submit(Op::Install, pinholes)
-    }
-
-    fn remove(
-        &self,
-        pinholes: Vec<Pinhole>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
-        self.submit(Op::Remove, pinholes)
-    }
-}
-
-/// Applies queued jobs, and counts how many open pinholes use each element: two pinholes can
-/// share one (two sessions of one client reaching the same server port, or a server that
-/// announces the same passive port twice), and closing one must not remove the other's.
-struct Worker {
-    nft: PathBuf,
-    owners: HashMap<ElementKey, usize>,
-}
-
-impl Worker {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            let before = self.owners.clone();
-            let result = self.apply(&jobs).await;
-            if result.is_err() && jobs.len() > 1 {
-                self.owners = before;
-                tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
-                for job in jobs {
-                    let before = self.owners.clone();
-                    let result = self.apply(std::slice::from_ref(&job)).await;
-                    if result.is_err() && job.op == Op::Install {
-                        self.owners = before;
-                    }
-                    let _ = job.done.send(result);
-                }
-                continue;
-            }
-            if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
-                self.owners = before;
-            }
-            for job in jobs {
-                // A requester that went away no longer needs the answer.
-                let _ = job.done.send(clone_result(&result));
-            }
-        }
-    }
-
-    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
-    /// that fails is forgotten all the same: its elements expire by their kernel timeout.
-    async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
+impl Transaction for Nft {
+    fn commit(
+        &mut self,
+        changes: &[Change],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut batch = Batch::new();
-        let mut empty = true;
-        for job in jobs {
-            for pinhole in &job.pinholes {
-                let elements = elements(pinhole).map_err(|message| BackendError::Output {
-                    program: self.nft.display().to_string(),
-                    message,
-                })?;
-                for (key, element) in elements {
-                    empty &= !self.stage(job.op, key, element, &mut batch);
-                }
+        for change in changes {
+            let element = NfListObject::Element(json_element(&change.element));
+            match change.verb {
+                Verb::Add => batch.add(element),
+                Verb::Delete => batch.delete(element),
             }
         }
-        if empty {
-            return Ok(());
-        }
+        let program = self.program.clone();
         let payload =
             serde_json::to_string(&batch.to_nftables()).map_err(|e| BackendError::Output {
-                program: self.nft.display().to_string(),
+                program: program.display().to_string(),
                 message: e.to_string(),
-            })?;
-        run_nft(&self.nft, &["-j", "-f", "-"], &payload)
-            .await
-            .map(drop)
-    }
-
-    /// Add one element's commands to `batch`; false when the kernel needs no change.
-    fn stage(
-        &mut self,
-        op: Op,
-        key: ElementKey,
-        element: Element<'static>,
-        batch: &mut Batch<'static>,
-    ) -> bool {
-        let add = |batch: &mut Batch<'static>| batch.add(NfListObject::Element(element.clone()));
-        let delete =
-            |batch: &mut Batch<'static>| batch.delete(NfListObject::Element(element.clone()));
-        match op {
-            Op::Install => {
-                let owners = self.owners.entry(key).or_insert(0);
-                if *owners > 0 {
-                    // Already there for another pinhole: replace it, so that the timeout and
-                    // the label are the new pinhole's.
-                    add(batch);
-                    delete(batch);
-                }
-                add(batch);
-                *owners += 1;
-                true
-            }
-            Op::Remove => match self.owners.get_mut(&key) {
-                Some(owners) if *owners > 1 => {
-                    *owners -= 1;
-                    false
-                }
-                _ => {
-                    self.owners.remove(&key);
-                    // nft 1.0.6 has no `destroy`, and deleting an element that has already
-                    // timed out fails the whole transaction; adding it first (a no-op when it
-                    // exists) makes the delete succeed either way.
-                    add(batch);
-                    delete(batch);
-                    true
-                }
-            },
+            });
+        async move {
+            run_nft(&program, &["-j", "-f", "-"], &payload?)
+                .await
+                .map(drop)
         }
     }
 }
 
-fn clone_result(result: &Result<(), BackendError>) -> Result<(), BackendError> {
-    match result {
-        Ok(()) => Ok(()),
-        Err(BackendError::Refused {
-            program,
-            status,
-            stderr,
-        }) => Err(BackendError::Refused {
-            program: program.clone(),
-            status: status.clone(),
-            stderr: stderr.clone(),
-        }),
-        Err(BackendError::Spawn { program, source }) => Err(BackendError::Spawn {
-            program: program.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        }),
-        Err(BackendError::Output { program, message }) => Err(BackendError::Output {
-            program: program.clone(),
-            message: message.clone(),
-        }),
-        Err(BackendError::WorkerGone) => Err(BackendError::WorkerGone),
-    }
-}
-
-/// The set and map elements that make up one pinhole, each with its key.
-fn elements(p: &Pinhole) -> Result<Vec<(ElementKey, Element<'static>)>, String> {
-    let v6 = match (p.source, p.dial.ip()) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => false,
-        (IpAddr::V6(_), IpAddr::V6(_)) => true,
-        _ => return Err(format!("pinhole mixes address families: {p:?}")),
+/// `element` in nft's JSON schema: the key with its timeout and comment, and for a map
+/// element the value beside it.
+fn json_element(element: &Element) -> schema::Element<'static> {
+    let key = Expression::Named(NamedExpression::Elem(Elem {
+        val: Box::new(concat(
+            &[element.source, element.dest.ip()],
+            Some(element.dest.port()),
+        )),
+        timeout: Some(element.timeout_secs),
+        expires: None,
+        comment: Some(Cow::Owned(element.comment.clone())),
+        counter: None,
+    }));
+    let elem = match &element.value {
+        None => key,
+        Some(Value::Endpoint(to)) => {
+            Expression::List(vec![key, concat(&[to.ip()], Some(to.port()))])
+        }
+        Some(Value::Address(from)) => {
+            Expression::List(vec![key, Expression::String(Cow::Owned(from.to_string()))])
+        }
     };
-    let translated = p.translated();
-    if translated.is_ipv6() != v6 || p.snat.is_some_and(|s| s.is_ipv6() != v6) {
-        return Err(format!("pinhole mixes address families: {p:?}"));
+    schema::Element {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(element.set),
+        elem: Cow::Owned(vec![elem]),
     }
-    let suffix = if v6 { "v6" } else { "v4" };
-    let timeout = u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX);
-    // Every element carries the label, so that `pinholes list` can still say whose a pinhole
-    // is after its connection has arrived and the pin element is gone.
-    let key = |addr: SocketAddr| {
-        Expression::Named(NamedExpression::Elem(Elem {
-            val: Box::new(concat(&[p.source, addr.ip()], Some(addr.port()))),
-            timeout: Some(timeout),
-            expires: None,
-            comment: Some(Cow::Owned(p.label.to_comment())),
-            counter: None,
-        }))
-    };
-    let element = |set: &str, addr: SocketAddr, elem: Expression<'static>| {
-        let name = format!("{set}_{suffix}");
-        let element = Element {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(TABLE),
-            name: Cow::Owned(name.clone()),
-            elem: Cow::Owned(vec![elem]),
-        };
-        ((name, p.source, addr), element)
-    };
-    let mut out = vec![element("pin", p.dial, key(p.dial))];
-    if let Some(to) = p.dnat {
-        out.push(element(
-            "dnat",
-            p.dial,
-            Expression::List(vec![key(p.dial), concat(&[to.ip()], Some(to.port()))]),
-        ));
-    }
-    if let Some(from) = p.snat {
-        out.push(element(
-            "snat",
-            translated,
-            Expression::List(vec![
-                key(translated),
-                Expression::String(Cow::Owned(from.to_string())),
-            ]),
-        ));
-    }
-    Ok(out)
 }
 
 fn concat(addrs: &[IpAddr], port: Option<u16>) -> Expression<'static> {
@@ -605,22 +409,7 @@ fn concat(addrs: &[IpAddr], port: Option<u16>) -> Expression<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    fn pinhole() -> Pinhole {
-        Pinhole {
-            source: "198.18.0.2".parse().unwrap(),
-            dial: "198.18.0.1:61000".parse().unwrap(),
-            dnat: Some("203.0.113.2:40000".parse().unwrap()),
-            snat: Some("203.0.113.1".parse().unwrap()),
-            label: Label {
-                session: 3,
-                client: "198.18.0.2".parse().unwrap(),
-                server: "203.0.113.2".parse().unwrap(),
-            },
-            timeout: Duration::from_secs(30),
-        }
-    }
+    use crate::pinhole::batch::{elements, tests::pinhole};
 
     /// The JSON equals what `nft -j` prints for
     /// `add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s comment "..." }`
@@ -629,8 +418,8 @@ mod tests {
     fn install_json_matches_nft_schema() {
         let elements: Vec<_> = elements(&pinhole())
             .unwrap()
-            .into_iter()
-            .map(|(_, element)| element)
+            .iter()
+            .map(json_element)
             .collect();
         let json = without_nulls(serde_json::to_value(&elements).unwrap());
         assert_eq!(
@@ -664,58 +453,6 @@ mod tests {
             Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
             other => other,
         }
-    }
-
-    /// Stage one op of `pinhole` and return the batch's commands, e.g. `["add pin_v4", ...]`.
-    fn staged(worker: &mut Worker, op: Op, pinhole: &Pinhole) -> Vec<String> {
-        let mut batch = Batch::new();
-        for (key, element) in elements(pinhole).unwrap() {
-            worker.stage(op, key, element, &mut batch);
-        }
-        let json = serde_json::to_value(batch.to_nftables()).unwrap();
-        json["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|cmd| {
-                let (verb, body) = cmd.as_object().unwrap().iter().next().unwrap();
-                format!("{verb} {}", body["element"]["name"].as_str().unwrap())
-            })
-            .collect()
-    }
-
-    #[test]
-    fn shared_elements_stay_until_their_last_owner_closes() {
-        let mut worker = Worker {
-            nft: PathBuf::from("nft"),
-            owners: HashMap::new(),
-        };
-        let p = pinhole();
-        let per_set = |verbs: &[&str]| -> Vec<String> {
-            ["pin_v4", "dnat_v4", "snat_v4"]
-                .iter()
-                .flat_map(|set| verbs.iter().map(move |v| format!("{v} {set}")))
-                .collect()
-        };
-        assert_eq!(staged(&mut worker, Op::Install, &p), per_set(&["add"]));
-        // A second owner replaces each element, refreshing its timeout and label.
-        assert_eq!(
-            staged(&mut worker, Op::Install, &p),
-            per_set(&["add", "delete", "add"])
-        );
-        assert!(staged(&mut worker, Op::Remove, &p).is_empty());
-        assert_eq!(
-            staged(&mut worker, Op::Remove, &p),
-            per_set(&["add", "delete"])
-        );
-        assert!(worker.owners.is_empty());
-    }
-
-    #[test]
-    fn mixed_families_are_refused() {
-        let mut p = pinhole();
-        p.dnat = Some("[2001:db8::2]:40000".parse().unwrap());
-        assert!(elements(&p).is_err());
     }
 
     const LABEL: &str = "session=3 client=198.18.0.2 server=203.0.113.2";

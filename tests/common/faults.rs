@@ -1,6 +1,6 @@
 //! Faults end to end: what happens to transfers, pinholes and sessions when the daemon is
-//! killed or stopped, when `nft` fails at run time, when the upstream server cannot be reached
-//! and when a client vanishes. One `pub fn` per `#[test]` of `tests/e2e_faults.rs`, all with
+//! killed or stopped, when nft or netlink fails at run time, when the upstream server cannot be
+//! reached and when a client vanishes. One `pub fn` per `#[test]` of `tests/e2e_faults.rs`, all with
 //! vsftpd and Python clients (see [`PyClient`]).
 //!
 //! The promise under test is DESIGN.md's: data runs in the kernel, so a transfer outlives the
@@ -105,30 +105,64 @@ took("download", start)
 until_closed(ftp.getmultiline)
 "#;
 
-/// `pinholes.nft` names a wrapper that runs the real nft to load the table (`-f -`) and to
-/// list it, but refuses every pinhole transaction (`-j -f -`), as nft does when the kernel
-/// runs out of memory or another program has broken the table. PASV and PORT each get 425 and
-/// neither announcement reaches the client or the server; the session goes on, a second one is
-/// accepted, and the daemon logs what nft said. Like nft, the wrapper reads its whole input
-/// before it fails: one that exits first fails the daemon's write to its stdin (EPIPE), and the
-/// daemon then logs that instead of what nft said.
+/// With `pinholes.backend = "nft"`, `pinholes.nft` names a wrapper that runs the real nft to
+/// load the table (`-f -`) and to list it, but refuses every pinhole transaction (`-j -f -`),
+/// as nft does when the kernel runs out of memory or another program has broken the table.
+/// Like nft, the wrapper reads its whole input before it fails: one that exits first fails the
+/// daemon's write to its stdin (EPIPE), and the daemon then logs that instead of what nft said.
 pub fn nft_failing_at_run_time() {
+    let nft = find_tool("nft").expect("preflight found nft");
+    let wrapper = format!(
+        "#!/bin/sh\n\
+         if [ \"$1\" = -j ] && [ \"$2\" = -f ]; then\n\
+         \tcat >/dev/null\n\
+         \techo '{NFT_REFUSAL}' >&2\n\
+         \texit 1\n\
+         fi\n\
+         exec {} \"$@\"\n",
+        nft.display()
+    );
+    pinholes_refused("nft", &wrapper, &[NFT_REFUSAL]);
+}
+
+/// With `pinholes.backend = "netlink"`, the kernel itself refuses every pinhole: the nft
+/// wrapper loads the daemon's table with its pin sets renamed, as if another program had
+/// broken the table, so each pinhole's first element names a set that does not exist
+/// (ENOENT). The daemon logs which element the kernel refused and why.
+pub fn netlink_failing_at_run_time() {
+    let nft = find_tool("nft").expect("preflight found nft");
+    let wrapper = format!(
+        "#!/bin/sh\n\
+         if [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
+         \tsed 's/pin_v\\([46]\\)/gone_v\\1/g' | {nft} -f -\n\
+         \texit\n\
+         fi\n\
+         exec {nft} \"$@\"\n",
+        nft = nft.display()
+    );
+    pinholes_refused(
+        "netlink",
+        &wrapper,
+        &[
+            "netlink: add element inet ftp_alg pin_v4",
+            "No such file or directory",
+        ],
+    );
+}
+
+/// The daemon runs with `pinholes.backend = backend` and `pinholes.nft` naming the shell script
+/// `wrapper`, which makes every pinhole fail. PASV and PORT each get 425 and neither
+/// announcement reaches the client or the server; the session goes on, a second one is
+/// accepted, and the daemon logs the failure, with each of `complaint`, once per announcement.
+fn pinholes_refused(backend: &str, wrapper: &str, complaint: &[&str]) {
     let mut lab = lab_with(Topology::Gateway(Family::V4), "", |lab| {
-        let wrapper = lab.dir.join("nft-wrapper");
-        let nft = find_tool("nft").expect("preflight found nft");
-        let script = format!(
-            "#!/bin/sh\n\
-             if [ \"$1\" = -j ] && [ \"$2\" = -f ]; then\n\
-             \tcat >/dev/null\n\
-             \techo '{NFT_REFUSAL}' >&2\n\
-             \texit 1\n\
-             fi\n\
-             exec {} \"$@\"\n",
-            nft.display()
-        );
-        fs::write(&wrapper, script).expect("write the nft wrapper");
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
-        format!("[pinholes]\nnft = \"{}\"\n", wrapper.display())
+        let path = lab.dir.join("nft-wrapper");
+        fs::write(&path, wrapper).expect("write the nft wrapper");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
+        format!(
+            "[pinholes]\nbackend = \"{backend}\"\nnft = \"{}\"\n",
+            path.display()
+        )
     });
     let replies = script(&mut lab, PINHOLES_REFUSED).finish();
     let refused = "425 Can't open data connection (firewall).";
@@ -158,8 +192,11 @@ pub fn nft_failing_at_run_time() {
     );
     let failures = daemon_log_lines(&lab, "cannot open pinhole");
     assert!(
-        failures.len() == 2 && failures.iter().all(|l| l.contains(NFT_REFUSAL)),
-        "the daemon must log nft's complaint once for PASV and once for PORT: {failures:#?}"
+        failures.len() == 2
+            && failures
+                .iter()
+                .all(|l| complaint.iter().all(|c| l.contains(c))),
+        "the daemon must log {complaint:?} once for PASV and once for PORT: {failures:#?}"
     );
     assert_daemon_runs(&mut lab);
     lab.assert_no_pinholes_left();

@@ -766,7 +766,13 @@ impl SyslogSink {
                             .write_all(&datagram[..n])
                             .and_then(|()| log.write_all(b"\n"))
                             .expect("append to pure-ftpd's log"),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // A read with a timeout fails with EINTR when the process is
+                        // stopped and continued (signal(7)), even without a signal handler.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                            ) => {}
                         Err(e) => panic!("read pure-ftpd's syslog: {e}"),
                     }
                 }

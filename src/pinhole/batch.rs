@@ -1,0 +1,466 @@
+//! What both kernel interfaces share: pinholes as set and map elements, batching, ownership.
+//!
+//! A pinhole is one element of `pin_v4`/`pin_v6` plus optional elements of the dnat and snat
+//! maps (`rules/ftp-alg.nft`). Sessions ask for pinholes one at a time and concurrently; a
+//! [`Firewall`] queues each request, and one worker task applies whatever has queued up in one
+//! kernel transaction, so the fixed cost of a transaction is paid per batch, not per pinhole. A
+//! failed batch is retried one request at a time, so one bad request cannot fail the others.
+//!
+//! This module decides *which* elements to add and delete ([`Change`]); a [`Transaction`] says it
+//! to the kernel: [`super::netlink`] over a netlink socket, [`super::nft`] through the nft
+//! program. A transport keeps no state of its own about elements.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Backend, BackendError, Pinhole};
+
+/// Most requests applied in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The data a map element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Value {
+    /// A dnat element: the address and port the connection is sent to.
+    Endpoint(SocketAddr),
+    /// An snat element: the source address the connection is given.
+    Address(IpAddr),
+}
+
+/// One set or map element of a pinhole, keyed on `source . dest address . dest port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Element {
+    /// The set or map, as named in `rules/ftp-alg.nft` (`pin_v4`, `dnat_v6`, ...).
+    pub set: &'static str,
+    /// First field of the key.
+    pub source: IpAddr,
+    /// Second and third fields of the key.
+    pub dest: SocketAddr,
+    /// What a map element maps to; `None` in a set.
+    pub value: Option<Value>,
+    /// Kernel-side lifetime in whole seconds, as nft counts it.
+    pub timeout_secs: u32,
+    /// The pinhole's label ([`super::Label::to_comment`]).
+    pub comment: String,
+}
+
+impl fmt::Display for Element {
+    /// The element as nft writes it, e.g. `pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {{ {} . {} . {} }}",
+            self.set,
+            self.source,
+            self.dest.ip(),
+            self.dest.port()
+        )
+    }
+}
+
+/// What a transaction does with an element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verb {
+    /// Add it; a no-op when an equal element is there already.
+    Add,
+    /// Delete it; the kernel refuses (and fails the transaction) when it is not there.
+    Delete,
+}
+
+/// One step of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// Add or delete.
+    pub verb: Verb,
+    /// The element.
+    pub element: Element,
+}
+
+/// A way to apply changes to the kernel.
+pub(crate) trait Transaction: Send + 'static {
+    /// Apply `changes`, in order, in one kernel transaction: all or none.
+    fn commit(
+        &mut self,
+        changes: &[Change],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// The set and map elements that make up one pinhole.
+pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
+    let mixed = || BackendError::Invalid(format!("pinhole mixes address families: {p:?}"));
+    let v6 = match (p.source, p.dial.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => false,
+        (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        _ => return Err(mixed()),
+    };
+    let translated = p.translated();
+    if translated.is_ipv6() != v6 || p.snat.is_some_and(|s| s.is_ipv6() != v6) {
+        return Err(mixed());
+    }
+    let name = |v4: &'static str, v6_name: &'static str| if v6 { v6_name } else { v4 };
+    // Every element carries the label, so that `pinholes list` can still say whose a pinhole
+    // is after its connection has arrived and the pin element is gone.
+    let element = |set, dest, value| Element {
+        set,
+        source: p.source,
+        dest,
+        value,
+        timeout_secs: u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX),
+        comment: p.label.to_comment(),
+    };
+    let mut out = vec![element(name("pin_v4", "pin_v6"), p.dial, None)];
+    if let Some(to) = p.dnat {
+        out.push(element(
+            name("dnat_v4", "dnat_v6"),
+            p.dial,
+            Some(Value::Endpoint(to)),
+        ));
+    }
+    if let Some(from) = p.snat {
+        out.push(element(
+            name("snat_v4", "snat_v6"),
+            translated,
+            Some(Value::Address(from)),
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Install,
+    Remove,
+}
+
+struct Job {
+    op: Op,
+    pinholes: Vec<Pinhole>,
+    done: oneshot::Sender<Result<(), BackendError>>,
+}
+
+/// The firewall backend the daemon uses: a handle to the worker task that batches requests
+/// into transactions of one kernel interface (see [`super::netlink::backend`] and
+/// [`super::nft::backend`]).
+///
+/// Requests are queued when `install` or `remove` is called, not when the returned future is
+/// first polled, so they reach the kernel in call order even when a caller does not wait.
+#[derive(Clone)]
+pub struct Firewall {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Firewall {
+    /// Start the batching worker on the current tokio runtime.
+    pub(crate) fn start(transaction: impl Transaction) -> Firewall {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            transaction,
+            owners: HashMap::new(),
+            undo: Vec::new(),
+        };
+        tokio::spawn(worker.run(rx));
+        Firewall { jobs }
+    }
+
+    fn submit(
+        &self,
+        op: Op,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let (done, result) = oneshot::channel();
+        let queued = self.jobs.send(Job { op, pinholes, done }).is_ok();
+        async move {
+            if !queued {
+                return Err(BackendError::WorkerGone);
+            }
+            result.await.map_err(|_| BackendError::WorkerGone)?
+        }
+    }
+}
+
+impl Backend for Firewall {
+    fn install(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+        self.submit(Op::Install, pinholes)
+    }
+
+    fn remove(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+        self.submit(Op::Remove, pinholes)
+    }
+}
+
+/// A set or map element as the kernel identifies it: the set's name and the key.
+type ElementKey = (&'static str, IpAddr, SocketAddr);
+
+/// Applies queued jobs, and counts how many open pinholes use each element: two pinholes can
+/// share one (two sessions of one client reaching the same server port, or a server that
+/// announces the same passive port twice), and closing one must not remove the other's.
+struct Worker<T> {
+    transaction: T,
+    owners: HashMap<ElementKey, usize>,
+    /// What the batch being applied changed in `owners`, in order: (element, its count
+    /// before). A refused batch is undone from it, at the cost of the batch's size, not of
+    /// every element open.
+    undo: Vec<(ElementKey, usize)>,
+}
+
+impl<T: Transaction> Worker<T> {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let result = self.apply(&jobs).await;
+            if result.is_err() && jobs.len() > 1 {
+                self.undo();
+                tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
+                for job in jobs {
+                    let result = self.apply(std::slice::from_ref(&job)).await;
+                    if result.is_err() && job.op == Op::Install {
+                        self.undo();
+                    }
+                    let _ = job.done.send(result);
+                }
+                continue;
+            }
+            if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
+                self.undo();
+            }
+            for job in jobs {
+                // A requester that went away no longer needs the answer.
+                let _ = job.done.send(result.clone());
+            }
+        }
+    }
+
+    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
+    /// that fails is forgotten all the same: its elements expire by their kernel timeout.
+    async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
+        self.undo.clear();
+        let mut changes = Vec::new();
+        for job in jobs {
+            for pinhole in &job.pinholes {
+                for element in elements(pinhole)? {
+                    self.stage(job.op, element, &mut changes);
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.transaction.commit(&changes).await
+    }
+
+    /// Put back the owner counts that the last [`Worker::apply`] changed.
+    fn undo(&mut self) {
+        for (key, count) in self.undo.drain(..).rev() {
+            if count == 0 {
+                self.owners.remove(&key);
+            } else {
+                self.owners.insert(key, count);
+            }
+        }
+    }
+
+    /// Add one element's changes to `changes`, if the kernel needs any.
+    fn stage(&mut self, op: Op, element: Element, changes: &mut Vec<Change>) {
+        let key = (element.set, element.source, element.dest);
+        let count = self.owners.get(&key).copied().unwrap_or(0);
+        self.undo.push((key, count));
+        let mut push = |verb| {
+            changes.push(Change {
+                verb,
+                element: element.clone(),
+            })
+        };
+        match op {
+            Op::Install => {
+                let owners = self.owners.entry(key).or_insert(0);
+                if *owners > 0 {
+                    // Already there for another pinhole: replace it, so that the timeout and
+                    // the label are the new pinhole's.
+                    push(Verb::Add);
+                    push(Verb::Delete);
+                }
+                push(Verb::Add);
+                *owners += 1;
+            }
+            Op::Remove => match self.owners.get_mut(&key) {
+                Some(owners) if *owners > 1 => *owners -= 1,
+                _ => {
+                    self.owners.remove(&key);
+                    // The element may be gone already: the packet path deletes a pin element
+                    // when its connection arrives, and the kernel drops an element when its
+                    // timeout runs out. So it is added first (a no-op when it exists), and the
+                    // delete then succeeds either way. Deleting it alone and ignoring ENOENT
+                    // would not do, even over netlink, where the errno of each message is
+                    // seen: the kernel aborts the whole batch at a failed message, and with it
+                    // every other request batched in. A `destroy` that ignores a missing
+                    // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
+                    // runs 6.1) and is not in nft 1.0.6.
+                    push(Verb::Add);
+                    push(Verb::Delete);
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::pinhole::Label;
+    use std::time::Duration;
+
+    /// A pinhole with all three elements (reverse mode, passive).
+    pub(crate) fn pinhole() -> Pinhole {
+        Pinhole {
+            source: "198.18.0.2".parse().unwrap(),
+            dial: "198.18.0.1:61000".parse().unwrap(),
+            dnat: Some("203.0.113.2:40000".parse().unwrap()),
+            snat: Some("203.0.113.1".parse().unwrap()),
+            label: Label {
+                session: 3,
+                client: "198.18.0.2".parse().unwrap(),
+                server: "203.0.113.2".parse().unwrap(),
+            },
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Commits nothing, and succeeds unless told to refuse: these tests look at what the
+    /// worker stages and counts.
+    struct Refuses(bool);
+
+    impl Transaction for Refuses {
+        fn commit(
+            &mut self,
+            _: &[Change],
+        ) -> impl Future<Output = Result<(), BackendError>> + Send {
+            std::future::ready(if self.0 {
+                Err(BackendError::Invalid("refused".into()))
+            } else {
+                Ok(())
+            })
+        }
+    }
+
+    fn worker() -> Worker<Refuses> {
+        Worker {
+            transaction: Refuses(false),
+            owners: HashMap::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
+    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+        let mut changes = Vec::new();
+        for element in elements(pinhole).unwrap() {
+            worker.stage(op, element, &mut changes);
+        }
+        changes
+            .iter()
+            .map(|c| {
+                let verb = match c.verb {
+                    Verb::Add => "add",
+                    Verb::Delete => "delete",
+                };
+                format!("{verb} {}", c.element.set)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_elements_stay_until_their_last_owner_closes() {
+        let mut worker = worker();
+        let p = pinhole();
+        let per_set = |verbs: &[&str]| -> Vec<String> {
+            ["pin_v4", "dnat_v4", "snat_v4"]
+                .iter()
+                .flat_map(|set| verbs.iter().map(move |v| format!("{v} {set}")))
+                .collect()
+        };
+        assert_eq!(staged(&mut worker, Op::Install, &p), per_set(&["add"]));
+        // A second owner replaces each element, refreshing its timeout and label.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            per_set(&["add", "delete", "add"])
+        );
+        assert!(staged(&mut worker, Op::Remove, &p).is_empty());
+        assert_eq!(
+            staged(&mut worker, Op::Remove, &p),
+            per_set(&["add", "delete"])
+        );
+        assert!(worker.owners.is_empty());
+    }
+
+    #[test]
+    fn a_refused_batch_leaves_the_owner_counts_as_they_were() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let job = |op, pinhole| Job {
+            op,
+            pinholes: vec![pinhole],
+            done: oneshot::channel().0,
+        };
+        let mut worker = worker();
+        runtime
+            .block_on(worker.apply(&[job(Op::Install, pinhole())]))
+            .unwrap();
+        let before = worker.owners.clone();
+        worker.transaction.0 = true;
+        let mut other = pinhole();
+        other.dial = "198.18.0.1:61001".parse().unwrap();
+        let refused = runtime.block_on(worker.apply(&[
+            job(Op::Install, pinhole()),
+            job(Op::Install, other),
+            job(Op::Remove, pinhole()),
+        ]));
+        assert!(refused.is_err());
+        assert_ne!(worker.owners, before);
+        worker.undo();
+        assert_eq!(worker.owners, before);
+    }
+
+    #[test]
+    fn elements_are_keyed_on_the_arriving_and_the_translated_tuple() {
+        let elements = elements(&pinhole()).unwrap();
+        let shown: Vec<String> = elements.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }",
+                "dnat_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }",
+                "snat_v4 { 198.18.0.2 . 203.0.113.2 . 40000 }",
+            ]
+        );
+        assert_eq!(
+            elements[1].value,
+            Some(Value::Endpoint("203.0.113.2:40000".parse().unwrap()))
+        );
+        assert!(elements.iter().all(|e| e.timeout_secs == 30
+            && e.comment == "session=3 client=198.18.0.2 server=203.0.113.2"));
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        let mut p = pinhole();
+        p.dnat = Some("[2001:db8::2]:40000".parse().unwrap());
+        assert!(matches!(elements(&p), Err(BackendError::Invalid(_))));
+    }
+}

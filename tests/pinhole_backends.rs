@@ -1,0 +1,252 @@
+//! Both pinhole backends against the real kernel: pinholes installed over netlink or through
+//! the nft program, read back with `nft -j list` and with `pinholes list`'s reader
+//! ([`nft::list`]), shared between owners, removed after the kernel has dropped them, and refused
+//! with the kernel's reason.
+//!
+//! Each test moves its own thread into a new network namespace (unshare(2) acts on the calling
+//! thread) and runs a single-threaded runtime there, so the netlink socket and every nft process
+//! it starts see only that namespace, which goes away with the thread. Needs root, like the
+//! end-to-end suite.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ftp_alg::pinhole::{
+    netlink, nft, Firewall, Label, PinholeEntry, PinholeRequest, PinholeState, Pinholes,
+};
+use ftp_alg::ports::PortPool;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `test` in a fresh network namespace of this thread, with the daemon's table loaded.
+fn in_namespace<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    // SAFETY: unshare only changes the calling thread's network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET) (run as root): {}",
+        std::io::Error::last_os_error()
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            nft::load_table(Path::new("nft"), 0xf7a0, 2121, &[])
+                .await
+                .expect("load the table");
+            test().await;
+        });
+}
+
+fn nft(args: &[&str]) -> String {
+    let out = Command::new("nft").args(args).output().expect("run nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn label(session: u64) -> Label {
+    Label {
+        session,
+        client: "198.18.0.2".parse().unwrap(),
+        server: "203.0.113.2".parse().unwrap(),
+    }
+}
+
+/// Reverse mode, passive: all three elements.
+fn reverse_passive(session: u64, port: Option<u16>) -> PinholeRequest {
+    PinholeRequest {
+        source: "198.18.0.2".parse().unwrap(),
+        dial_ip: "198.18.0.1".parse().unwrap(),
+        dial_port: port,
+        dnat: Some("203.0.113.2:40000".parse().unwrap()),
+        snat: Some("203.0.113.1".parse().unwrap()),
+        label: label(session),
+    }
+}
+
+fn pinholes(backend: Firewall) -> Pinholes<Firewall> {
+    Pinholes::new(
+        backend,
+        PortPool::new(61000, 61009, Duration::ZERO),
+        TIMEOUT,
+    )
+}
+
+async fn listed() -> Vec<PinholeEntry> {
+    nft::list(Path::new("nft")).await.expect("list pinholes")
+}
+
+/// The elements of one set or map in `nft -j list table` output.
+fn json_elements(set: &str) -> Vec<serde_json::Value> {
+    let doc: serde_json::Value =
+        serde_json::from_str(&nft(&["-j", "list", "table", "inet", "ftp_alg"])).unwrap();
+    doc["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("set").or_else(|| o.get("map")))
+        .find(|s| s["name"] == set)
+        .and_then(|s| s["elem"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Install, read back both ways, share, remove: the same for either backend.
+async fn round_trip(backend: Firewall) {
+    let pinholes = pinholes(backend);
+    let first = pinholes.open(&reverse_passive(3, None)).await.unwrap();
+    assert_eq!(first.dial_port, 61000);
+
+    let comment = label(3).to_comment();
+    let [pin] = &json_elements("pin_v4")[..] else {
+        panic!("one pin_v4 element: {:?}", json_elements("pin_v4"));
+    };
+    assert_eq!(
+        pin["elem"]["val"],
+        serde_json::json!({"concat": ["198.18.0.2", "198.18.0.1", 61000]})
+    );
+    assert_eq!(pin["elem"]["timeout"], 30);
+    assert_eq!(pin["elem"]["comment"], comment.as_str());
+    let [dnat] = &json_elements("dnat_v4")[..] else {
+        panic!("one dnat_v4 element");
+    };
+    assert_eq!(
+        dnat[1],
+        serde_json::json!({"concat": ["203.0.113.2", 40000]})
+    );
+    assert_eq!(dnat[0]["elem"]["comment"], comment.as_str());
+    let [snat] = &json_elements("snat_v4")[..] else {
+        panic!("one snat_v4 element");
+    };
+    assert_eq!(
+        snat[0]["elem"]["val"],
+        serde_json::json!({"concat": ["198.18.0.2", "203.0.113.2", 40000]})
+    );
+    assert_eq!(snat[1], "203.0.113.1");
+
+    let entries = listed().await;
+    let [entry] = &entries[..] else {
+        panic!("one pinhole: {entries:#?}");
+    };
+    assert!(
+        (TIMEOUT.as_secs() - 3..=TIMEOUT.as_secs()).contains(&entry.seconds_left),
+        "{entry:?}"
+    );
+    assert_eq!(
+        *entry,
+        PinholeEntry {
+            id: None,
+            state: PinholeState::Waiting,
+            session: Some(3),
+            client: Some("198.18.0.2".parse().unwrap()),
+            server: Some("203.0.113.2".parse().unwrap()),
+            source: "198.18.0.2".parse().unwrap(),
+            dial: "198.18.0.1:61000".parse().unwrap(),
+            maps_to: Some("203.0.113.2:40000".parse().unwrap()),
+            snat: Some("203.0.113.1".parse().unwrap()),
+            seconds_left: entry.seconds_left,
+        }
+    );
+
+    // A second pinhole on the same elements takes them over (its label) and shares them.
+    let second = pinholes
+        .open(&reverse_passive(4, Some(61000)))
+        .await
+        .unwrap();
+    assert_eq!(listed().await[0].session, Some(4));
+    pinholes.close(&[first.id]).await.unwrap();
+    assert_eq!(
+        listed().await.len(),
+        1,
+        "the second owner keeps the elements"
+    );
+    pinholes.close(&[second.id]).await.unwrap();
+    assert!(listed().await.is_empty());
+
+    // An element the kernel has dropped (here its pin element, as the packet path does when
+    // the connection arrives) is no error to remove.
+    let used = pinholes.open(&reverse_passive(5, None)).await.unwrap();
+    let port = used.dial_port.to_string();
+    nft(&[
+        "delete",
+        "element",
+        "inet",
+        "ftp_alg",
+        "pin_v4",
+        &format!("{{ 198.18.0.2 . 198.18.0.1 . {port} }}"),
+    ]);
+    assert_eq!(listed().await[0].state, PinholeState::Used);
+    pinholes.close(&[used.id]).await.unwrap();
+    assert!(listed().await.is_empty());
+
+    // IPv6, without translation (gateway mode, passive).
+    let v6 = pinholes
+        .open(&PinholeRequest {
+            source: "2001:db8:a::2".parse().unwrap(),
+            dial_ip: "2001:db8:b::2".parse().unwrap(),
+            dial_port: Some(40001),
+            dnat: None,
+            snat: None,
+            label: Label {
+                session: 6,
+                client: "2001:db8:a::2".parse().unwrap(),
+                server: "2001:db8:b::2".parse().unwrap(),
+            },
+        })
+        .await
+        .unwrap();
+    let entries = listed().await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (entries[0].source, entries[0].dial, entries[0].session),
+        (
+            "2001:db8:a::2".parse::<IpAddr>().unwrap(),
+            "[2001:db8:b::2]:40001".parse::<SocketAddr>().unwrap(),
+            Some(6)
+        )
+    );
+    pinholes.close(&[v6.id]).await.unwrap();
+    assert!(listed().await.is_empty());
+}
+
+#[test]
+fn netlink_pinholes_read_back_through_nft() {
+    in_namespace(|| async { round_trip(netlink::backend().unwrap()).await });
+}
+
+#[test]
+fn nft_pinholes_read_back_through_nft() {
+    in_namespace(|| async { round_trip(nft::backend("nft".into())).await });
+}
+
+/// The kernel's refusal reaches the caller with what was refused and why, and the socket
+/// serves the next request once the cause is gone.
+#[test]
+fn netlink_refusal_says_which_element_and_why() {
+    in_namespace(|| async {
+        let pinholes = pinholes(netlink::backend().unwrap());
+        nft(&["delete", "table", "inet", "ftp_alg"]);
+        let error = pinholes
+            .open(&reverse_passive(7, None))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }")
+                && error.contains("No such file or directory"),
+            "{error}"
+        );
+        nft::load_table(Path::new("nft"), 0xf7a0, 2121, &[])
+            .await
+            .unwrap();
+        pinholes.open(&reverse_passive(8, None)).await.unwrap();
+        assert_eq!(listed().await.len(), 1);
+    });
+}
