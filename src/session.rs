@@ -456,7 +456,7 @@ impl Session {
                     }
                     _ => Command::Eprt(SocketAddr::new(ip, opened.dial_port)),
                 };
-                tracing::info!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
+                tracing::debug!(announce = %SocketAddr::new(ip, opened.dial_port), "rewrote active announcement");
                 let kind = if eprt { Rewrite::Eprt } else { Rewrite::Port };
                 self.events.push_back(Event::Rewrote(kind));
                 if let Some(line) = command.encode() {
@@ -470,7 +470,7 @@ impl Session {
                 };
                 match reply.rewrite(endpoint) {
                     Ok(line) => {
-                        tracing::info!(announce = %endpoint, "rewrote passive announcement");
+                        tracing::debug!(announce = %endpoint, "rewrote passive announcement");
                         let kind = match reply {
                             PassiveReply::Pasv { .. } => Rewrite::Pasv,
                             PassiveReply::Epsv { .. } => Rewrite::Epsv,
