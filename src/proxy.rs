@@ -27,6 +27,8 @@ const READ_BUFFER: usize = 8192;
 /// Reads per readiness event before the session's actions are carried out: bounds what one
 /// fast peer puts in the session's buffers at once.
 const READS_PER_WAKEUP: usize = 8;
+/// How long a last 421 to the client may take before the session ends anyway.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the server may take to answer and close after the client has closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -217,9 +219,15 @@ async fn relay(
     loop {
         while let Some(action) = session.poll_action() {
             match action {
-                Action::ToServer(bytes) => server_tx.write_all(&bytes).await?,
-                Action::ToServerSynch(line) => send_synch(&mut server_tx, &line).await?,
-                Action::ToClient(bytes) => client_tx.write_all(&bytes).await?,
+                Action::ToServer(bytes) => {
+                    bounded(entry, idle_limit, server_tx.write_all(&bytes)).await?
+                }
+                Action::ToServerSynch(line) => {
+                    bounded(entry, idle_limit, send_synch(&mut server_tx, &line)).await?
+                }
+                Action::ToClient(bytes) => {
+                    bounded(entry, idle_limit, client_tx.write_all(&bytes)).await?
+                }
                 Action::Open(request) => {
                     let started = std::time::Instant::now();
                     let result = shared.pinholes.open(&request).await;
@@ -272,9 +280,7 @@ async fn relay(
             () = &mut grace => return Ok(()),
             () = entry.killed() => {
                 tracing::info!(reason = "operator", "session killed by the operator");
-                client_tx
-                    .write_all(b"421 Session closed by the operator.\r\n")
-                    .await?;
+                farewell(&mut client_tx, b"421 Session closed by the operator.\r\n").await;
                 return Ok(());
             }
             () = &mut idle => {
@@ -283,14 +289,41 @@ async fn relay(
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
                 } else {
                     tracing::info!(reason = "idle_timeout", "closing idle session");
-                    client_tx
-                        .write_all(b"421 Idle timeout; closing control connection.\r\n")
-                        .await?;
+                    farewell(&mut client_tx, b"421 Idle timeout; closing control connection.\r\n")
+                        .await;
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Carry out a write to a peer, unless the operator ends the session first or the peer has
+/// accepted nothing for `limit` (it is not reading: a client can pipeline commands and never
+/// read their replies). Without this bound such a session could be neither killed nor timed
+/// out, and would hold its place under the limits for good.
+async fn bounded(
+    entry: &Entry,
+    limit: Duration,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::select! {
+        written = write => written,
+        () = entry.killed() => {
+            tracing::info!(reason = "operator", "session killed by the operator while a peer was not reading");
+            Err(std::io::Error::other("session killed by the operator"))
+        }
+        () = tokio::time::sleep(limit) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer has read nothing for limits.idle_timeout_secs",
+        )),
+    }
+}
+
+/// A last reply to the client before the session ends; not waited for past
+/// [`FAREWELL_TIMEOUT`], since a client that does not read must not hold the session.
+async fn farewell(client: &mut OwnedWriteHalf, reply: &[u8]) {
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(reply)).await;
 }
 
 /// What [`read_available`] read.

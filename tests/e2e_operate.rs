@@ -16,3 +16,8 @@ fn operator_cli_against_a_running_daemon() {
 fn cli_without_a_daemon_and_for_other_users() {
     operate::cli_without_a_daemon_and_for_other_users();
 }
+
+#[test]
+fn a_client_that_does_not_read_can_still_be_killed() {
+    operate::a_client_that_does_not_read_can_still_be_killed();
+}

@@ -203,6 +203,70 @@ fn assert_json_logs_without_secrets(lab: &Lab, session_id: u64) {
     assert!(span["server"].as_str().is_some(), "{masked:#}");
 }
 
+/// A client that floods commands and never reads: once its receive window is full the
+/// daemon's writes to it block (the test sees the daemon's send queue to it fill up). The
+/// operator can still end it: `sessions kill` removes it within seconds.
+pub fn a_client_that_does_not_read_can_still_be_killed() {
+    let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::Alg);
+    let mut client = PyClient::in_client(&mut lab, NOT_READING);
+    assert_eq!(client.replies_until("wedged"), Vec::<String>::new());
+    let sessions = json(&lab, &["sessions", "list", "--json"]);
+    let id = match sessions.as_array().map(Vec::as_slice) {
+        Some([session]) => session["id"].as_u64().expect("an id"),
+        _ => panic!("one session: {sessions:#}"),
+    };
+    let queued = must(lab.exec(
+        &lab.gateway_ns(),
+        &["ss", "-tnH", "state", "established", "( sport = :2121 )"],
+    ));
+    let send_q: u64 = queued
+        .split_whitespace()
+        .nth(1)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("ss printed {queued:?}"));
+    assert!(
+        send_q > 0,
+        "the daemon's writes to the client must be stuck: {queued}"
+    );
+
+    must(lab.alg_cli(&["sessions", "kill", &id.to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while json(&lab, &["sessions", "list", "--json"]) != serde_json::json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "a session blocked writing to its client survived `sessions kill`"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    client.resume();
+    assert_replies("after the kill", &client.finish(), &["(closed)"]);
+}
+
+/// Connects with a small receive buffer, reads nothing, and sends NOOPs until its own writes
+/// block; after the checkpoint it drains what it was sent until the daemon closes.
+const NOT_READING: &str = r#"
+import threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect((HOST, 21))
+def flood():
+    try:
+        while True:
+            s.sendall(b"NOOP\r\n" * 1000)
+    except OSError:
+        pass
+threading.Thread(target=flood, daemon=True).start()
+time.sleep(3)
+checkpoint("wedged")
+s.settimeout(10)
+try:
+    while s.recv(1 << 16):
+        pass
+except OSError:
+    pass
+emit(reply="(closed)")
+"#;
+
 /// Without a daemon the CLI says so, with exit status 3, except `pinholes list`, which reads
 /// the kernel and says it did; a restarted daemon replaces the stale socket. A caller other
 /// than root is refused, by the socket's mode and, should that be loosened, by the daemon.
