@@ -134,8 +134,8 @@ pub enum PinholesCommand {
         /// Refresh until interrupted (JSON: one array per line).
         #[arg(long)]
         watch: bool,
-        /// Seconds between refreshes with --watch.
-        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        /// Seconds between refreshes with --watch (0.1 to 3600).
+        #[arg(long, default_value_t = 1.0, requires = "watch", value_parser = parse_interval)]
         interval: f64,
         /// Stop after this many refreshes with --watch.
         #[arg(long, requires = "watch")]
@@ -270,7 +270,7 @@ async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
                 },
         } => {
             let refresh = watch.then(|| Watch {
-                every: Duration::from_secs_f64(interval.max(0.1)),
+                every: Duration::from_secs_f64(interval),
                 count,
             });
             list_pinholes(socket, &nft, json, refresh).await
@@ -412,6 +412,15 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
         None => println!("  metrics:  off"),
     }
     Ok(())
+}
+
+/// `--interval`: a number of seconds from 0.1 to 3600.
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        Ok(_) => Err("must be from 0.1 to 3600 seconds".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `pinholes list --watch` settings.
@@ -637,6 +646,49 @@ mod tests {
             report(&e),
             "asking for the status: ftp-alg is not running: cannot connect to /run/x.sock: entity not found"
         );
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_usage_errors_not_panics() {
+        for args in [
+            &[
+                "ftp-alg",
+                "pinholes",
+                "list",
+                "--watch",
+                "--interval",
+                "inf",
+            ][..],
+            &[
+                "ftp-alg",
+                "pinholes",
+                "list",
+                "--watch",
+                "--interval",
+                "NaN",
+            ],
+            &[
+                "ftp-alg",
+                "pinholes",
+                "list",
+                "--watch",
+                "--interval",
+                "1e30",
+            ],
+            &["ftp-alg", "pinholes", "list", "--watch", "--interval", "0"],
+            &[
+                "ftp-alg",
+                "sniff",
+                "-i",
+                "lo",
+                "--timeout",
+                "18446744073709551615",
+            ],
+            &["ftp-alg", "sniff", "-i", "lo", "--timeout", "0"],
+        ] {
+            let e = Cli::try_parse_from(args).expect_err("out of range");
+            assert_eq!(e.exit_code(), i32::from(exit::USAGE), "{args:?}");
+        }
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 16;
 /// A control connection with no command from the client for this long, and no transfer
 /// running, is closed with 421 (RFC 6384 §12: never while a transfer runs).
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
+/// The longest `limits.idle_timeout_secs`: a week. Longer is no timeout in practice, and a
+/// deadline that far out must still be representable.
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// After SIGTERM, how long the sessions under way may go on before the daemon stops.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// Pinholes one session may hold at once: the current endpoint plus those of pipelined
@@ -561,8 +564,11 @@ impl Config {
         if l.max_pinholes_per_session == 0 {
             return Err("limits.max_pinholes_per_session must be at least 1".into());
         }
-        if l.idle_timeout_secs == 0 {
-            return Err("limits.idle_timeout_secs must be at least 1".into());
+        if l.idle_timeout_secs == 0 || l.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
+            return Err(format!(
+                "limits.idle_timeout_secs = {}: must be 1..={MAX_IDLE_TIMEOUT_SECS} (a week)",
+                l.idle_timeout_secs
+            ));
         }
         if ph.ct_mark == 0 {
             return Err(
@@ -660,6 +666,12 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("deny_commands"), "{e}");
         assert_eq!(c.limits.max_sessions, DEFAULT_MAX_SESSIONS);
+        for idle in ["0", "604801", "9223372036854775807"] {
+            let text =
+                format!("[proxy]\nmode = \"gateway\"\n[limits]\nidle_timeout_secs = {idle}\n");
+            let e = parse(&text).unwrap_err();
+            assert!(e.to_string().contains("idle_timeout_secs"), "{idle}: {e}");
+        }
     }
 
     #[test]

@@ -281,6 +281,9 @@ where
     let request = match tokio::time::timeout(TIMEOUT, reader.read_line(&mut line)).await {
         Ok(Ok(_)) => serde_json::from_str::<Request>(&line)
             .map_err(|e| error(ErrorKind::BadRequest, format!("not a request: {e}"))),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(error(ErrorKind::BadRequest, "not a request: not UTF-8"))
+        }
         Ok(Err(e)) => return Err(e),
         Err(_) => Err(error(
             ErrorKind::BadRequest,
@@ -296,7 +299,13 @@ where
             )
         }
         Ok(request) => {
-            tracing::info!(?request, "control request");
+            // Orders are worth a line each; questions (`--watch` asks every second) are not.
+            match request {
+                Request::Status | Request::Sessions | Request::Pinholes => {
+                    tracing::debug!(?request, "control request")
+                }
+                _ => tracing::info!(?request, "control request"),
+            }
             handle(request).await
         }
         Err(refusal) => refusal,
@@ -369,6 +378,11 @@ mod tests {
             ),
             "{answer:?}"
         );
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        raw.write_all(b"\xff\xfe\n").await.unwrap();
+        let mut line = String::new();
+        BufReader::new(raw).read_line(&mut line).await.unwrap();
+        assert!(line.contains("not UTF-8"), "{line:?}");
         server.abort();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(

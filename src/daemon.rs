@@ -27,8 +27,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for addr in &config.proxy.listen {
         listeners.push(proxy::bind(*addr).with_context(|| format!("listening on {addr}"))?);
     }
+    // The guard removes the socket file however start-up or the run ends.
     let control = match config.control.enabled {
-        true => Some(control::bind(&config.control.socket).await?),
+        true => {
+            let listener = control::bind(&config.control.socket).await?;
+            Some((listener, SocketFile(config.control.socket.clone())))
+        }
         false => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -84,15 +88,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
         services.push(tokio::spawn(proxy::accept_loop(listener, shared.clone())));
     }
-    let socket = control.map(|listener| {
-        let socket = shared.config.control.socket.clone();
-        tracing::info!("control API on {}", socket.display());
+    let control = control.map(|(listener, socket)| {
+        tracing::info!("control API on {}", socket.0.display());
         let for_control = shared.clone();
-        services.push(tokio::spawn(control::serve(listener, move |request| {
+        let task = tokio::spawn(control::serve(listener, move |request| {
             let shared = for_control.clone();
             async move { answer(&shared, started, request).await }
-        })));
-        SocketFile(socket)
+        }));
+        (task, socket)
     });
     if let Some(listener) = metrics_listener {
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
@@ -108,11 +111,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     signals.next_stop().await;
     // Stop accepting (the listeners close: new clients are refused at once), then give the
     // sessions under way their grace period; a second signal cuts it short. The control API
-    // stops too: a daemon on its way out takes no orders.
+    // stays up meanwhile: the operator can still see, and end, the sessions holding it up.
     for task in &services {
         task.abort();
     }
-    drop(socket);
     let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
     let sessions = shared.registry.count();
     if sessions > 0 {
@@ -128,6 +130,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             () = signals.next_stop() => {}
         }
     }
+    if let Some((task, socket)) = control {
+        task.abort();
+        drop(socket);
+    }
+    // Sessions left after the grace period may still ask for pinholes; from now on they are
+    // refused (425), so that none is installed behind the flush.
+    shared.pinholes.refuse_new();
     tracing::info!(
         open_pinholes = shared.pinholes.open_count(),
         "shutting down: removing every pinhole (the table's chains stay, so that connections \
@@ -153,6 +162,7 @@ impl Drop for SocketFile {
 fn gauges(shared: &Shared) -> Gauges {
     Gauges {
         sessions: shared.registry.count(),
+        sessions_total: shared.registry.admitted_total(),
         pinholes: shared.pinholes.stats(),
     }
 }
@@ -180,9 +190,14 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
                 metrics: config.metrics.listen,
             })
         }
-        Request::Sessions => Answer::Sessions {
-            sessions: shared.registry.list(),
-        },
+        Request::Sessions => {
+            let mut sessions = shared.registry.list();
+            // A session still counts pinholes the operator closed until their transfer ends.
+            for session in &mut sessions {
+                session.pinholes.retain(|id| shared.pinholes.is_open(*id));
+            }
+            Answer::Sessions { sessions }
+        }
         Request::KillSession { id } => match shared.registry.kill(id) {
             true => Answer::Killed { id },
             false => control::error(ErrorKind::NotFound, format!("no session {id}")),

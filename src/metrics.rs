@@ -24,8 +24,10 @@ const INSTALL_BUCKETS: [f64; 13] = [
 ];
 /// A scrape request larger than this is not HTTP we want to read.
 const MAX_REQUEST: usize = 8192;
-/// How long a scraper may take to send its request.
+/// How long one scrape may take, request and answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once; more connections are closed at once.
+const MAX_SCRAPES: usize = 8;
 
 /// Why a session was refused before it started, beside the session core's [`Reject`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,8 @@ impl PinholeFailure {
 pub struct Gauges {
     /// Sessions open now.
     pub sessions: usize,
+    /// Sessions admitted since start.
+    pub sessions_total: u64,
     /// Pinholes counted by the pinhole registry.
     pub pinholes: PinholeStats,
 }
@@ -79,7 +83,6 @@ pub struct Gauges {
 /// Every counter of one daemon run.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    sessions_total: AtomicU64,
     rewrites: [AtomicU64; Rewrite::ALL.len()],
     refusals: [AtomicU64; Reject::ALL.len()],
     admission_refusals: [AtomicU64; Admission::ALL.len()],
@@ -89,11 +92,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A session was admitted.
-    pub fn session_started(&self) {
-        self.sessions_total.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// The session core rewrote an announcement.
     pub fn rewrote(&self, kind: Rewrite) {
         bump(&self.rewrites, Rewrite::ALL.iter().position(|k| *k == kind));
@@ -145,11 +143,17 @@ impl Metrics {
             "Control sessions open now.",
         );
         sample(&mut out, "ftp_alg_sessions", "", gauges.sessions as u64);
-        counter(
+        family(
             &mut out,
             "ftp_alg_sessions_total",
+            "counter",
             "Control sessions admitted since start.",
-            &self.sessions_total,
+        );
+        sample(
+            &mut out,
+            "ftp_alg_sessions_total",
+            "",
+            gauges.sessions_total,
         );
         family(
             &mut out,
@@ -310,22 +314,33 @@ impl Histogram {
 }
 
 /// Serve `GET /metrics` on `listener` until the task is dropped; `gauges` reads the gauges
-/// at each scrape.
+/// at each scrape. At most [`MAX_SCRAPES`] connections are served at once and each within
+/// [`REQUEST_TIMEOUT`]: the listener may be reachable from the network, and its connections
+/// share the daemon's file descriptors with the FTP sessions.
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
     gauges: impl Fn() -> Gauges + Send + Sync + 'static,
 ) {
     let gauges = std::sync::Arc::new(gauges);
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "metrics: too many scrapes at once; closed");
+                    continue;
+                };
                 let metrics = metrics.clone();
                 let gauges = gauges.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &metrics, gauges()).await {
-                        tracing::debug!(%peer, error = %e, "metrics request failed");
+                    let exchange = answer(stream, &metrics, &*gauges);
+                    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+                        Err(_) => tracing::debug!(%peer, "metrics request timed out"),
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -337,28 +352,26 @@ pub async fn serve(
 }
 
 /// Read one HTTP request and answer it: the exposition for `GET /metrics`, 404 otherwise.
-async fn answer(mut stream: TcpStream, metrics: &Metrics, gauges: Gauges) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    gauges: &(dyn Fn() -> Gauges + Sync),
+) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            request.extend_from_slice(&buf[..n]);
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
         }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        request.extend_from_slice(&buf[..n]);
+    }
     let target = request.split(|b| *b == b' ').take(2).collect::<Vec<_>>();
     let (status, content_type, body) = match target.as_slice() {
         [b"GET", path] if path.split(|b| *b == b'?').next() == Some(b"/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(gauges),
+            metrics.render(gauges()),
         ),
         _ => (
             "404 Not Found",
@@ -382,7 +395,6 @@ mod tests {
     #[test]
     fn exposition_has_every_family_with_its_values() {
         let m = Metrics::default();
-        m.session_started();
         m.rewrote(Rewrite::Epsv);
         m.refused(Reject::ThirdPartyAddress);
         m.refused_session(Admission::SessionLimit);
@@ -392,6 +404,7 @@ mod tests {
         m.installed_in(Duration::from_secs(3));
         let text = m.render(Gauges {
             sessions: 2,
+            sessions_total: 1,
             pinholes: PinholeStats {
                 open: 1,
                 opened: 5,

@@ -66,7 +66,6 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let peer = canonical(peer);
                 match shared.registry.admit(peer) {
                     Ok(admitted) => {
-                        shared.metrics.session_started();
                         let id = admitted.entry().id();
                         let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
                         tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
@@ -239,7 +238,9 @@ async fn relay(
                         Err(e) => {
                             shared.metrics.pinhole_failed(match e {
                                 OpenError::PortsExhausted => PinholeFailure::PortsExhausted,
-                                OpenError::Backend(_) => PinholeFailure::Firewall,
+                                OpenError::Backend(_) | OpenError::ShuttingDown => {
+                                    PinholeFailure::Firewall
+                                }
                             });
                             tracing::error!(error = %e, ?request, "cannot open pinhole")
                         }

@@ -557,8 +557,13 @@ impl Session {
         let command = Command::parse(&text);
         if let Command::Other { verb } = &command {
             if verb == "USER" {
-                self.user =
-                    command::argument(&text).map(|u| u.chars().take(MAX_USER_CHARS).collect());
+                // Shown to operators in a terminal: no control characters (escape sequences).
+                self.user = command::argument(&text).map(|u| {
+                    u.chars()
+                        .filter(|c| !c.is_control())
+                        .take(MAX_USER_CHARS)
+                        .collect()
+                });
             }
         }
         match command {
@@ -977,6 +982,15 @@ pub(super) mod tests {
         assert!(!actions.contains(&Action::Close(vec![2])), "{actions:?}");
         s.handle_server_data(b"200 ok\r\n150 b\r\n226 b done\r\n");
         assert!(drain(&mut s).contains(&Action::Close(vec![2])));
+    }
+
+    #[test]
+    fn the_user_name_shown_to_operators_has_no_control_characters() {
+        let mut s = Session::new(ctx(Mode::Gateway));
+        s.handle_server_data(b"220 ready\r\n");
+        s.handle_client_data(b"USER a\x1b[2Jb\x1b]52;c;x\x07\r\n");
+        drain(&mut s);
+        assert_eq!(s.user(), Some("a[2Jb]52;c;x"));
     }
 
     #[test]

@@ -26,6 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::ports::PortPool;
 
+/// Pinholes removed by one backend request at most (the worker retries a refused batch one
+/// request at a time, so a request must fit in one transaction on its own).
+const REMOVAL_CHUNK: usize = 64;
+
 /// Identifies an open pinhole within one daemon run.
 pub type PinholeId = u64;
 
@@ -223,6 +227,9 @@ pub enum OpenError {
     /// The firewall refused or failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The daemon is shutting down and removing every pinhole.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
 }
 
 /// The firewall operations ftp-alg needs; [`Firewall`] is the real one.
@@ -277,6 +284,8 @@ struct Registry {
     open: HashMap<PinholeId, OpenPinhole>,
     next_id: PinholeId,
     stats: PinholeStats,
+    /// Set by [`Pinholes::refuse_new`].
+    refusing: bool,
 }
 
 /// The registry of open pinholes, the port pool, and the backend that makes them real.
@@ -297,6 +306,7 @@ impl<B: Backend> Pinholes<B> {
                 open: HashMap::new(),
                 next_id: 1,
                 stats: PinholeStats::default(),
+                refusing: false,
             }),
         }
     }
@@ -305,6 +315,9 @@ impl<B: Backend> Pinholes<B> {
     pub async fn open(&self, request: &PinholeRequest) -> Result<Opened, OpenError> {
         let (id, pinhole, allocated) = {
             let mut reg = self.lock();
+            if reg.refusing {
+                return Err(OpenError::ShuttingDown);
+            }
             let (port, allocated) = match request.dial_port {
                 Some(port) => (port, false),
                 None => (
@@ -382,13 +395,26 @@ impl<B: Backend> Pinholes<B> {
             }
             removed
         };
-        let removal = (!removed.is_empty()).then(|| self.backend.remove(removed));
+        // In chunks: one transaction for thousands of pinholes (a flush) could outgrow what
+        // the kernel takes in one message, and would fail whole.
+        let removals: Vec<_> = removed
+            .chunks(REMOVAL_CHUNK)
+            .map(|chunk| self.backend.remove(chunk.to_vec()))
+            .collect();
         async move {
-            match removal {
-                Some(removal) => removal.await,
-                None => Ok(()),
+            let mut result = Ok(());
+            for removal in removals {
+                if let Err(e) = removal.await {
+                    result = Err(e);
+                }
             }
+            result
         }
+    }
+
+    /// Refuse every later [`Pinholes::open`]: the daemon is about to remove every pinhole.
+    pub fn refuse_new(&self) {
+        self.lock().refusing = true;
     }
 
     /// Number of pinholes this run has open.

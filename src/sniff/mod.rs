@@ -31,6 +31,7 @@
     )
 )]
 
+mod filter;
 pub mod flows;
 pub mod packet;
 pub mod report;
@@ -38,6 +39,7 @@ pub mod report;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -73,6 +75,9 @@ const FRAME_BUFFER: usize = 65_536 + 256;
 /// Announcements queued between the capture thread and the printer.
 const QUEUE: usize = 1024;
 
+/// The longest `--timeout`: a year, far below where a deadline would overflow.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
 /// `ftp-alg sniff`.
 #[derive(Debug, clap::Args)]
 pub struct SniffArgs {
@@ -89,9 +94,9 @@ pub struct SniffArgs {
     /// Exit after N announcements.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Exit after SECS seconds: with status 2 if --count was given and fewer announcements
-    /// were seen, else 0.
-    #[arg(long, value_name = "SECS")]
+    /// Exit after SECS seconds (at most a year): with status 5 if --count was given and fewer
+    /// announcements were seen, else 0.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub timeout: Option<u64>,
     /// The nft executable.
     #[arg(long, default_value = "nft")]
@@ -189,6 +194,8 @@ pub async fn run(args: SniffArgs) -> Result<Outcome, SniffError> {
     let (interface, link) = find_interface(&args.interface)?;
     let mut ports = vec![FTP_PORT];
     ports.extend(&args.ports);
+    ports.sort_unstable();
+    ports.dedup();
     let table = FlowTable::new(
         ports.iter().copied(),
         Limits {
@@ -197,7 +204,7 @@ pub async fn run(args: SniffArgs) -> Result<Outcome, SniffError> {
             max_line: DEFAULT_MAX_LINE,
         },
     );
-    let rx = open_capture(&interface)?;
+    let rx = open_capture(&interface, link, &ports)?;
     check_pinholes(&args.nft).await?;
     let added = watch_pinholes(&args.nft);
 
@@ -210,8 +217,6 @@ pub async fn run(args: SniffArgs) -> Result<Outcome, SniffError> {
             interface: name,
             source,
         })?;
-    ports.sort_unstable();
-    ports.dedup();
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     eprintln!(
         "ftp-alg sniff: capturing FTP control traffic on {} (tcp ports {}); Ctrl-C to stop",
@@ -284,26 +289,45 @@ fn find_interface(name: &str) -> Result<(pnet_datalink::NetworkInterface, LinkTy
 
 fn open_capture(
     interface: &pnet_datalink::NetworkInterface,
+    link: LinkType,
+    ports: &[u16],
 ) -> Result<Box<dyn pnet_datalink::DataLinkReceiver>, SniffError> {
+    // Only Ethernet framing has a filter; raw-IP links (tun) are rarely busy gateways.
+    let program = match link {
+        LinkType::Ethernet => filter::program(ports),
+        LinkType::RawIp => None,
+    };
+    if program.is_none() {
+        eprintln!(
+            "ftp-alg sniff: no kernel filter for this link or port list: every frame is read"
+        );
+    }
+    let capture_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            SniffError::NotPermitted {
+                interface: interface.name.clone(),
+                source,
+            }
+        } else {
+            SniffError::Capture {
+                interface: interface.name.clone(),
+                source,
+            }
+        }
+    };
+    let socket = filter::socket(program.as_deref()).map_err(capture_error)?;
     let config = pnet_datalink::Config {
         read_buffer_size: FRAME_BUFFER,
         read_timeout: Some(READ_TIMEOUT),
         promiscuous: false,
+        // pnet binds the socket to the interface and owns it from here on.
+        socket_fd: Some(socket.into_raw_fd()),
         ..Default::default()
     };
     match pnet_datalink::channel(interface, config) {
         Ok(pnet_datalink::Channel::Ethernet(_tx, rx)) => Ok(rx),
         Ok(_) => Err(SniffError::Channel(interface.name.clone())),
-        Err(source) if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            Err(SniffError::NotPermitted {
-                interface: interface.name.clone(),
-                source,
-            })
-        }
-        Err(source) => Err(SniffError::Capture {
-            interface: interface.name.clone(),
-            source,
-        }),
+        Err(source) => Err(capture_error(source)),
     }
 }
 
