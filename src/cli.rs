@@ -380,8 +380,13 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     let ph = &config.pinholes;
     println!(
         "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}, \
-         installed with {:?}",
-        ph.port_min, ph.port_max, ph.timeout_secs, ph.reuse_delay_secs, ph.ct_mark, ph.backend
+         backend {}",
+        ph.port_min,
+        ph.port_max,
+        ph.timeout_secs,
+        ph.reuse_delay_secs,
+        ph.ct_mark,
+        toml_word(&ph.backend)
     );
     let l = &config.limits;
     println!(
@@ -390,14 +395,15 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     );
     let policy = &config.policy;
     println!(
-        "  policy:   data connections before login {}, foreign PORT {:?}, AUTH {:?}{}",
+        "  policy:   data connections before login {}, foreign PORT {}, foreign 227 {}, AUTH {}{}",
         if policy.data_before_login {
             "allowed"
         } else {
             "refused"
         },
-        policy.foreign_port,
-        policy.auth,
+        toml_word(&policy.foreign_port),
+        toml_word(&policy.foreign_pasv),
+        toml_word(&policy.auth),
         if policy.read_only { ", read-only" } else { "" }
     );
     if !policy.deny_commands.is_empty() {
@@ -421,6 +427,14 @@ fn parse_interval(text: &str) -> Result<f64, String> {
         Ok(_) => Err("must be from 0.1 to 3600 seconds".to_owned()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A configuration value as the TOML file spells it (`"refuse"`, `"netlink"`), unquoted.
+fn toml_word(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// `pinholes list --watch` settings.
