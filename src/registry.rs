@@ -213,7 +213,9 @@ impl Entry {
         if live.user.as_deref() != session.user() {
             live.user = session.user().map(str::to_owned);
         }
-        live.pinholes = session.pinhole_ids();
+        // Called on every pass of the session's loop: refill in place, no allocation.
+        live.pinholes.clear();
+        live.pinholes.extend(session.pinhole_ids());
     }
 
     /// Resolves when an operator has asked this session to end.

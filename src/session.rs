@@ -348,12 +348,12 @@ impl Session {
 
     /// The pinholes the session holds: its current data endpoint's and those of transfers
     /// still awaiting their final reply.
-    pub fn pinhole_ids(&self) -> Vec<PinholeId> {
+    pub fn pinhole_ids(&self) -> impl Iterator<Item = PinholeId> + '_ {
         let announced = self.owed.iter().filter_map(|o| match o {
             Owed::Transfer(ids) => Some(ids.as_slice()),
             _ => None,
         });
-        announced.flatten().chain(&self.pinholes).copied().collect()
+        announced.flatten().chain(&self.pinholes).copied()
     }
 
     /// The next event to count, if any.
@@ -1009,7 +1009,7 @@ pub(super) mod tests {
         drain(&mut s);
         s.handle_client_data(b"RETR f\r\n");
         drain(&mut s);
-        assert_eq!(s.pinhole_ids(), vec![2]);
+        assert_eq!(s.pinhole_ids().collect::<Vec<_>>(), vec![2]);
         let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
         assert_eq!(
             events,

@@ -53,6 +53,16 @@ enum Op {
 /// classic BPF's 8-bit offsets (about 60).
 pub fn program(ports: &[u16]) -> Option<Vec<libc::sock_filter>> {
     use Target::*;
+    // Load a port (source, then destination) and accept it if it is watched.
+    let either_port = |source: Op, destination: Op| {
+        [source, destination].into_iter().flat_map(|load| {
+            std::iter::once(load).chain(
+                ports
+                    .iter()
+                    .map(|p| Op::Jump(JEQ_K, u32::from(*p), Accept, Next)),
+            )
+        })
+    };
     let mut ops = vec![
         Op::Load(LD_H_ABS, 12),
         Op::Jump(JEQ_K, ETHERTYPE_IPV4, V4, Next),
@@ -65,37 +75,15 @@ pub fn program(ports: &[u16]) -> Option<Vec<libc::sock_filter>> {
         Op::Load(LD_H_ABS, 20),
         Op::Jump(JSET_K, 0x1fff, Drop, Next),
         Op::Load(LDX_B_MSH, 14),
-        Op::Load(LD_H_IND, 14),
     ];
-    ops.extend(
-        ports
-            .iter()
-            .map(|p| Op::Jump(JEQ_K, u32::from(*p), Accept, Next)),
-    );
-    ops.push(Op::Load(LD_H_IND, 16));
-    ops.extend(
-        ports
-            .iter()
-            .map(|p| Op::Jump(JEQ_K, u32::from(*p), Accept, Next)),
-    );
+    ops.extend(either_port(Op::Load(LD_H_IND, 14), Op::Load(LD_H_IND, 16)));
     ops.extend([
         Op::Return(0),
         Op::Label(V6),
         Op::Load(LD_B_ABS, 20),
         Op::Jump(JEQ_K, IPPROTO_TCP, Next, Drop),
-        Op::Load(LD_H_ABS, 54),
     ]);
-    ops.extend(
-        ports
-            .iter()
-            .map(|p| Op::Jump(JEQ_K, u32::from(*p), Accept, Next)),
-    );
-    ops.push(Op::Load(LD_H_ABS, 56));
-    ops.extend(
-        ports
-            .iter()
-            .map(|p| Op::Jump(JEQ_K, u32::from(*p), Accept, Next)),
-    );
+    ops.extend(either_port(Op::Load(LD_H_ABS, 54), Op::Load(LD_H_ABS, 56)));
     ops.extend([
         Op::Return(0),
         Op::Label(Accept),
