@@ -309,6 +309,8 @@ async fn bounded(
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
     tokio::select! {
+        // The write first: it usually completes at once, and the timer is then never armed.
+        biased;
         written = write => written,
         () = entry.killed() => {
             tracing::info!(reason = "operator", "session killed by the operator while a peer was not reading");
