@@ -246,20 +246,13 @@ where
     F: Future<Output = Answer> + Send,
 {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let handle = handle.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, handle).await {
-                        tracing::debug!(error = %e, "control request failed");
-                    }
-                });
+        let (stream, _) = crate::accept::next("control socket", || listener.accept()).await;
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, handle).await {
+                tracing::debug!(error = %e, "control request failed");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        });
     }
 }
 

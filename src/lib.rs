@@ -11,13 +11,14 @@
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
 //!   [`registry`] keeps the live sessions;
 //! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
-//!   Prometheus [`metrics`];
+//!   Prometheus [`metrics`]; every listener retries a failed accept as [`accept`] does;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination;
 //! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
 //! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
 //!   have a pinhole.
 
+pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -325,29 +325,22 @@ pub async fn serve(
     let gauges = std::sync::Arc::new(gauges);
     let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let Ok(permit) = scrapes.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "metrics: too many scrapes at once; closed");
-                    continue;
-                };
-                let metrics = metrics.clone();
-                let gauges = gauges.clone();
-                tokio::spawn(async move {
-                    let exchange = answer(stream, &metrics, &*gauges);
-                    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
-                        Err(_) => tracing::debug!(%peer, "metrics request timed out"),
-                    }
-                    drop(permit);
-                });
+        let (stream, peer) = crate::accept::next("metrics listener", || listener.accept()).await;
+        let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: too many scrapes at once; closed");
+            continue;
+        };
+        let metrics = metrics.clone();
+        let gauges = gauges.clone();
+        tokio::spawn(async move {
+            let exchange = answer(stream, &metrics, &*gauges);
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => tracing::debug!(%peer, "metrics request timed out"),
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+            drop(permit);
+        });
     }
 }
 

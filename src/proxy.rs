@@ -16,6 +16,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::accept;
 use crate::config::{Config, Mode, PolicyConfig};
 use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
@@ -61,26 +62,18 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let peer = canonical(peer);
-                match shared.registry.admit(peer) {
-                    Ok(admitted) => {
-                        let id = admitted.entry().id();
-                        let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
-                        tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
-                    }
-                    Err(limit) => {
-                        shared.metrics.refused_session(Admission::SessionLimit);
-                        tracing::warn!(client = %peer, reason = "limit_reached", limit = limit.key(), "refused session");
-                        tokio::spawn(refuse_session(stream));
-                    }
-                }
+        let (stream, peer) = accept::next("FTP listener", || listener.accept()).await;
+        let peer = canonical(peer);
+        match shared.registry.admit(peer) {
+            Ok(admitted) => {
+                let id = admitted.entry().id();
+                let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
+                tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
             }
-            Err(e) => {
-                // Running out of file descriptors is transient: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(limit) => {
+                shared.metrics.refused_session(Admission::SessionLimit);
+                tracing::warn!(client = %peer, reason = "limit_reached", limit = limit.key(), "refused session");
+                tokio::spawn(refuse_session(stream));
             }
         }
     }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -65,6 +65,8 @@ pub struct Registry {
     max_sessions: usize,
     max_per_client: usize,
     inner: Mutex<Inner>,
+    /// Signalled when the last session ends.
+    emptied: Notify,
 }
 
 #[derive(Default)]
@@ -109,6 +111,7 @@ impl Registry {
                 next_id: 1,
                 ..Inner::default()
             }),
+            emptied: Notify::new(),
         }
     }
 
@@ -179,8 +182,13 @@ impl Registry {
 
     /// Wait until no session is left.
     pub async fn all_ended(&self) {
-        while self.count() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        loop {
+            // Created before the check, so that an end between the check and the wait is seen.
+            let emptied = self.emptied.notified();
+            if self.count() == 0 {
+                return;
+            }
+            emptied.await;
         }
     }
 
@@ -263,12 +271,16 @@ impl Drop for Admitted {
                 inner.per_client.remove(&client);
             }
         }
+        if inner.sessions.is_empty() {
+            self.registry.emptied.notify_waiters();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
