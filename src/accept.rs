@@ -7,7 +7,7 @@ use std::time::Duration;
 /// How long to wait after a failed accept.
 const BACK_OFF: Duration = Duration::from_millis(100);
 
-/// The next accepted connection. A failed accept is logged and retried after [`BACK_OFF`]:
+/// The next accepted connection. A failed accept is logged and retried after `BACK_OFF` (100 ms):
 /// running out of file descriptors is transient, and retrying at once would spin.
 pub async fn next<T, F>(listener: &str, mut accept: impl FnMut() -> F) -> T
 where

@@ -314,8 +314,8 @@ impl Histogram {
 }
 
 /// Serve `GET /metrics` on `listener` until the task is dropped; `gauges` reads the gauges
-/// at each scrape. At most [`MAX_SCRAPES`] connections are served at once and each within
-/// [`REQUEST_TIMEOUT`]: the listener may be reachable from the network, and its connections
+/// at each scrape. At most `MAX_SCRAPES` (8) connections are served at once and each within
+/// `REQUEST_TIMEOUT` (5 s): the listener may be reachable from the network, and its connections
 /// share the daemon's file descriptors with the FTP sessions.
 pub async fn serve(
     listener: TcpListener,
