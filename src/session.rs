@@ -9,7 +9,7 @@
 //! is not rewritten is forwarded byte for byte.
 //!
 //! What each mode rewrites and which pinhole it asks for is DESIGN.md's mode table; the functions
-//! [`Session::active_request`] and [`Session::passive_request`] hold it.
+//! `Session::active_request` and `Session::passive_request` hold it.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};

@@ -2,7 +2,7 @@
 //! helper program.
 //!
 //! One transaction is one `send` of an nfnetlink batch: `NFNL_MSG_BATCH_BEGIN`, one
-//! `NFT_MSG_NEWSETELEM` or `NFT_MSG_DELSETELEM` per [`Change`], `NFNL_MSG_BATCH_END`. The kernel
+//! `NFT_MSG_NEWSETELEM` or `NFT_MSG_DELSETELEM` per `Change`, `NFNL_MSG_BATCH_END`. The kernel
 //! applies the batch atomically, inside the send call, and has queued its answers on the socket
 //! by the time the call returns, so a pinhole costs two system calls instead of an nft process.
 //!

@@ -6,7 +6,7 @@
 //! ftp-alg that talks to the kernel firewall. With `pinholes.backend = "nft"`, pinholes are set
 //! and map elements built as typed JSON with the `nftables` crate and applied with
 //! `nft -j -f -`, one nft process (a few milliseconds) per batch of requests (see
-//! [`super::batch`]).
+//! `super::batch`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
