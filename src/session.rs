@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::config::{AuthPolicy, ForeignPasv, ForeignPort, Mode, PolicyConfig};
 use crate::ftp::command::{self, Command};
 use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
-use crate::ftp::{framing, FramingError, LineBuffer};
+use crate::ftp::{canonical, framing, FramingError, LineBuffer};
 use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
 
 /// Lowest data port accepted in any announcement (DESIGN.md, safety defaults).
@@ -28,6 +28,12 @@ const MIN_DATA_PORT: u16 = 1024;
 const MAX_CLIENT_BACKLOG: usize = 64 * 1024;
 /// A USER argument is kept for `sessions list` up to this many characters.
 const MAX_USER_CHARS: usize = 64;
+/// Refusals a session logs one by one; past them it logs one in [`REFUSAL_LOG_EVERY`], with the
+/// count, so that one read of 64 KiB of tiny bad lines cannot flood the journal. Metrics count
+/// every refusal.
+const LOGGED_REFUSALS: u64 = 10;
+/// See [`LOGGED_REFUSALS`].
+const REFUSAL_LOG_EVERY: u64 = 1000;
 
 /// The addresses of one control connection, as the proxy sees them.
 #[derive(Debug, Clone)]
@@ -53,6 +59,11 @@ pub struct SessionContext {
     pub policy: Arc<PolicyConfig>,
     /// Pinholes the session may hold at once (`limits.max_pinholes_per_session`).
     pub max_pinholes: usize,
+}
+
+/// Whether a session logs its `n`th refusal (see [`LOGGED_REFUSALS`]).
+fn logs_refusal(n: u64) -> bool {
+    n <= LOGGED_REFUSALS || n % REFUSAL_LOG_EVERY == 0
 }
 
 /// What the proxy must do next, in order.
@@ -157,11 +168,17 @@ pub enum Reject {
     ForeignPassiveAddress,
     /// The session holds `limits.max_pinholes_per_session` pinholes already.
     TooManyPinholes,
+    /// A client line that servers would read in different ways (a control byte inside it, a
+    /// verb that is not letters only, a literal 0xFF): see `ftp::canonical`.
+    AmbiguousLine,
+    /// A 227 or 229 that does not answer a PASV or an EPSV (or a passive reply spread over
+    /// several lines): it opens nothing, and its text does not reach the client.
+    UnexpectedPassiveReply,
 }
 
 impl Reject {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 14] = [
         Reject::ThirdPartyAddress,
         Reject::PrivilegedPort,
         Reject::BadArgument,
@@ -174,6 +191,8 @@ impl Reject {
         Reject::CommandDenied,
         Reject::ForeignPassiveAddress,
         Reject::TooManyPinholes,
+        Reject::AmbiguousLine,
+        Reject::UnexpectedPassiveReply,
     ];
 
     /// The reason as it appears in logs and metrics.
@@ -191,6 +210,8 @@ impl Reject {
             Reject::CommandDenied => "command_denied",
             Reject::ForeignPassiveAddress => "foreign_passive_address",
             Reject::TooManyPinholes => "too_many_pinholes",
+            Reject::AmbiguousLine => "ambiguous_line",
+            Reject::UnexpectedPassiveReply => "unexpected_passive_reply",
         }
     }
 
@@ -213,6 +234,10 @@ impl Reject {
             Reject::CommandDenied => b"550 Command not allowed by gateway policy.\r\n",
             Reject::ForeignPassiveAddress => Reject::ForeignPassiveAddress.passive_reply(),
             Reject::TooManyPinholes => b"425 Too many data connections announced at once.\r\n",
+            Reject::AmbiguousLine => {
+                b"500 Syntax error: control characters or a malformed command name.\r\n"
+            }
+            Reject::UnexpectedPassiveReply => Reject::UnexpectedPassiveReply.passive_reply(),
         }
     }
 
@@ -222,6 +247,9 @@ impl Reject {
             Reject::LineTooLong => b"421 Server reply too long; closing control connection.\r\n",
             Reject::PinholeFailed => b"425 Can't open data connection (firewall).\r\n",
             Reject::TooManyPinholes => Reject::TooManyPinholes.client_reply(),
+            Reject::UnexpectedPassiveReply => {
+                b"425 Can't open data connection: the server's passive reply spans several lines.\r\n"
+            }
             _ => b"425 Can't open data connection: the server announced an unusable endpoint.\r\n",
         }
     }
@@ -238,11 +266,40 @@ enum Owed {
     Auth,
     /// The rewritten PORT/EPRT with its pinhole: a refusal by the server voids the pinhole.
     Announcement(PinholeId),
+    /// PASV or EPSV: only its own reply (227 to PASV, 229 to EPSV) may open a passive pinhole.
+    Passive(PassiveVerb),
     /// A transfer command with the pinholes of the endpoint it uses: its final reply (226,
     /// 426, 425, 550, ...) ends the transfer, and the pinholes go with it. Tying pinholes to
     /// the transfer, not to "the latest announcement", keeps a pipelined `PORT a, RETR, PORT b,
     /// RETR` from closing a's pinhole before the server has connected to it.
-    Transfer(Vec<PinholeId>),
+    Transfer {
+        /// The pinholes of the endpoint it uses.
+        ids: Vec<PinholeId>,
+        /// The server has answered it with a preliminary reply (125/150): data may be flowing.
+        /// A command the server never answered (proftpd silently drops one longer than its
+        /// buffer) is not a running transfer, so it cannot keep the session from its idle
+        /// timeout.
+        started: bool,
+    },
+}
+
+/// The command whose reply a passive announcement must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassiveVerb {
+    /// PASV, answered by 227.
+    Pasv,
+    /// EPSV, answered by 229.
+    Epsv,
+}
+
+impl PassiveVerb {
+    /// The reply code that answers it with an endpoint.
+    fn reply_code(self) -> u16 {
+        match self {
+            PassiveVerb::Pasv => 227,
+            PassiveVerb::Epsv => 229,
+        }
+    }
 }
 
 /// What waits for the server's outstanding replies.
@@ -295,6 +352,10 @@ pub struct Session {
     blocked: Option<Blocked>,
     /// The server has accepted a login (230 or 232) since the start or the last REIN.
     logged_in: bool,
+    /// Inside a multi-line 227/229 reply, whose lines are withheld from the client.
+    withholding: bool,
+    /// Refusals so far, for rate-limiting their log lines (see [`LOGGED_REFUSALS`]).
+    refusals: u64,
     /// The argument of the client's last USER command, for operators listing sessions.
     user: Option<String>,
     /// TLS has started (AUTH accepted with `policy.auth = "transparent"`): every byte passes
@@ -323,6 +384,8 @@ impl Session {
             owed: VecDeque::from([Owed::Plain]),
             blocked: None,
             logged_in: false,
+            withholding: false,
+            refusals: 0,
             user: None,
             transparent: false,
             client_eof: false,
@@ -350,7 +413,7 @@ impl Session {
     /// still awaiting their final reply.
     pub fn pinhole_ids(&self) -> impl Iterator<Item = PinholeId> + '_ {
         let announced = self.owed.iter().filter_map(|o| match o {
-            Owed::Transfer(ids) => Some(ids.as_slice()),
+            Owed::Transfer { ids, .. } => Some(ids.as_slice()),
             _ => None,
         });
         announced.flatten().chain(&self.pinholes).copied()
@@ -377,10 +440,13 @@ impl Session {
         self.from_client.pending() < MAX_CLIENT_BACKLOG
     }
 
-    /// Whether a transfer command is still waiting for its final reply: its data connection
-    /// may be busy while the control connection is silent, so idleness does not count.
+    /// Whether a transfer the server has started (125/150) is still waiting for its final
+    /// reply: its data connection may be busy while the control connection is silent, so
+    /// idleness does not count.
     pub fn transfer_in_progress(&self) -> bool {
-        self.owed.iter().any(|o| matches!(o, Owed::Transfer(_)))
+        self.owed
+            .iter()
+            .any(|o| matches!(o, Owed::Transfer { started: true, .. }))
     }
 
     /// Bytes read from the server.
@@ -406,11 +472,12 @@ impl Session {
             Side::Server => {
                 self.closed = true;
                 let rest = self.from_server.take_pending();
-                if !rest.is_empty() {
-                    self.actions.push_back(Action::ToClient(rest));
+                if !rest.is_empty() && !self.withholding {
+                    self.actions
+                        .push_back(Action::ToClient(canonical::reply(&rest)));
                 }
                 for owed in std::mem::take(&mut self.owed) {
-                    if let Owed::Transfer(ids) = owed {
+                    if let Owed::Transfer { ids, .. } = owed {
                         self.pinholes.extend(ids);
                     }
                 }
@@ -552,7 +619,16 @@ impl Session {
             Ok(raw) => raw,
             Err(_) => return self.refuse_command(Reject::LineTooLong),
         };
-        let text = framing::text_of(&raw);
+        // What the server receives is this text and CR LF, whatever the client sent: see
+        // `ftp::canonical` for why a line with more than one reading is refused instead.
+        let text = match canonical::command(&raw) {
+            Ok(text) => text,
+            Err(why) => {
+                tracing::debug!(error = %why, line = %command::redacted(&framing::text_of(&raw)), "ambiguous command");
+                return self.refuse_command(Reject::AmbiguousLine);
+            }
+        };
+        let forwarded = [text.as_slice(), b"\r\n"].concat();
         tracing::debug!(command = %command::redacted(&text), "client command");
         let command = Command::parse(&text);
         if let Command::Other { verb } = &command {
@@ -581,7 +657,9 @@ impl Session {
             Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
             Command::Other { verb } if verb == "AUTH" => match self.ctx.policy.auth {
                 AuthPolicy::Refuse => self.refuse_command(Reject::TlsRefused),
-                AuthPolicy::Transparent => self.forward_command(Action::ToServer(raw), Owed::Auth),
+                AuthPolicy::Transparent => {
+                    self.forward_command(Action::ToServer(forwarded), Owed::Auth)
+                }
             },
             Command::Other { verb } if self.denied(&verb) => {
                 self.refuse_command(Reject::CommandDenied)
@@ -590,21 +668,31 @@ impl Session {
             // urgent data as Python's ftplib does), and the proxy cannot see where the client's
             // urgent mark was; every ABOR goes to the server in RFC 959's form.
             Command::Other { verb } if verb == "ABOR" => {
-                let mut line = text;
-                line.extend_from_slice(b"\r\n");
-                self.forward_command(Action::ToServerSynch(line), Owed::Plain);
+                self.forward_command(Action::ToServerSynch(forwarded), Owed::Plain);
             }
             Command::Other { verb } if verb == "REIN" => {
                 // RFC 959 §4.1.1: REIN flushes all I/O and account information; a data endpoint
                 // announced before it is void, and so is the login once the server agrees.
                 self.close_pinholes();
-                self.forward_command(Action::ToServer(raw), Owed::Rein);
+                self.forward_command(Action::ToServer(forwarded), Owed::Rein);
             }
             Command::Other { verb } if TRANSFER_VERBS.contains(&verb.as_str()) => {
-                let endpoint = std::mem::take(&mut self.pinholes);
-                self.forward_command(Action::ToServer(raw), Owed::Transfer(endpoint));
+                let ids = std::mem::take(&mut self.pinholes);
+                let owed = Owed::Transfer {
+                    ids,
+                    started: false,
+                };
+                self.forward_command(Action::ToServer(forwarded), owed);
             }
-            _ => self.forward_command(Action::ToServer(raw), Owed::Plain),
+            Command::Pasv => self.forward_command(
+                Action::ToServer(forwarded),
+                Owed::Passive(PassiveVerb::Pasv),
+            ),
+            Command::Epsv(_) => self.forward_command(
+                Action::ToServer(forwarded),
+                Owed::Passive(PassiveVerb::Epsv),
+            ),
+            Command::Other { .. } => self.forward_command(Action::ToServer(forwarded), Owed::Plain),
         }
     }
 
@@ -620,15 +708,36 @@ impl Session {
         let text = framing::text_of(&raw);
         let reply = self.replies.classify(&text);
         let code = reply.code.unwrap_or(0);
-        let final_reply = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last)
-            && (200..700).contains(&code);
-        if final_reply {
-            self.settle(code);
+        let complete = matches!(reply.position, ReplyPosition::Single | ReplyPosition::Last);
+        let mut answered = None;
+        if complete && (200..700).contains(&code) {
+            answered = self.settle(code);
             if code == 230 || code == 232 {
                 self.logged_in = true;
             }
+        } else if complete && (100..200).contains(&code) {
+            if let Some(Owed::Transfer { started, .. }) = self.owed.front_mut() {
+                *started = true;
+            }
         }
-        if reply.position == ReplyPosition::Single && (code == 227 || code == 229) {
+        let passive_code = code == 227 || code == 229;
+        if reply.position == ReplyPosition::First && passive_code {
+            // Nothing in a multi-line passive reply is acted on, and none of it reaches the
+            // client: it may hold the server's private address.
+            self.withholding = true;
+            return;
+        }
+        if self.withholding {
+            if reply.position == ReplyPosition::Last {
+                self.withholding = false;
+                self.unexpected_passive(code, answered);
+            }
+            return;
+        }
+        if reply.position == ReplyPosition::Single && passive_code {
+            if answered.map(PassiveVerb::reply_code) != Some(code) {
+                return self.unexpected_passive(code, None);
+            }
             return match PassiveReply::parse(&text) {
                 Ok(parsed) => self.passive(parsed),
                 Err(e) => {
@@ -638,7 +747,34 @@ impl Session {
                 }
             };
         }
-        self.actions.push_back(Action::ToClient(raw));
+        self.actions
+            .push_back(Action::ToClient(canonical::reply(&raw)));
+    }
+
+    /// A 227/229 that may not open a pinhole: one that answers no PASV/EPSV (`answered` is
+    /// `None`), or a multi-line one. Its text is withheld; the client gets a reply with the same
+    /// code, or a 425 where it asked for a passive endpoint.
+    fn unexpected_passive(&mut self, code: u16, answered: Option<PassiveVerb>) {
+        if self.refusal_logged() {
+            tracing::warn!(
+                code,
+                reason = Reject::UnexpectedPassiveReply.as_str(),
+                "passive reply that answers no PASV/EPSV, or spans several lines: withheld"
+            );
+        }
+        self.events
+            .push_back(Event::Refused(Reject::UnexpectedPassiveReply));
+        if answered.is_some() {
+            self.close_pinholes();
+            self.actions.push_back(Action::ToClient(
+                Reject::UnexpectedPassiveReply.passive_reply().to_vec(),
+            ));
+        } else {
+            self.actions.push_back(Action::ToClient(
+                format!("{code} Reply withheld by the FTP gateway: it answers no PASV/EPSV.\r\n")
+                    .into_bytes(),
+            ));
+        }
     }
 
     /// PORT/EPRT from the client: the server will connect to a port of this host, which the
@@ -651,7 +787,7 @@ impl Session {
         let target = match self.ctx.policy.foreign_port {
             _ if target.ip() == client => target,
             ForeignPort::Refuse => {
-                tracing::info!(%target, "active announcement names another host");
+                tracing::debug!(%target, "active announcement names another host");
                 return self.refuse_command(Reject::ThirdPartyAddress);
             }
             ForeignPort::Replace => {
@@ -753,7 +889,7 @@ impl Session {
             .owed
             .iter()
             .map(|o| match o {
-                Owed::Transfer(ids) => ids.len(),
+                Owed::Transfer { ids, .. } => ids.len(),
                 _ => 0,
             })
             .sum();
@@ -772,11 +908,17 @@ impl Session {
         self.actions.push_back(action);
     }
 
-    /// The server's next final reply has arrived, with `code`: settle what it answers. A reply
-    /// nobody asked for (a 421 before closing, say) finds nothing owed and settles nothing.
-    fn settle(&mut self, code: u16) {
+    /// The server's next final reply has arrived, with `code`: settle what it answers, and say
+    /// whether that was a PASV or an EPSV. A reply nobody asked for (a 421 before closing, say)
+    /// finds nothing owed and settles nothing.
+    fn settle(&mut self, code: u16) -> Option<PassiveVerb> {
+        let mut answered = None;
         let closes = match self.owed.pop_front() {
-            Some(Owed::Transfer(ids)) => ids,
+            Some(Owed::Transfer { ids, .. }) => ids,
+            Some(Owed::Passive(verb)) => {
+                answered = Some(verb);
+                Vec::new()
+            }
             Some(Owed::Rein) => {
                 if (200..300).contains(&code) {
                     self.logged_in = false;
@@ -799,18 +941,37 @@ impl Session {
         if !closes.is_empty() {
             self.actions.push_back(Action::Close(closes));
         }
+        answered
+    }
+
+    /// Count a refusal, and say whether its log line is written (see [`LOGGED_REFUSALS`]).
+    fn refusal_logged(&mut self) -> bool {
+        self.refusals += 1;
+        logs_refusal(self.refusals)
     }
 
     /// Answer a client command that is not forwarded, in its turn (see [`Blocked::Answer`]).
     fn refuse_command(&mut self, reason: Reject) {
-        tracing::warn!(reason = reason.as_str(), "refused command");
+        if self.refusal_logged() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                refusals = self.refusals,
+                "refused command"
+            );
+        }
         self.events.push_back(Event::Refused(reason));
         self.blocked = Some(Blocked::Answer(reason.client_reply().to_vec()));
     }
 
     /// Replace a server reply that cannot be forwarded; it takes that reply's place.
     fn refuse_reply(&mut self, reason: Reject) {
-        tracing::warn!(reason = reason.as_str(), "refused server reply");
+        if self.refusal_logged() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                refusals = self.refusals,
+                "refused server reply"
+            );
+        }
         self.events.push_back(Event::Refused(reason));
         self.actions
             .push_back(Action::ToClient(reason.passive_reply().to_vec()));
@@ -883,6 +1044,18 @@ pub(super) mod tests {
             }
             drain(&mut s);
         }
+        s
+    }
+
+    /// A greeted session whose client has just sent `verb` (PASV or EPSV): the server's next
+    /// reply answers it.
+    pub(super) fn asked(mode: Mode, verb: &str) -> Session {
+        let mut s = greeted(mode);
+        s.handle_client_data(format!("{verb}\r\n").as_bytes());
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToServer(format!("{verb}\r\n").into_bytes())]
+        );
         s
     }
 
@@ -988,9 +1161,11 @@ pub(super) mod tests {
     fn the_user_name_shown_to_operators_has_no_control_characters() {
         let mut s = Session::new(ctx(Mode::Gateway));
         s.handle_server_data(b"220 ready\r\n");
-        s.handle_client_data(b"USER a\x1b[2Jb\x1b]52;c;x\x07\r\n");
+        // C0 controls make the line ambiguous (it is refused); C1 ones (UTF-8 U+009B, CSI) are
+        // forwarded, but not shown.
+        s.handle_client_data("USER a\u{9b}2Jb\u{9d}52;c;x\r\n".as_bytes());
         drain(&mut s);
-        assert_eq!(s.user(), Some("a[2Jb]52;c;x"));
+        assert_eq!(s.user(), Some("a2Jb52;c;x"));
     }
 
     #[test]
@@ -1003,6 +1178,7 @@ pub(super) mod tests {
         s.handle_opened(opened(1, 61000));
         drain(&mut s);
         s.handle_client_data(b"PASV\r\n");
+        drain(&mut s);
         s.handle_server_data(b"200 ok\r\n227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
         drain(&mut s);
         s.handle_opened(opened(2, 61001));
@@ -1079,7 +1255,7 @@ pub(super) mod tests {
 
     #[test]
     fn gateway_227_keeps_the_server_port_and_replaces_a_foreign_address() {
-        let mut s = greeted(Mode::Gateway);
+        let mut s = asked(Mode::Gateway, "PASV");
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,156,65).\r\n");
         let actions = drain(&mut s);
         assert_eq!(
@@ -1108,7 +1284,7 @@ pub(super) mod tests {
 
     #[test]
     fn reverse_227_announces_the_dialled_address_and_a_pool_port() {
-        let mut s = greeted(Mode::Reverse);
+        let mut s = asked(Mode::Reverse, "PASV");
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
         match &drain(&mut s)[..] {
             [Action::Open(r)] => {
@@ -1130,7 +1306,7 @@ pub(super) mod tests {
 
     #[test]
     fn reverse_229_rewrites_only_the_port() {
-        let mut s = greeted(Mode::Reverse);
+        let mut s = asked(Mode::Reverse, "EPSV");
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(3, 61002));
@@ -1161,7 +1337,12 @@ pub(super) mod tests {
                 b"229 Entering Extended Passive Mode (!!!61000!)\r\n",
             ),
         ] {
-            let mut s = greeted(Mode::Reverse);
+            let verb = if reply.starts_with(b"227") {
+                "PASV"
+            } else {
+                "EPSV"
+            };
+            let mut s = asked(Mode::Reverse, verb);
             s.handle_server_data(reply);
             assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
             s.handle_opened(opened(1, 61000));
@@ -1205,17 +1386,19 @@ pub(super) mod tests {
 
     #[test]
     fn privileged_passive_port_is_replaced_by_425() {
-        let mut s = greeted(Mode::Gateway);
+        let mut s = asked(Mode::Gateway, "PASV");
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,0,25)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
 
     #[test]
     fn new_announcement_closes_the_previous_pinhole() {
-        let mut s = greeted(Mode::Gateway);
+        let mut s = asked(Mode::Gateway, "EPSV");
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(1, 40001));
+        drain(&mut s);
+        s.handle_client_data(b"EPSV\r\n");
         drain(&mut s);
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40002|)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::Close(ids), Action::Open(_)] if ids == &[1]));
@@ -1223,7 +1406,7 @@ pub(super) mod tests {
 
     #[test]
     fn eof_flushes_partial_lines_and_closes_pinholes() {
-        let mut s = greeted(Mode::Gateway);
+        let mut s = asked(Mode::Gateway, "EPSV");
         s.handle_server_data(b"229 Entering Extended Passive Mode (|||40001|)\r\n");
         drain(&mut s);
         s.handle_opened(opened(1, 40001));
@@ -1233,7 +1416,7 @@ pub(super) mod tests {
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::ToClient(b"221 Bye".to_vec()),
+                Action::ToClient(b"221 Bye\r\n".to_vec()),
                 Action::Close(vec![1]),
                 Action::Shutdown
             ]
@@ -1262,7 +1445,7 @@ pub(super) mod tests {
 
     #[test]
     fn unparsable_passive_reply_is_replaced_by_425() {
-        let mut s = greeted(Mode::Reverse);
+        let mut s = asked(Mode::Reverse, "PASV");
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,300,1)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
@@ -1312,6 +1495,8 @@ pub(super) mod tests {
                 Action::ToClient(b"530 Please log in first.\r\n".to_vec()),
             ]
         );
+        s.handle_client_data(b"PASV\r\n");
+        drain(&mut s);
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
     }
@@ -1404,8 +1589,12 @@ pub(super) mod tests {
             foreign_pasv: ForeignPasv::Refuse,
             ..PolicyConfig::default()
         });
+        s.handle_client_data(b"PASV\r\n");
+        drain(&mut s);
         s.handle_server_data(b"227 Entering Passive Mode (10,0,0,5,156,65)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::ToClient(r)] if r.starts_with(b"425")));
+        s.handle_client_data(b"PASV\r\n");
+        drain(&mut s);
         s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
         assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
     }
@@ -1459,8 +1648,27 @@ pub(super) mod tests {
         assert!(!s.transfer_in_progress());
         s.handle_client_data(b"RETR big\r\n");
         drain(&mut s);
+        assert!(
+            !s.transfer_in_progress(),
+            "not before the server has started it"
+        );
+        s.handle_server_data(b"150 here it comes\r\n");
+        drain(&mut s);
         assert!(s.transfer_in_progress());
-        s.handle_server_data(b"150 here it comes\r\n226 done\r\n");
+        s.handle_server_data(b"226 done\r\n");
+        drain(&mut s);
+        assert!(!s.transfer_in_progress());
+    }
+
+    /// proftpd drops a command longer than its buffer without a word. Every later reply then
+    /// settles the command before its own, but no unanswered transfer may keep the session
+    /// from its idle timeout (or hold its ports) for ever.
+    #[test]
+    fn a_transfer_the_server_never_answered_does_not_block_the_idle_timeout() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"RETR dropped-by-the-server\r\nNOOP\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"200 NOOP ok\r\n");
         drain(&mut s);
         assert!(!s.transfer_in_progress());
     }
@@ -1538,7 +1746,7 @@ pub(super) mod tests {
 /// exact outcome given (a reply code and no pinhole, or exactly the pinhole expected).
 #[cfg(test)]
 mod hostile {
-    use super::tests::{drain, greeted, opened};
+    use super::tests::{asked, drain, greeted, opened};
     use super::*;
 
     /// The first reply ftp-alg itself gives to `line` from the client, asserting that no pinhole
@@ -1691,7 +1899,7 @@ mod hostile {
             "255,255,255,255",
         ];
         for host in internal {
-            let mut s = greeted(Mode::Gateway);
+            let mut s = asked(Mode::Gateway, "PASV");
             s.handle_server_data(
                 format!("227 Entering Passive Mode ({host},156,65)\r\n").as_bytes(),
             );
@@ -1732,7 +1940,12 @@ mod hostile {
         ];
         for reply in bad {
             for mode in [Mode::Gateway, Mode::Reverse] {
-                let mut s = greeted(mode);
+                let verb = if reply.starts_with(b"227") {
+                    "PASV"
+                } else {
+                    "EPSV"
+                };
+                let mut s = asked(mode, verb);
                 s.handle_server_data(reply);
                 let actions = drain(&mut s);
                 assert!(
@@ -1755,17 +1968,29 @@ mod hostile {
             port.extend_from_slice(b"\r\n");
             assert_code(Mode::Gateway, &port, b"500");
         }
-        // Not announcements: passed on byte for byte, whatever they hold.
+        // Lines the servers would read differently (a NUL, a literal 0xFF, no verb left once
+        // the Telnet command is gone) are refused.
         for line in [
             &b"RETR \x00file\r\n"[..],
-            b"USER \xff\xfe\xfd\r\n",
             b"PO\xff\xffRT 198,18,0,2,156,64\r\n",
             b"\xff\xfb\x01\r\n",
-            b"CWD \xe6\x97\xa5\xe6\x9c\xac\r\n",
+        ] {
+            assert_eq!(
+                refusal(Mode::Gateway, line),
+                Reject::AmbiguousLine.client_reply()
+            );
+        }
+        // The rest reach the server as ftp-alg read them: Telnet commands removed, CR LF.
+        for (line, forwarded) in [
+            (&b"USER \xff\xfe\xfd\r\n"[..], &b"USER \r\n"[..]),
+            (
+                b"CWD \xe6\x97\xa5\xe6\x9c\xac\n",
+                b"CWD \xe6\x97\xa5\xe6\x9c\xac\r\n",
+            ),
         ] {
             let mut s = greeted(Mode::Gateway);
             s.handle_client_data(line);
-            assert_eq!(drain(&mut s), vec![Action::ToServer(line.to_vec())]);
+            assert_eq!(drain(&mut s), vec![Action::ToServer(forwarded.to_vec())]);
         }
     }
 
@@ -1786,7 +2011,7 @@ mod hostile {
         }
         let reply = b"227 Entering Passive Mode (203,0,113,2,156,65).\r\n";
         for cut in 0..=reply.len() {
-            let mut s = greeted(Mode::Reverse);
+            let mut s = asked(Mode::Reverse, "PASV");
             s.handle_server_data(&reply[..cut]);
             let mut actions = drain(&mut s);
             s.handle_server_data(&reply[cut..]);
@@ -1813,6 +2038,8 @@ mod hostile {
         let mut s = greeted(Mode::Reverse);
         let mut closed = Vec::new();
         for n in 0..3000u64 {
+            s.handle_client_data(b"PASV\r\n");
+            drain(&mut s);
             s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
             for action in drain(&mut s) {
                 match action {
@@ -1824,5 +2051,176 @@ mod hostile {
             drain(&mut s);
         }
         assert_eq!(closed, (0..2999).collect::<Vec<_>>());
+    }
+
+    /// Issue 10's first attack: a bare LF hides a fake 227 inside a CWD argument that proftpd
+    /// echoes in its error reply. ftp-alg ends the CWD at the LF, and so does the server, since
+    /// the line it receives ends there with CR LF; the "227" line is no command (500), and a 227
+    /// that answers no PASV opens nothing, even if a server sends one.
+    #[test]
+    fn a_227_smuggled_through_an_echoing_error_reply_opens_nothing() {
+        for mode in [Mode::Gateway, Mode::Reverse] {
+            let mut s = greeted(mode);
+            s.handle_client_data(b"CWD nx\n227 Entering Passive Mode (203,0,113,2,8,174)\r\n");
+            assert_eq!(
+                drain(&mut s),
+                vec![Action::ToServer(b"CWD nx\r\n".to_vec())]
+            );
+            s.handle_server_data(
+                b"550 nx\n227 Entering Passive Mode (203,0,113,2,8,174): No such file or directory\r\n",
+            );
+            let actions = drain(&mut s);
+            assert!(
+                !actions.iter().any(|a| matches!(a, Action::Open(_))),
+                "{actions:?}"
+            );
+            assert_eq!(
+                actions,
+                vec![
+                    Action::ToClient(b"550 nx\r\n".to_vec()),
+                    Action::ToClient(Reject::AmbiguousLine.client_reply().to_vec()),
+                    Action::ToClient(
+                        b"227 Reply withheld by the FTP gateway: it answers no PASV/EPSV.\r\n"
+                            .to_vec()
+                    ),
+                ]
+            );
+        }
+    }
+
+    /// Issue 10's second attack: a VT (or FF, TAB, NUL) after the verb. proftpd splits the verb
+    /// there, so ftp-alg must not forward it as "some other command".
+    #[test]
+    fn commands_hidden_behind_control_bytes_never_reach_the_server() {
+        for line in [
+            &b"PORT\x0b203,0,113,1,238,72\r\n"[..],
+            b"PORT\x0c203,0,113,1,238,72\r\n",
+            b"STOR\x0bx\r\n",
+            b"DELE\x0cx\r\n",
+            b"SITE\x0bCHMOD 777 x\r\n",
+            b"AUTH\x0bTLS\r\n",
+            b"RETR\tx\r\n",
+            b"PORT\x00 203,0,113,1,238,72\r\n",
+        ] {
+            for mode in [Mode::Gateway, Mode::Reverse] {
+                let mut s = greeted(mode);
+                s.handle_client_data(line);
+                assert_eq!(
+                    drain(&mut s),
+                    vec![Action::ToClient(
+                        Reject::AmbiguousLine.client_reply().to_vec()
+                    )],
+                    "{line:?}"
+                );
+            }
+        }
+    }
+
+    /// Issue 10's third attack: a 227 or 229 that answers NOOP, a second one after the reply to
+    /// PASV, a 227 answering EPSV: none opens a pinhole, and none reaches the client as sent.
+    #[test]
+    fn only_the_reply_to_pasv_or_epsv_opens_a_passive_pinhole() {
+        let cases: [(&str, &[u8]); 4] = [
+            (
+                "NOOP",
+                b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n",
+            ),
+            (
+                "NOOP",
+                b"229 Entering Extended Passive Mode (|||40001|)\r\n",
+            ),
+            (
+                "EPSV",
+                b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n",
+            ),
+            (
+                "PASV",
+                b"229 Entering Extended Passive Mode (|||40001|)\r\n",
+            ),
+        ];
+        for (verb, reply) in cases {
+            for mode in [Mode::Gateway, Mode::Reverse] {
+                let mut s = asked(mode, verb);
+                s.handle_server_data(reply);
+                let actions = drain(&mut s);
+                assert_eq!(actions.len(), 1, "{verb} {actions:?}");
+                match &actions[0] {
+                    Action::ToClient(r) => assert!(
+                        r.starts_with(&reply[..3]) && !r.windows(3).any(|w| w == b"113"),
+                        "{verb}: {:?}",
+                        String::from_utf8_lossy(r)
+                    ),
+                    other => panic!("{verb}: {other:?}"),
+                }
+            }
+        }
+        // A second 227 after the one that answered PASV.
+        let mut s = asked(Mode::Reverse, "PASV");
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,65)\r\n");
+        assert!(matches!(&drain(&mut s)[..], [Action::Open(_)]));
+        s.handle_opened(opened(1, 61000));
+        drain(&mut s);
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,66)\r\n");
+        let actions = drain(&mut s);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Open(_))),
+            "{actions:?}"
+        );
+        assert_eq!(s.pinhole_ids().collect::<Vec<_>>(), vec![1]);
+        let refused = std::iter::from_fn(|| s.poll_event())
+            .filter(|e| *e == Event::Refused(Reject::UnexpectedPassiveReply))
+            .count();
+        assert_eq!(refused, 1);
+    }
+
+    /// A multi-line 227/229 is never acted on, and none of its lines (which may hold the
+    /// server's private address) reaches the client: it becomes one 425.
+    #[test]
+    fn a_multi_line_passive_reply_is_withheld_whole() {
+        for (verb, reply) in [
+            (
+                "PASV",
+                &b"227-Entering Passive Mode (10,0,0,5,156,65)\r\n 10,0,0,5,156,65\r\n227 ok\r\n"[..],
+            ),
+            (
+                "EPSV",
+                b"229-Entering Extended Passive Mode (|||40001|)\r\n229 ok\r\n",
+            ),
+        ] {
+            let mut s = asked(Mode::Reverse, verb);
+            s.handle_server_data(reply);
+            assert_eq!(
+                drain(&mut s),
+                vec![Action::ToClient(
+                    Reject::UnexpectedPassiveReply.passive_reply().to_vec()
+                )]
+            );
+            // The session is in step: the next reply answers the next command.
+            s.handle_client_data(b"NOOP\r\n");
+            s.handle_server_data(b"200 ok\r\n");
+            assert_eq!(
+                drain(&mut s),
+                vec![
+                    Action::ToClient(b"200 ok\r\n".to_vec()),
+                    Action::ToServer(b"NOOP\r\n".to_vec())
+                ]
+            );
+        }
+    }
+
+    /// One read of tiny bad lines is answered line by line (and counted), but logged only at
+    /// the start and then once in a thousand.
+    #[test]
+    fn a_flood_of_bad_lines_is_answered_in_full_and_logged_sparingly() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(&b"\x0b\n".repeat(30_000));
+        let actions = drain(&mut s);
+        assert_eq!(actions.len(), 30_000);
+        assert!(actions
+            .iter()
+            .all(|a| *a == Action::ToClient(Reject::AmbiguousLine.client_reply().to_vec())));
+        assert_eq!(s.refusals, 30_000);
+        let logged = (1..=s.refusals).filter(|n| logs_refusal(*n)).count();
+        assert_eq!(logged, 10 + 30);
     }
 }

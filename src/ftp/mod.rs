@@ -22,6 +22,7 @@
     )
 )]
 
+pub mod canonical;
 pub mod command;
 pub mod framing;
 pub mod hostport;

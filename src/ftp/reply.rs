@@ -104,6 +104,11 @@ pub enum ReplyError {
     /// The endpoint found is malformed or out of range.
     #[error("bad endpoint in the reply: {0}")]
     Endpoint(#[from] HostPortError),
+    /// Clients would read another endpoint than ftp-alg (or fail where ftp-alg would not): a
+    /// sign or blank inside the numbers, non-ASCII text, a 229 whose first `(` is not the
+    /// endpoint.
+    #[error("the reply can be read in more than one way")]
+    Ambiguous,
     /// A 227 reply can carry only an IPv4 address.
     #[error("a 227 reply cannot carry the IPv6 address {0}")]
     NotIpv4(Ipv6Addr),
@@ -187,37 +192,76 @@ impl PassiveReply {
 /// User-FTP program that interprets the PASV reply must scan the reply for
 /// the first digit of the host and port numbers."
 ///
-/// The numbers are taken to be the first run of digits and commas that holds
-/// a comma, so that a stray number in the text ("Mode v2 (...)") is skipped.
-/// Trailing commas belong to the sentence ("at 1,2,3,4,5,6, ok").
+/// ftp-alg must act on the endpoint every client will dial, and clients scan
+/// differently: curl tries `sscanf("%u,%u,%u,%u,%u,%u")` at every position after
+/// the code, lftp the same `%d` scan at every digit, and both let blanks and a
+/// sign stand before each number; Python's ftplib takes the first match of
+/// `\d+,\d+,\d+,\d+,\d+,\d+` (Unicode digits included). So the endpoint is
+/// the first place where the `sscanf` reading succeeds, and the reply is refused
+/// as [`ReplyError::Ambiguous`] unless that reading is also the strict one
+/// (digits and commas only, after any leading blanks) and the text is ASCII.
+/// Then no reader finds another tuple first: an earlier strict or lenient match
+/// would be an earlier `sscanf` success. Trailing text is kept, whatever it holds.
 fn parse_227(text: &[u8]) -> Result<PassiveReply, ReplyError> {
-    let in_run = |b: &u8| b.is_ascii_digit() || *b == b',';
-    let mut from = CODE_LEN;
-    loop {
-        let tail = text.get(from..).ok_or(ReplyError::NoEndpoint)?;
-        let skip = tail
-            .iter()
-            .position(u8::is_ascii_digit)
-            .ok_or(ReplyError::NoEndpoint)?;
-        let start = from + skip;
-        let run = text.get(start..).ok_or(ReplyError::NoEndpoint)?;
-        let run_len = run.iter().position(|b| !in_run(b)).unwrap_or(run.len());
-        let mut numbers = run.get(..run_len).ok_or(ReplyError::NoEndpoint)?;
-        while let [rest @ .., b','] = numbers {
-            numbers = rest;
-        }
-        if numbers.contains(&b',') {
-            let end = start + numbers.len();
-            // Only ASCII digits and commas: always valid UTF-8.
-            let numbers = std::str::from_utf8(numbers).map_err(|_| ReplyError::NoEndpoint)?;
-            return Ok(PassiveReply::Pasv {
-                addr: hostport::parse_host_port(numbers)?,
-                prefix: text.get(..start).ok_or(ReplyError::NoEndpoint)?.to_vec(),
-                suffix: text.get(end..).ok_or(ReplyError::NoEndpoint)?.to_vec(),
-            });
-        }
-        from = start + run_len;
+    if !text.is_ascii() {
+        return Err(ReplyError::Ambiguous);
     }
+    let after_code = text.get(CODE_LEN..).ok_or(ReplyError::NoEndpoint)?;
+    let (offset, len) = (0..after_code.len())
+        .find_map(|at| {
+            let tail = after_code.get(at..)?;
+            scanf_six(tail).map(|len| (at, len))
+        })
+        .ok_or(ReplyError::NoEndpoint)?;
+    let read = after_code
+        .get(offset..offset + len)
+        .ok_or(ReplyError::NoEndpoint)?;
+    let blanks = read
+        .iter()
+        .take_while(|b| b.is_ascii_whitespace() || **b == 0x0b)
+        .count();
+    let numbers = read.get(blanks..).ok_or(ReplyError::NoEndpoint)?;
+    if !numbers.iter().all(|b| b.is_ascii_digit() || *b == b',') {
+        return Err(ReplyError::Ambiguous);
+    }
+    let start = CODE_LEN + offset + blanks;
+    let end = CODE_LEN + offset + len;
+    // Only ASCII digits and commas: always valid UTF-8.
+    let numbers = std::str::from_utf8(numbers).map_err(|_| ReplyError::NoEndpoint)?;
+    Ok(PassiveReply::Pasv {
+        addr: hostport::parse_host_port(numbers)?,
+        prefix: text.get(..start).ok_or(ReplyError::NoEndpoint)?.to_vec(),
+        suffix: text.get(end..).ok_or(ReplyError::NoEndpoint)?.to_vec(),
+    })
+}
+
+/// Whether C's `sscanf(s, "%u,%u,%u,%u,%u,%u")` reads six numbers from the start of `s`, and
+/// if so how many bytes it consumed. Each `%u` skips `isspace()` bytes and takes an optional
+/// sign and at least one digit; each `,` must follow its number at once.
+fn scanf_six(s: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    for field in 0..6 {
+        if field > 0 {
+            (s.get(at) == Some(&b',')).then_some(())?;
+            at += 1;
+        }
+        at += s
+            .get(at..)?
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace() || **b == 0x0b)
+            .count();
+        if matches!(s.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        let digits = s
+            .get(at..)?
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        (digits > 0).then_some(())?;
+        at += digits;
+    }
+    Some(at)
 }
 
 /// RFC 2428 §3: "The text returned in response to the EPSV command MUST be:
@@ -225,41 +269,44 @@ fn parse_227(text: &[u8]) -> Result<PassiveReply, ReplyError> {
 /// (<d><d><d><tcp-port><d>)` ... The first two fields contained in the
 /// parenthesis MUST be blank."
 ///
-/// The first `(` followed by three equal delimiters (ASCII 33..=126, as for
-/// EPRT) opens the endpoint; the port runs up to the first `<d>)`, which
-/// also copes with `)` or a digit as the delimiter. Any other `(` in the
-/// text is skipped.
+/// curl and lftp read the endpoint after the first `(` only, and Python's ftplib splits the
+/// text between the first `(` and the next `)` at the character after the `(`. So the first
+/// `(` must open the endpoint: three equal delimiters (ASCII 33..=126, as for EPRT, but not a
+/// digit or a parenthesis, which those readers split differently), the port in digits only,
+/// then `<d>)`. Anything else is refused rather than guessed at.
 fn parse_229(text: &[u8]) -> Result<PassiveReply, ReplyError> {
-    let mut from = CODE_LEN;
-    loop {
-        let tail = text.get(from..).ok_or(ReplyError::NoEndpoint)?;
-        let open = from
-            + tail
-                .iter()
-                .position(|&b| b == b'(')
-                .ok_or(ReplyError::NoEndpoint)?;
-        let after_paren = text.get(open + 1..).ok_or(ReplyError::NoEndpoint)?;
-        if let [d, d2, d3, field @ ..] = after_paren {
-            if d == d2 && d == d3 && hostport::is_delimiter(*d) {
-                let digits_len = field
-                    .windows(2)
-                    .position(|w| w == [*d, b')'])
-                    .ok_or(HostPortError::BadDelimiter)?;
-                let digits = field.get(..digits_len).ok_or(ReplyError::NoEndpoint)?;
-                let start = open + 4;
-                return Ok(PassiveReply::Epsv {
-                    port: hostport::parse_port(digits)?,
-                    delimiter: char::from(*d),
-                    prefix: text.get(..start).ok_or(ReplyError::NoEndpoint)?.to_vec(),
-                    suffix: text
-                        .get(start + digits_len..)
-                        .ok_or(ReplyError::NoEndpoint)?
-                        .to_vec(),
-                });
-            }
-        }
-        from = open + 1;
+    if !text.is_ascii() {
+        return Err(ReplyError::Ambiguous);
     }
+    let tail = text.get(CODE_LEN..).ok_or(ReplyError::NoEndpoint)?;
+    let open = CODE_LEN
+        + tail
+            .iter()
+            .position(|&b| b == b'(')
+            .ok_or(ReplyError::NoEndpoint)?;
+    let after_paren = text.get(open + 1..).ok_or(ReplyError::NoEndpoint)?;
+    let [d, d2, d3, field @ ..] = after_paren else {
+        return Err(ReplyError::NoEndpoint);
+    };
+    let usable = hostport::is_delimiter(*d) && !d.is_ascii_digit() && !matches!(d, b'(' | b')');
+    if d != d2 || d != d3 || !usable {
+        return Err(ReplyError::NoEndpoint);
+    }
+    let digits_len = field
+        .windows(2)
+        .position(|w| w == [*d, b')'])
+        .ok_or(HostPortError::BadDelimiter)?;
+    let digits = field.get(..digits_len).ok_or(ReplyError::NoEndpoint)?;
+    let start = open + 4;
+    Ok(PassiveReply::Epsv {
+        port: hostport::parse_port(digits)?,
+        delimiter: char::from(*d),
+        prefix: text.get(..start).ok_or(ReplyError::NoEndpoint)?.to_vec(),
+        suffix: text
+            .get(start + digits_len..)
+            .ok_or(ReplyError::NoEndpoint)?
+            .to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -426,8 +473,8 @@ mod tests {
             })
         );
         assert_eq!(
-            pasv(b"227-\xe9t\xe9 (192,168,1,2,4,1) \xff"),
-            expect(b"227-\xe9t\xe9 (", b") \xff")
+            pasv(b"227 Entering Passive Mode (  192,168,1,2,4,1)"),
+            expect(b"227 Entering Passive Mode (  ", b")")
         );
     }
 
@@ -443,17 +490,33 @@ mod tests {
             pasv(b"227 (192,168,1,256,4,1)"),
             Err(ReplyError::Endpoint(HostPortError::OctetOutOfRange(256)))
         );
-        assert_eq!(
-            pasv(b"227 (192,168,1,2,4)"),
-            Err(ReplyError::Endpoint(HostPortError::WrongFieldCount {
-                expected: 6,
-                found: 5
-            }))
-        );
-        assert_eq!(
-            pasv(b"227 (192,168,,1,2,4,1)"),
-            Err(ReplyError::Endpoint(HostPortError::BadNumber))
-        );
+        assert_eq!(pasv(b"227 (192,168,1,2,4)"), Err(ReplyError::NoEndpoint));
+        assert_eq!(pasv(b"227 (192,168,,1,2,4,1)"), Err(ReplyError::NoEndpoint));
+    }
+
+    /// curl and lftp scan with `sscanf`, which takes blanks and a sign before each number;
+    /// ftplib matches digits and commas only. Where they could disagree, ftp-alg refuses.
+    #[test]
+    fn refuses_227s_that_clients_read_differently() {
+        for text in [
+            &b"227 Entering Passive Mode (10, 0, 0, 5, 0, 80) (1,2,3,4,5,6)"[..],
+            b"227 (10,0,0,5,0, 80)",
+            b"227 (10,0,0,5,0,\x0b80)",
+            b"227 (-1,2,3,4,5,6) (1,2,3,4,5,6)",
+            b"227 (+10,0,0,5,0,80)",
+            b"227 (10,0,0,5,0,-80)",
+            b"227 \xd9\xa1,2,3,4,5,6 (10,0,0,5,0,80)",
+            b"227-\xe9t\xe9 (192,168,1,2,4,1)",
+        ] {
+            assert_eq!(
+                pasv(text),
+                Err(ReplyError::Ambiguous),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        // Blanks before the first number only: every reader finds the same six numbers.
+        assert!(pasv(b"227 Entering Passive Mode ( 10,0,0,5,0,80)").is_ok());
         assert_eq!(pasv(b"200 (192,168,1,2,4,1)"), Err(ReplyError::NotPassive));
         assert_eq!(pasv(b"2270 (192,168,1,2,4,1)"), Err(ReplyError::NotPassive));
         assert_eq!(pasv(b""), Err(ReplyError::NotPassive));
@@ -477,12 +540,22 @@ mod tests {
             pasv(b"229 Entering Extended Passive Mode (!!!6446!)."),
             epsv('!', b"229 Entering Extended Passive Mode (!!!", b"!).")
         );
-        assert_eq!(pasv(b"229 ()))6446))"), epsv(')', b"229 ()))", b"))"));
-        assert_eq!(pasv(b"229 (11164461)"), epsv('1', b"229 (111", b"1)"));
-        assert_eq!(
-            pasv(b"229 see (RFC 2428) (|||6446|)"),
-            epsv('|', b"229 see (RFC 2428) (|||", b"|)")
-        );
+        assert_eq!(pasv(b"229 (%%%6446%)"), epsv('%', b"229 (%%%", b"%)"));
+    }
+
+    /// The readers take the first `(` as the endpoint's, and split parentheses and digits
+    /// differently when they are the delimiter.
+    #[test]
+    fn refuses_229s_that_clients_read_differently() {
+        for text in [
+            &b"229 ()))6446))"[..],
+            b"229 (((6446()",
+            b"229 (11164461)",
+            b"229 see (RFC 2428) (|||6446|)",
+        ] {
+            assert_eq!(pasv(text), Err(ReplyError::NoEndpoint), "{text:?}");
+        }
+        assert_eq!(pasv(b"229 \xe9 (|||6446|)"), Err(ReplyError::Ambiguous));
     }
 
     #[test]
@@ -512,12 +585,12 @@ mod tests {
 
     #[test]
     fn rewrite_changes_only_the_numbers() {
-        let reply = pasv(b"227 Entering Passive Mode (192,168,1,2,4,1). \xff").unwrap();
+        let reply = pasv(b"227 Entering Passive Mode (192,168,1,2,4,1). 7,8").unwrap();
         assert_eq!(reply.port(), 1025);
         let new: SocketAddr = "198.18.0.2:61000".parse().unwrap();
         assert_eq!(
             reply.rewrite(new),
-            Ok(b"227 Entering Passive Mode (198,18,0,2,238,72). \xff\r\n".to_vec())
+            Ok(b"227 Entering Passive Mode (198,18,0,2,238,72). 7,8\r\n".to_vec())
         );
         let mapped: SocketAddr = "[::ffff:198.18.0.2]:61000".parse().unwrap();
         assert_eq!(reply.rewrite(mapped), reply.rewrite(new));
@@ -576,7 +649,7 @@ mod tests {
 
         #[test]
         fn near_miss_227s_rewrite_cleanly(
-            text in "227[ -][a-z (=,.\u{ff}]{0,8}F(,F){5}(,F)?[a-z ).,\u{ff}]{0,8}"
+            text in "227[ -][a-z (=,.+-]{0,8}F(,F){5}(,F)?[a-z ).,]{0,8}"
                 .replace('F', "([0-9]{1,2}|1[0-9]{2}|2[0-4][0-9]|25[0-6]|0[0-9]{2})")
                 .as_str(),
         ) {
@@ -644,7 +717,7 @@ mod tests {
 
         #[test]
         fn epsv_rewrite_round_trips(
-            d in (33u8..=126).prop_filter("not a digit", |d| !d.is_ascii_digit()),
+            d in (33u8..=126).prop_filter("a usable delimiter", |d| !d.is_ascii_digit() && !matches!(d, b'(' | b')')),
             old in any::<u16>(),
             new in any::<u16>(),
         ) {
