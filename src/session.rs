@@ -63,7 +63,7 @@ pub struct SessionContext {
 
 /// Whether a session logs its `n`th refusal (see [`LOGGED_REFUSALS`]).
 fn logs_refusal(n: u64) -> bool {
-    n <= LOGGED_REFUSALS || n % REFUSAL_LOG_EVERY == 0
+    n <= LOGGED_REFUSALS || n.is_multiple_of(REFUSAL_LOG_EVERY)
 }
 
 /// What the proxy must do next, in order.
