@@ -30,6 +30,17 @@ pub const DEFAULT_PORT_REUSE_DELAY_SECS: u64 = 120;
 pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
 /// Longest control-channel line accepted: bytes before the line feed.
 pub use crate::ftp::framing::DEFAULT_MAX_LINE;
+/// The largest `proxy.max_line`: proftpd silently drops a command longer than its buffer
+/// (PATH_MAX + 7 bytes, CR LF included) without any reply, which would leave every later reply
+/// answering the wrong command.
+pub const MAX_MAX_LINE: usize = 4096;
+/// The socket mark on ftp-alg's own connections to FTP servers, so that an operator's output
+/// chain can filter them: in gateway mode they start on this host, and the forward chain never
+/// sees them.
+pub const DEFAULT_UPSTREAM_MARK: u32 = 0xf7a1;
+/// IPv6 clients are counted per network of this prefix length for `max_sessions_per_client`:
+/// one host commonly holds a whole /64 and picks a new address from it at will.
+pub const DEFAULT_CLIENT_PREFIX_V6: u8 = 64;
 /// How long the connection to the upstream server may take before the client gets a 421.
 pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// Control connections handled at once; more are answered 421 and closed.
@@ -184,6 +195,9 @@ pub struct LimitsConfig {
     /// Pinholes one session may hold at once; an announcement beyond it gets 425.
     #[serde(default = "default_max_pinholes_per_session")]
     pub max_pinholes_per_session: usize,
+    /// IPv6 clients count towards `max_sessions_per_client` per network of this prefix length.
+    #[serde(default = "default_client_prefix_v6")]
+    pub client_prefix_v6: u8,
     /// After SIGTERM or SIGINT, seconds the sessions under way may go on (no new ones are
     /// accepted); then the daemon removes every pinhole and exits.
     #[serde(default = "default_shutdown_grace")]
@@ -226,6 +240,11 @@ pub struct PolicyConfig {
     /// Gateway mode: servers that clients may not reach, even if allowed above.
     #[serde(default)]
     pub deny_servers: Vec<IpNet>,
+    /// Gateway mode: let clients reach loopback, link-local, multicast, broadcast and this
+    /// host's own addresses. Off by default: the proxy's upstream connection starts on this
+    /// host, where the forward policy that guards those addresses does not apply.
+    #[serde(default)]
+    pub allow_local_servers: bool,
 }
 
 impl PolicyConfig {
@@ -291,6 +310,7 @@ impl Default for LimitsConfig {
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
+            client_prefix_v6: DEFAULT_CLIENT_PREFIX_V6,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
         }
     }
@@ -322,6 +342,9 @@ pub struct ProxyConfig {
     /// Seconds allowed for the upstream TCP connect.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Socket mark (`SO_MARK`, nftables `meta mark`) on the connections to the server; 0: none.
+    #[serde(default = "default_upstream_mark")]
+    pub upstream_mark: u32,
 }
 
 /// `[pinholes]`: how data connections are let through.
@@ -376,6 +399,12 @@ fn default_max_line() -> usize {
 }
 fn default_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_SECS
+}
+fn default_upstream_mark() -> u32 {
+    DEFAULT_UPSTREAM_MARK
+}
+fn default_client_prefix_v6() -> u8 {
+    DEFAULT_CLIENT_PREFIX_V6
 }
 fn default_max_sessions() -> usize {
     DEFAULT_MAX_SESSIONS
@@ -443,6 +472,7 @@ impl Config {
                 intercept: Vec::new(),
                 max_line: DEFAULT_MAX_LINE,
                 connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
+                upstream_mark: DEFAULT_UPSTREAM_MARK,
             },
             pinholes: PinholeConfig::default(),
             limits: LimitsConfig::default(),
@@ -505,6 +535,13 @@ impl Config {
                 p.max_line
             ));
         }
+        if p.max_line > MAX_MAX_LINE {
+            return Err(format!(
+                "proxy.max_line = {} is above {MAX_MAX_LINE}: proftpd drops longer commands without \
+                 a reply, which would put every later reply out of step",
+                p.max_line
+            ));
+        }
         if p.connect_timeout_secs == 0 {
             return Err("proxy.connect_timeout_secs must be at least 1".into());
         }
@@ -540,6 +577,12 @@ impl Config {
                 "limits.max_sessions and limits.max_sessions_per_client must be at least 1".into(),
             );
         }
+        if l.client_prefix_v6 == 0 || l.client_prefix_v6 > 128 {
+            return Err(format!(
+                "limits.client_prefix_v6 = {}: must be 1..=128",
+                l.client_prefix_v6
+            ));
+        }
         if l.max_sessions_per_client > l.max_sessions {
             return Err(format!(
                 "limits.max_sessions_per_client ({}) is above limits.max_sessions ({})",
@@ -547,9 +590,11 @@ impl Config {
             ));
         }
         if p.mode == Mode::Reverse
-            && !(self.policy.allow_servers.is_empty() && self.policy.deny_servers.is_empty())
+            && (!self.policy.allow_servers.is_empty()
+                || !self.policy.deny_servers.is_empty()
+                || self.policy.allow_local_servers)
         {
-            return Err("policy.allow_servers and policy.deny_servers are for gateway mode; reverse mode has one upstream".into());
+            return Err("policy.allow_servers, policy.deny_servers and policy.allow_local_servers are for gateway mode; reverse mode has one upstream".into());
         }
         for verb in &self.policy.deny_commands {
             if verb.is_empty() || verb.len() > 8 || !verb.bytes().all(|b| b.is_ascii_alphabetic()) {

@@ -71,10 +71,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shared = Arc::new(Shared {
         policy: Arc::new(config.policy.clone()),
-        registry: Arc::new(Registry::new(
-            config.limits.max_sessions,
-            config.limits.max_sessions_per_client,
-        )),
+        registry: Arc::new(
+            Registry::new(
+                config.limits.max_sessions,
+                config.limits.max_sessions_per_client,
+            )
+            .counting_ipv6_per(config.limits.client_prefix_v6),
+        ),
         metrics: Arc::new(Metrics::default()),
         config,
         pinholes,

@@ -13,7 +13,8 @@
 //! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
 //!   Prometheus [`metrics`]; every listener retries a failed accept as [`accept`] does;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
-//!   redirected connection's original destination;
+//!   redirected connection's original destination, and [`upstream`] says where a gateway may
+//!   connect on a client's behalf and connects there;
 //! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
 //! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
 //!   have a pinhole.
@@ -33,3 +34,4 @@ pub mod proxy;
 pub mod registry;
 pub mod session;
 pub mod sniff;
+pub mod upstream;

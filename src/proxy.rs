@@ -23,6 +23,7 @@ use crate::origdst::original_destination;
 use crate::pinhole::{Firewall, OpenError, Pinholes};
 use crate::registry::{Admitted, Entry, Registry};
 use crate::session::{Action, Event, Session, SessionContext, Side};
+use crate::upstream;
 
 const READ_BUFFER: usize = 8192;
 /// Reads per readiness event before the session's actions are carried out: bounds what one
@@ -121,7 +122,19 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
             .await;
         return;
     };
-    if !shared.policy.client_allowed(peer.ip()) || !shared.policy.server_allowed(server.ip()) {
+    let forbidden = match cfg.mode {
+        Mode::Gateway if !shared.policy.allow_local_servers => {
+            upstream::forbidden(server.ip(), &upstream::own_addresses())
+        }
+        _ => None,
+    };
+    if let Some(why) = forbidden {
+        tracing::warn!(%server, reason = "network_denied", destination = why.as_str(), "refused session: a gateway does not proxy to this destination (policy.allow_local_servers)");
+    }
+    if forbidden.is_some()
+        || !shared.policy.client_allowed(peer.ip())
+        || !shared.policy.server_allowed(server.ip())
+    {
         tracing::warn!(%server, reason = "network_denied", "refused session");
         shared.metrics.refused_session(Admission::NetworkDenied);
         let _ = client
@@ -131,14 +144,10 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
     }
     tracing::Span::current().record("server", tracing::field::display(server));
     entry.set_server(server);
-    let connect = tokio::time::timeout(
-        Duration::from_secs(cfg.connect_timeout_secs),
-        TcpStream::connect(server),
-    );
-    let upstream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return refuse_unreachable(shared, client, &e.to_string()).await,
-        Err(_) => return refuse_unreachable(shared, client, "connect timed out").await,
+    let timeout = Duration::from_secs(cfg.connect_timeout_secs);
+    let upstream = match upstream::connect(server, cfg.upstream_mark, timeout).await {
+        Ok(stream) => stream,
+        Err(e) => return refuse_unreachable(shared, client, &e.to_string()).await,
     };
     let upstream_local = match upstream.local_addr() {
         Ok(addr) => addr,

@@ -64,6 +64,8 @@ impl LimitReached {
 pub struct Registry {
     max_sessions: usize,
     max_per_client: usize,
+    /// IPv6 clients count per network of this prefix length (`limits.client_prefix_v6`).
+    client_prefix_v6: u8,
     inner: Mutex<Inner>,
     /// Signalled when the last session ends.
     emptied: Notify,
@@ -107,6 +109,7 @@ impl Registry {
         Registry {
             max_sessions,
             max_per_client,
+            client_prefix_v6: 128,
             inner: Mutex::new(Inner {
                 next_id: 1,
                 ..Inner::default()
@@ -115,13 +118,31 @@ impl Registry {
         }
     }
 
+    /// Count IPv6 clients per network of `prefix` bits for the per-client limit, rather than
+    /// per address: one host commonly holds a whole /64 and can use a new address for every
+    /// connection.
+    pub fn counting_ipv6_per(mut self, prefix: u8) -> Registry {
+        self.client_prefix_v6 = prefix;
+        self
+    }
+
+    /// What the per-client limit counts `client` as: its address, or for IPv6 its network.
+    fn client_key(&self, client: SocketAddr) -> IpAddr {
+        match client.ip().to_canonical() {
+            IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, self.client_prefix_v6)
+                .map_or(IpAddr::V6(v6), |net| IpAddr::V6(net.network())),
+            v4 => v4,
+        }
+    }
+
     /// Take a place for a session from `client`, or say which limit is reached.
     pub fn admit(self: &Arc<Self>, client: SocketAddr) -> Result<Admitted, LimitReached> {
+        let key = self.client_key(client);
         let mut inner = self.lock();
         if inner.sessions.len() >= self.max_sessions {
             return Err(LimitReached::Total);
         }
-        let mine = inner.per_client.entry(client.ip()).or_insert(0);
+        let mine = inner.per_client.entry(key).or_insert(0);
         if *mine >= self.max_per_client {
             return Err(LimitReached::PerClient);
         }
@@ -264,7 +285,7 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let mut inner = self.registry.lock();
         inner.sessions.remove(&self.entry.id);
-        let client = self.entry.client.ip();
+        let client = self.registry.client_key(self.entry.client);
         if let Some(mine) = inner.per_client.get_mut(&client) {
             *mine = mine.saturating_sub(1);
             if *mine == 0 {
@@ -305,6 +326,22 @@ mod tests {
         let again = registry.admit(addr("198.18.0.2:1003")).unwrap();
         assert_eq!(again.entry().id(), 4, "ids are never reused");
         assert_eq!(registry.admitted_total(), 4);
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_prefix() {
+        let registry = Arc::new(Registry::new(10, 2).counting_ipv6_per(64));
+        let _a = registry.admit(addr("[2001:db8:a::2]:1000")).unwrap();
+        let b = registry.admit(addr("[2001:db8:a::ffff:1]:1000")).unwrap();
+        assert_eq!(
+            registry.admit(addr("[2001:db8:a::3]:1000")).err(),
+            Some(LimitReached::PerClient),
+            "a new address in the same /64 is the same client"
+        );
+        let _other = registry.admit(addr("[2001:db8:a:1::2]:1000")).unwrap();
+        let _v4 = registry.admit(addr("198.18.0.2:1000")).unwrap();
+        drop(b);
+        assert!(registry.admit(addr("[2001:db8:a::4]:1000")).is_ok());
     }
 
     #[test]
