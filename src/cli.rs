@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, DEFAULT_CONTROL_SOCKET};
+use crate::config::{Config, LogFormat, Mode, DEFAULT_CONTROL_SOCKET};
 use crate::control::{self, Answer, ClientError, ErrorKind, Request, Status};
 use crate::pinhole::{nft, PinholeEntry, PinholeId, PinholeState};
 use crate::registry::{SessionId, SessionInfo};
@@ -377,6 +377,17 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     if !p.intercept.is_empty() {
         println!("  intercept tcp/21 on: {}", p.intercept.join(", "));
     }
+    if p.mode == Mode::Gateway {
+        println!(
+            "  upstream: socket mark {:#010x}, local destinations {}",
+            p.upstream_mark,
+            if config.policy.allow_local_servers {
+                "allowed"
+            } else {
+                "refused"
+            }
+        );
+    }
     let ph = &config.pinholes;
     println!(
         "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}, \
@@ -390,8 +401,8 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     );
     let l = &config.limits;
     println!(
-        "  limits:   {} sessions, {} per client, idle timeout {} s",
-        l.max_sessions, l.max_sessions_per_client, l.idle_timeout_secs
+        "  limits:   {} sessions, {} per client (IPv6: per /{}), idle timeout {} s",
+        l.max_sessions, l.max_sessions_per_client, l.client_prefix_v6, l.idle_timeout_secs
     );
     let policy = &config.policy;
     println!(

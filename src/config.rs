@@ -342,7 +342,8 @@ pub struct ProxyConfig {
     /// Seconds allowed for the upstream TCP connect.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
-    /// Socket mark (`SO_MARK`, nftables `meta mark`) on the connections to the server; 0: none.
+    /// Gateway mode: socket mark (`SO_MARK`, nftables `meta mark`) on the connections to the
+    /// servers, for the operator's output chain; 0: none.
     #[serde(default = "default_upstream_mark")]
     pub upstream_mark: u32,
 }

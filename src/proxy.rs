@@ -145,7 +145,11 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
     tracing::Span::current().record("server", tracing::field::display(server));
     entry.set_server(server);
     let timeout = Duration::from_secs(cfg.connect_timeout_secs);
-    let upstream = match upstream::connect(server, cfg.upstream_mark, timeout).await {
+    let mark = match cfg.mode {
+        Mode::Gateway => cfg.upstream_mark,
+        Mode::Reverse => 0,
+    };
+    let upstream = match upstream::connect(server, mark, timeout).await {
         Ok(stream) => stream,
         Err(e) => return refuse_unreachable(shared, client, &e.to_string()).await,
     };

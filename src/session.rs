@@ -470,6 +470,18 @@ impl Session {
             // The complete lines still buffered go first; see `poll_action`.
             Side::Client => self.client_eof = true,
             Side::Server => {
+                // Complete replies that arrived with the end of the stream are replies like any
+                // other: they go through the checks (a 226 and a 221 often share the last read).
+                while self.pending.is_none() {
+                    match self.from_server.next_line() {
+                        Some(line) => self.server_line(line),
+                        None => break,
+                    }
+                }
+                if self.closed {
+                    // An over-long reply in those lines has ended the session already.
+                    return;
+                }
                 self.closed = true;
                 let rest = self.from_server.take_pending();
                 if !rest.is_empty() && !self.withholding {
@@ -1418,6 +1430,26 @@ pub(super) mod tests {
             vec![
                 Action::ToClient(b"221 Bye\r\n".to_vec()),
                 Action::Close(vec![1]),
+                Action::Shutdown
+            ]
+        );
+    }
+
+    /// The last replies often arrive in the read that ends the stream: they are forwarded as
+    /// the lines they are, not as one blob.
+    #[test]
+    fn replies_read_with_the_end_of_the_stream_stay_separate_lines() {
+        let mut s = greeted(Mode::Gateway);
+        s.handle_client_data(b"RETR f\r\nQUIT\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"150 ok\r\n226 Transfer complete.\r\n221 Goodbye.\r\n");
+        s.handle_eof(Side::Server);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"150 ok\r\n".to_vec()),
+                Action::ToClient(b"226 Transfer complete.\r\n".to_vec()),
+                Action::ToClient(b"221 Goodbye.\r\n".to_vec()),
                 Action::Shutdown
             ]
         );

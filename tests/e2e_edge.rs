@@ -94,3 +94,8 @@ fn read_only_policy_refuses_uploads() {
 fn denied_server_network_gets_421() {
     edge::denied_server_network_gets_421();
 }
+
+#[test]
+fn gateway_does_not_proxy_to_its_own_addresses() {
+    edge::gateway_does_not_proxy_to_itself();
+}

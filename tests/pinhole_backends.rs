@@ -250,3 +250,79 @@ fn netlink_refusal_says_which_element_and_why() {
         assert_eq!(listed().await.len(), 1);
     });
 }
+
+/// Accept one connection on either listener within a bound; says which one got it.
+fn accepted_by(listeners: &[&std::net::TcpListener]) -> Option<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        for (i, listener) in listeners.iter().enumerate() {
+            if listener.accept().is_ok() {
+                return Some(i);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A connection from `source` to `dest` (both local addresses of the namespace).
+fn dial_from(source: &str, dest: &str) -> std::net::TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&source.into()).expect("bind the source");
+    let dest: SocketAddr = dest.parse().unwrap();
+    socket
+        .connect_timeout(&dest.into(), Duration::from_secs(5))
+        .expect("connect");
+    socket.into()
+}
+
+/// The dnat map sends on only the connection that hit its pinhole in the same rule. A connection
+/// that carries ftp-alg's mark for another reason (here an operator's rule; in the wild, a
+/// connection a kernel FTP helper expected, which inherits its control connection's mark) goes
+/// where it was addressed, even when a dnat element matches it.
+#[test]
+fn only_the_connection_that_hit_its_pinhole_is_translated() {
+    in_namespace(|| async {
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "198.18.0.1/32", "dev", "lo"],
+            &["addr", "add", "198.18.0.2/32", "dev", "lo"],
+            &["addr", "add", "203.0.113.2/32", "dev", "lo"],
+        ] {
+            let status = Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        let dial = std::net::TcpListener::bind("198.18.0.1:61000").expect("bind");
+        let target = std::net::TcpListener::bind("203.0.113.2:40000").expect("bind");
+        for l in [&dial, &target] {
+            l.set_nonblocking(true).expect("nonblocking");
+        }
+        nft(&[
+            "add element inet ftp_alg dnat_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s : 203.0.113.2 . 40000 }",
+        ]);
+        nft(&["add table inet operator"]);
+        nft(&["add chain inet operator out { type filter hook output priority -150; }"]);
+        nft(&["add rule inet operator out tcp dport 61000 ct mark set 0x0000f7a0"]);
+
+        let _marked = dial_from("198.18.0.2", "198.18.0.1:61000");
+        assert_eq!(
+            accepted_by(&[&dial, &target]),
+            Some(0),
+            "a marked connection without a pinhole was translated"
+        );
+
+        nft(&["add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s }"]);
+        let _pinholed = dial_from("198.18.0.2", "198.18.0.1:61000");
+        assert_eq!(
+            accepted_by(&[&dial, &target]),
+            Some(1),
+            "the connection that hit the pinhole was not translated"
+        );
+        assert!(
+            !nft(&["list set inet ftp_alg pin_v4"]).contains("61000"),
+            "the pinhole admits one connection"
+        );
+    });
+}

@@ -1060,3 +1060,80 @@ const GREETING_ONLY_SCRIPT: &str = r#"
 control = socket.create_connection((HOST, 21), timeout=10)
 emit(reply=control.makefile("rb").readline().decode().rstrip("\r\n"))
 "#;
+
+/// A gateway does not proxy to its own addresses (nor to loopback, link-local or multicast
+/// ones): its upstream connection starts on the gateway, where the forward policy that keeps
+/// clients away from them does not apply. A listener on the gateway's LAN address, port 21,
+/// stands for a service that trusts connections from the gateway itself. With
+/// `policy.allow_local_servers` the same session does reach it, and its connection carries
+/// `proxy.upstream_mark`, which the operator's output chain counts here.
+pub fn gateway_does_not_proxy_to_itself() {
+    for allow_local in [false, true] {
+        let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::AlgStopped);
+        lab.alg_config = format!("[policy]\nallow_local_servers = {allow_local}\n");
+        lab.start_alg();
+        lab.nft(&[
+            "insert rule inet gateway output meta mark 0x0000f7a1 tcp dport 21 counter accept",
+        ]);
+        let mut victim = lab
+            .exec(&lab.gateway_ns(), &["python3", "-c", VICTIM, G_LAN4, "21"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let mut said = BufReader::new(victim.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        said.read_line(&mut line).expect("read the victim");
+        assert_eq!(line.trim(), "listening");
+        let replies = PyClient::in_client(&mut lab, SELF_SCRIPT).finish();
+        line.clear();
+        said.read_line(&mut line).expect("read the victim");
+        let _ = victim.wait();
+        let counted = must(lab.exec(
+            &lab.gateway_ns(),
+            &["nft", "list", "chain", "inet", "gateway", "output"],
+        ));
+        let marked = counted
+            .lines()
+            .find(|l| l.contains("0x0000f7a1") && l.contains("counter"))
+            .unwrap_or_default()
+            .to_owned();
+        if allow_local {
+            assert_eq!(line.trim(), "accepted", "{replies:?}");
+            assert!(
+                !marked.contains("packets 0 "),
+                "the upstream connection was not marked: {marked}"
+            );
+        } else {
+            assert_replies("replies", &replies, &["421 Not allowed by gateway policy."]);
+            assert_eq!(
+                line.trim(),
+                "untouched",
+                "the gateway's own service was reached"
+            );
+        }
+    }
+}
+
+/// Listens on HOST PORT (argv) for 5 s, or until one connection arrives, which it greets as an
+/// FTP server would; says whether one came.
+const VICTIM: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(5)
+print("listening", flush=True)
+try:
+    conn, _ = s.accept()
+    conn.sendall(b"220 a service that trusts the gateway\r\n")
+    print("accepted", flush=True)
+except socket.timeout:
+    print("untouched", flush=True)
+"#;
+
+/// Dials the gateway's own LAN address, port 21, which the gateway intercepts.
+const SELF_SCRIPT: &str = r#"
+control = socket.create_connection(("198.18.0.1", 21), timeout=10)
+emit(reply=control.makefile("rb").readline().decode().rstrip("\r\n"))
+"#;
