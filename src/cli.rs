@@ -362,6 +362,9 @@ fn print<T: serde::Serialize>(
 /// `check-config FILE`.
 pub fn check_config(file: &Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
+    config
+        .check_host(&crate::upstream::interface_names())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let p = &config.proxy;
     println!("{}: ok", file.display());
     println!("  mode:     {}", p.mode);
@@ -419,6 +422,20 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     );
     if !policy.deny_commands.is_empty() {
         println!("  denied commands: {}", policy.deny_commands.join(", "));
+    }
+    for (name, networks, empty) in [
+        ("allowed clients", &policy.allow_clients, "all"),
+        ("denied clients", &policy.deny_clients, "none"),
+        ("allowed servers", &policy.allow_servers, "all"),
+        ("denied servers", &policy.deny_servers, "none"),
+    ] {
+        let list: Vec<String> = networks.iter().map(ToString::to_string).collect();
+        let list = if list.is_empty() {
+            empty.to_owned()
+        } else {
+            list.join(", ")
+        };
+        println!("  {name}: {list}");
     }
     match config.control.enabled {
         true => println!("  control:  {}", config.control.socket.display()),

@@ -462,6 +462,30 @@ impl Default for PinholeConfig {
 }
 
 impl Config {
+    /// Check what the configuration names on this host: every `proxy.intercept` interface must
+    /// exist in `interfaces` (a typo would otherwise leave tcp/21 unredirected without a word).
+    pub fn check_host(&self, interfaces: &[String]) -> Result<(), String> {
+        let missing: Vec<&str> = self
+            .proxy
+            .intercept
+            .iter()
+            .filter(|name| !interfaces.contains(name))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "proxy.intercept: no interface named {} on this host (it has: {})",
+            missing
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            interfaces.join(", ")
+        ))
+    }
+
     /// The built-in default: gateway mode on port 2121, all other values at their defaults.
     pub fn builtin_gateway() -> Config {
         Config {
@@ -651,6 +675,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn intercept_names_interfaces_that_exist() {
+        let mut config = Config::builtin_gateway();
+        let here = ["lo".to_owned(), "lan0".to_owned()];
+        assert_eq!(config.check_host(&here), Ok(()));
+        config.proxy.intercept = vec!["lan0".into(), "lna0".into()];
+        assert_eq!(
+            config.check_host(&here),
+            Err(
+                "proxy.intercept: no interface named \"lna0\" on this host (it has: lo, lan0)"
+                    .to_owned()
+            )
+        );
     }
 
     #[test]

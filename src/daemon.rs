@@ -17,10 +17,14 @@ use crate::pinhole::{netlink, nft, Pinholes};
 use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
+use crate::upstream;
 
 /// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
 /// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]).
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    config
+        .check_host(&upstream::interface_names())
+        .map_err(anyhow::Error::msg)?;
     // Bind first: a second instance started by mistake fails here, before it could replace
     // the running daemon's table and with it every open pinhole.
     let mut listeners = Vec::new();
@@ -145,9 +149,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: removing every pinhole (the table's chains stay, so that connections \
          under way keep their address translation)"
     );
-    nft::flush_pinholes(&nft_path)
+    let table_was_there = nft::flush_pinholes(&nft_path)
         .await
         .context("removing the pinholes")?;
+    if !table_was_there {
+        tracing::warn!(
+            "ftp-alg's table was already gone (was the ruleset flushed?): no pinhole to remove"
+        );
+    }
     Ok(())
 }
 

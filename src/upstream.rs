@@ -64,6 +64,14 @@ pub fn forbidden(server: IpAddr, own: &[IpAddr]) -> Option<Forbidden> {
     }
 }
 
+/// The names of this host's network interfaces.
+pub fn interface_names() -> Vec<String> {
+    pnet_datalink::interfaces()
+        .into_iter()
+        .map(|i| i.name)
+        .collect()
+}
+
 /// The addresses of this host's interfaces, read now (they change: DHCP, keepalived).
 pub fn own_addresses() -> Vec<IpAddr> {
     pnet_datalink::interfaces()

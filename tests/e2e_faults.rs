@@ -52,3 +52,8 @@ fn sigterm_leaves_running_transfers_alone() {
 fn sigterm_lets_open_sessions_finish() {
     faults::sigterm_lets_open_sessions_finish();
 }
+
+#[test]
+fn sigterm_after_a_ruleset_flush_exits_0() {
+    faults::sigterm_after_a_ruleset_flush();
+}

@@ -121,12 +121,34 @@ const PINHOLE_SETS: [(&str, &str); 6] = [
 /// network namespace the kernel goes on applying the translations recorded in conntrack;
 /// deleting the table, possibly the namespace's last NAT chain, would cut every translated
 /// connection under way: data connections and redirected control connections alike.
-pub async fn flush_pinholes(nft: &Path) -> Result<(), BackendError> {
+///
+/// A table that is already gone (an `nft flush ruleset`, a firewall manager reloading its rules)
+/// holds no pinhole, so that is no error: the result says whether the table was there.
+pub async fn flush_pinholes(nft: &Path) -> Result<bool, BackendError> {
     let script: String = PINHOLE_SETS
         .iter()
         .map(|(kind, name)| format!("flush {kind} inet {TABLE} {name}\n"))
         .collect();
-    run_script(nft, &script).await
+    match run_script(nft, &script).await {
+        Ok(()) => Ok(true),
+        Err(e) => match table_exists(nft).await {
+            Ok(false) => Ok(false),
+            _ => Err(e),
+        },
+    }
+}
+
+/// Whether the daemon's table is in the kernel.
+async fn table_exists(nft: &Path) -> Result<bool, BackendError> {
+    match run_nft(nft, &["list", "table", "inet", TABLE], "").await {
+        Ok(_) => Ok(true),
+        Err(BackendError::Refused { stderr, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Delete the daemon's table and every pinhole in it; a missing table is not an error.

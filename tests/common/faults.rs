@@ -687,3 +687,24 @@ except OSError:
 ftp.retrlines("LIST", lambda line: None)
 ftp.quit()
 "#;
+
+/// `nft flush ruleset` under a running daemon (a firewall manager reloading its rules, an
+/// operator starting over) deletes ftp-alg's table. SIGTERM afterwards still stops the daemon
+/// cleanly, exit status 0, with one log line saying the table was already gone: systemd must not
+/// record a failed unit for it.
+pub fn sigterm_after_a_ruleset_flush() {
+    let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| {
+        SHORT_GRACE.to_owned()
+    });
+    lab.nft(&["flush", "ruleset"]);
+    assert!(table_handle(&lab).is_none(), "the table is gone");
+    let status = lab
+        .stop_alg("TERM", Duration::from_secs(3))
+        .expect("the daemon still runs 3 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "the daemon's exit status");
+    assert_eq!(
+        daemon_log_lines(&lab, "table was already gone").len(),
+        1,
+        "the daemon must say why it removed nothing"
+    );
+}
