@@ -204,9 +204,33 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
         }
         Request::Sessions => {
             let mut sessions = shared.registry.list();
-            // A session still counts pinholes the operator closed until their transfer ends.
+            // A session holds its ids until its transfer's final reply, but the operator may
+            // have closed a pinhole since, and the kernel drops one at its timeout even while
+            // the transfer runs: list only what `pinholes list` shows too.
+            let in_kernel: Option<std::collections::HashSet<u64>> = match nft::list(
+                &shared.config.pinholes.nft,
+            )
+            .await
+            {
+                Ok(entries) => {
+                    let ids = shared.pinholes.ids_by_endpoint();
+                    Some(
+                        entries
+                            .iter()
+                            .filter_map(|e| ids.get(&(e.source, e.dial)).copied())
+                            .collect(),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the kernel's pinholes for sessions list");
+                    None
+                }
+            };
             for session in &mut sessions {
-                session.pinholes.retain(|id| shared.pinholes.is_open(*id));
+                session.pinholes.retain(|id| {
+                    shared.pinholes.is_open(*id)
+                        && in_kernel.as_ref().is_none_or(|k| k.contains(id))
+                });
             }
             Answer::Sessions { sessions }
         }

@@ -21,3 +21,8 @@ fn cli_without_a_daemon_and_for_other_users() {
 fn a_client_that_does_not_read_can_still_be_killed() {
     operate::a_client_that_does_not_read_can_still_be_killed();
 }
+
+#[test]
+fn sessions_and_pinholes_agree_after_a_kernel_timeout() {
+    operate::sessions_and_pinholes_agree_after_a_kernel_timeout();
+}

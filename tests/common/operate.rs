@@ -372,3 +372,64 @@ fn json(lab: &Lab, args: &[&str]) -> Value {
     let text = must(lab.alg_cli(args));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed {text:?}: {e}"))
 }
+
+/// A logged-in client that asks for one passive endpoint, pauses, then reads replies until the
+/// daemon closes the connection.
+const ONE_PASV: &str = r#"
+c = Control()
+c.command("USER anonymous")
+c.command("PASS x")
+c.command("PASV")
+checkpoint("pasv")
+try:
+    while True:
+        c.reply()
+except EOFError:
+    emit(reply="(closed)")
+"#;
+
+/// `sessions list` and `pinholes list` agree on what a session holds: once the kernel has
+/// dropped a pinhole at its timeout (here 1 s, while the client never dials it), the session
+/// no longer lists it, although the daemon keeps its id until the session's next announcement.
+pub fn sessions_and_pinholes_agree_after_a_kernel_timeout() {
+    let mut lab = Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |_| String::new(),
+    );
+    lab.alg_config = "[pinholes]\ntimeout_secs = 1\nreuse_delay_secs = 1\n".to_owned();
+    lab.start_alg();
+    let mut client = PyClient::in_client(&mut lab, ONE_PASV);
+    assert_replies(
+        "login and PASV",
+        &client.replies_until("pasv"),
+        &["220", "230", "230", "227"],
+    );
+    let held = |lab: &Lab| -> Vec<Value> {
+        let sessions = json(lab, &["sessions", "list", "--json"]);
+        match sessions.as_array().map(Vec::as_slice) {
+            Some([session]) => session["pinholes"].as_array().cloned().unwrap_or_default(),
+            _ => panic!("one session: {sessions:#}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.pinholes().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the kernel kept the pinhole past its 1 s timeout"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        held(&lab),
+        Vec::<Value>::new(),
+        "sessions list shows a pinhole the kernel no longer has"
+    );
+    let session_id = json(&lab, &["sessions", "list", "--json"])[0]["id"]
+        .as_u64()
+        .expect("a session id");
+    must(lab.alg_cli(&["sessions", "kill", &session_id.to_string()]));
+    client.resume();
+    assert_replies("after the kill", &client.finish(), &[KILLED, "(closed)"]);
+}
