@@ -2076,5 +2076,6 @@ fn parse_host_port(s: &str) -> SocketAddr {
 
 pub mod edge;
 pub mod faults;
+pub mod guides;
 pub mod operate;
 pub mod sniff;

@@ -1,0 +1,22 @@
+//! The deployment guides' snippets, end to end (bodies in `common::guides`).
+
+// Each test binary uses its own part of the shared harness.
+#[allow(unused)]
+mod common;
+
+use common::guides;
+
+#[test]
+fn gateway_guide_strict_output_chain() {
+    guides::gateway_strict_output_chain();
+}
+
+#[test]
+fn gateway_guide_own_redirect() {
+    guides::gateway_own_redirect();
+}
+
+#[test]
+fn sidecar_guide_host_ruleset_reloads() {
+    guides::sidecar_host_ruleset_reloads();
+}
