@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, Mode, DEFAULT_CONTROL_SOCKET};
+use crate::config::{Config, LogFormat, Mode, DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET};
 use crate::control::{self, Answer, ClientError, ErrorKind, Request, Status};
 use crate::pinhole::{nft, PinholeEntry, PinholeId, PinholeState};
 use crate::registry::{SessionId, SessionInfo};
@@ -52,9 +52,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon in the foreground (logs on stderr; RUST_LOG sets the level).
+    /// Run the daemon in the foreground (logs to the journal under systemd, else to stderr;
+    /// `log.level` or RUST_LOG sets the level). SIGHUP reloads the configuration file.
     Run {
-        /// Configuration file; without it, the built-in default: gateway mode on port 2121.
+        /// Configuration file; without it, /etc/ftp-alg/ftp-alg.toml if that exists, else the
+        /// built-in default: gateway mode on port 2121.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Log format, overriding `[log] format`.
@@ -170,7 +172,7 @@ struct Refused {
 pub async fn main(cli: Cli) -> ExitCode {
     // `run` sets logging up from its configuration.
     if !matches!(cli.command, Command::Run { .. }) {
-        init_logging(LogFormat::Human);
+        crate::logging::init(LogFormat::Human, crate::config::DEFAULT_LOG_LEVEL);
     }
     let result = dispatch(cli.command, &cli.socket).await;
     match result {
@@ -222,12 +224,22 @@ fn exit_status(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
-    let config = match config {
-        Some(path) => Config::load(&path)?,
+    let source = config.or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.exists().then_some(default)
+    });
+    let config = match &source {
+        Some(path) => Config::load(path)?,
         None => Config::builtin_gateway(),
     };
-    init_logging(log_format.unwrap_or(config.log.format));
-    crate::daemon::run(config).await
+    let log = crate::logging::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    match &source {
+        Some(path) => tracing::info!("configuration: {}", path.display()),
+        None => tracing::info!(
+            "configuration: built-in default, gateway mode on port 2121 ({DEFAULT_CONFIG} does not exist)"
+        ),
+    }
+    crate::daemon::run(config, source, log).await
 }
 
 async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
@@ -304,18 +316,6 @@ async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
         Command::Demo => crate::demo::run().await,
         Command::DemoServer(args) => crate::demo::server::run(args).await,
         Command::DemoClient(args) => crate::demo::client::run(args).await,
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
     }
 }
 

@@ -61,6 +61,9 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
 
+/// The configuration file `ftp-alg run` reads when no `--config` is given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/ftp-alg/ftp-alg.toml";
+
 /// Where the daemon serves its control API, and where the CLI looks for it.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ftp-alg/control.sock";
 
@@ -158,14 +161,31 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// `[log]`: how log lines are written (to stderr; `RUST_LOG` sets the level).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `[log]`: how log lines are written: to the journal when systemd connected stderr to it,
+/// else to stderr.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `human` or `json`.
+    /// `human` or `json` (stderr only; the journal gets its own fields).
     #[serde(default)]
     pub format: LogFormat,
+    /// Which events to log, as a `RUST_LOG` filter (`info`, `warn,ftp_alg=debug`);
+    /// `RUST_LOG`, when set, wins. A SIGHUP reload applies a new value.
+    #[serde(default = "default_log_level")]
+    pub level: String,
 }
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// `log.level` unless set: events at info and above.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// `log.format`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -440,6 +460,9 @@ fn default_ct_mark() -> u32 {
 fn default_nft() -> PathBuf {
     PathBuf::from("nft")
 }
+fn default_log_level() -> String {
+    DEFAULT_LOG_LEVEL.to_owned()
+}
 fn default_true() -> bool {
     true
 }
@@ -569,6 +592,9 @@ impl Config {
         }
         if p.connect_timeout_secs == 0 {
             return Err("proxy.connect_timeout_secs must be at least 1".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(format!("log.level = {:?}: {e}", self.log.level));
         }
         let ph = &self.pinholes;
         if ph.port_min < 1024 {

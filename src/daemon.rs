@@ -12,16 +12,24 @@ use anyhow::Context;
 
 use crate::config::{Config, PinholeBackend};
 use crate::control::{self, Answer, ErrorKind, Request, Status};
+use crate::logging::LogHandle;
 use crate::metrics::{self, Gauges, Metrics};
+use crate::notify::{self, Notifier};
 use crate::pinhole::{netlink, nft, Pinholes};
 use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
+use crate::reload::{Live, Reloader};
 use crate::upstream;
 
 /// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
-/// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]).
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]). SIGHUP
+/// reloads `source`, the file `config` came from (see [`crate::reload`]).
+pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> anyhow::Result<()> {
+    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    }));
     config
         .check_host(&upstream::interface_names())
         .map_err(anyhow::Error::msg)?;
@@ -74,7 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.pinhole_timeout(),
     );
     let shared = Arc::new(Shared {
-        policy: Arc::new(config.policy.clone()),
+        live: Live::new(&config),
         registry: Arc::new(
             Registry::new(
                 config.limits.max_sessions,
@@ -113,16 +121,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             move || gauges(&for_metrics),
         )));
     }
+    services.push(tokio::spawn(crate::heal::guard(shared.clone())));
 
     let mut signals = Signals::new()?;
-    signals.next_stop().await;
+    // The table is loaded and every listener bound: systemd may start what depends on us.
+    notifier.send(&format!("READY=1\n{}", status_line(&shared)));
+    if notifier.enabled() {
+        let for_status = shared.clone();
+        services.push(tokio::spawn(notify::heartbeat(
+            notifier.clone(),
+            move || status_line(&for_status),
+        )));
+    }
+    let reloader = Reloader::new(source, &shared.config, log);
+    signals
+        .next_stop(|| {
+            notifier.send("RELOADING=1");
+            reloader.reload(&shared.live, &shared.registry);
+            notifier.send(&format!("READY=1\n{}", status_line(&shared)));
+        })
+        .await;
+    notifier.send("STOPPING=1");
     // Stop accepting (the listeners close: new clients are refused at once), then give the
     // sessions under way their grace period; a second signal cuts it short. The control API
     // stays up meanwhile: the operator can still see, and end, the sessions holding it up.
     for task in &services {
         task.abort();
     }
-    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+    let grace = Duration::from_secs(shared.live.get().limits.shutdown_grace_secs);
     let sessions = shared.registry.count();
     if sessions > 0 {
         tracing::info!(
@@ -134,7 +160,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             () = tokio::time::sleep(grace) => {
                 tracing::info!(sessions = shared.registry.count(), "grace period over");
             }
-            () = signals.next_stop() => {}
+            () = signals.next_stop(|| tracing::warn!("SIGHUP while stopping: not reloaded")) => {}
         }
     }
     if let Some((task, socket)) = control {
@@ -171,6 +197,10 @@ impl Drop for SocketFile {
     }
 }
 
+fn status_line(shared: &Shared) -> String {
+    notify::status_line(shared.registry.count(), shared.pinholes.stats().open)
+}
+
 fn gauges(shared: &Shared) -> Gauges {
     Gauges {
         sessions: shared.registry.count(),
@@ -194,7 +224,7 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
                 uptime_secs: started.elapsed().as_secs(),
                 sessions: shared.registry.count(),
                 sessions_total: shared.registry.admitted_total(),
-                max_sessions: config.limits.max_sessions,
+                max_sessions: shared.live.get().limits.max_sessions,
                 pinholes_open: stats.open,
                 pinholes_opened: stats.opened,
                 pinhole_timeout_secs: config.pinholes.timeout_secs,
@@ -290,18 +320,14 @@ impl Signals {
         })
     }
 
-    /// Wait for SIGTERM or SIGINT. SIGHUP, whose default action would kill the daemon and
-    /// leave its pinholes to their timeout, is answered with a log line: the listeners, the
-    /// table and the port pool belong to one run, so a new configuration needs a restart
-    /// (transfers under way survive it, in conntrack).
-    async fn next_stop(&mut self) {
+    /// Wait for SIGTERM or SIGINT, calling `on_hup` at each SIGHUP (whose default action
+    /// would kill the daemon and leave its pinholes to their timeout).
+    async fn next_stop(&mut self, mut on_hup: impl FnMut()) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => tracing::warn!(
-                    "SIGHUP: configuration reload is not supported; restart ftp-alg to apply a new configuration"
-                ),
+                _ = self.hup.recv() => on_hup(),
             }
         }
     }

@@ -15,6 +15,9 @@
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination, and [`upstream`] says where a gateway may
 //!   connect on a client's behalf and connects there;
+//! - [`notify`] (systemd readiness), [`reload`] (SIGHUP), [`heal`] (the table loaded again
+//!   when it is deleted under the daemon) and [`logging`] (journal or stderr): operating it as
+//!   a service;
 //! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
 //! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
 //!   have a pinhole.
@@ -26,12 +29,16 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod ftp;
+pub mod heal;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod origdst;
 pub mod pinhole;
 pub mod ports;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod session;
 pub mod sniff;
 pub mod upstream;

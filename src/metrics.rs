@@ -88,6 +88,8 @@ pub struct Metrics {
     admission_refusals: [AtomicU64; Admission::ALL.len()],
     pinhole_failures: [AtomicU64; PinholeFailure::ALL.len()],
     upstream_connect_failures: AtomicU64,
+    table_reloads: AtomicU64,
+    pinholes_lost: AtomicU64,
     install: Histogram,
 }
 
@@ -125,6 +127,13 @@ impl Metrics {
     pub fn upstream_connect_failed(&self) {
         self.upstream_connect_failures
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The table was loaded again after it was deleted or changed under the daemon, losing
+    /// `lost` open pinholes.
+    pub fn table_reloaded(&self, lost: u64) {
+        self.table_reloads.fetch_add(1, Ordering::Relaxed);
+        self.pinholes_lost.fetch_add(lost, Ordering::Relaxed);
     }
 
     /// A pinhole was installed in this long.
@@ -224,6 +233,18 @@ impl Metrics {
             "ftp_alg_upstream_connect_failures_total",
             "Connections to the FTP server that failed or timed out.",
             &self.upstream_connect_failures,
+        );
+        counter(
+            &mut out,
+            "ftp_alg_table_reloads_total",
+            "Times ftp-alg's table was loaded again after it was deleted or changed under it.",
+            &self.table_reloads,
+        );
+        counter(
+            &mut out,
+            "ftp_alg_pinholes_lost_total",
+            "Open pinholes lost when the table was deleted or changed under ftp-alg.",
+            &self.pinholes_lost,
         );
         self.install.render(
             &mut out,
@@ -394,6 +415,7 @@ mod tests {
         m.pinhole_failed(PinholeFailure::PortsExhausted);
         m.upstream_connect_failed();
         m.installed_in(Duration::from_micros(150));
+        m.table_reloaded(3);
         m.installed_in(Duration::from_secs(3));
         let text = m.render(Gauges {
             sessions: 2,
@@ -419,6 +441,8 @@ mod tests {
             "ftp_alg_refusals_total{reason=\"session_limit\"} 1",
             "ftp_alg_pinhole_failures_total{cause=\"ports_exhausted\"} 1",
             "ftp_alg_upstream_connect_failures_total 1",
+            "ftp_alg_table_reloads_total 1",
+            "ftp_alg_pinholes_lost_total 3",
             "# TYPE ftp_alg_nft_install_seconds histogram",
             "ftp_alg_nft_install_seconds_bucket{le=\"0.0001\"} 0",
             "ftp_alg_nft_install_seconds_bucket{le=\"0.0002\"} 1",

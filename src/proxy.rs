@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::accept;
-use crate::config::{Config, Mode, PolicyConfig};
+use crate::config::{Config, Mode};
 use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
 use crate::pinhole::{Firewall, OpenError, Pinholes};
@@ -37,8 +37,8 @@ const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Shared by every session of a daemon run.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    /// `config.policy`, shared by every session.
-    pub(crate) policy: Arc<PolicyConfig>,
+    /// `config.policy` and `config.limits` as reloaded: each session takes a snapshot.
+    pub(crate) live: crate::reload::Live,
     pub(crate) pinholes: Pinholes<Firewall>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
@@ -95,6 +95,8 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
     let id = entry.id();
     let shared = &*shared;
     let cfg = &shared.config.proxy;
+    // This session's policy and limits, whatever a reload changes while it runs.
+    let live = shared.live.get();
     let addresses = client
         .peer_addr()
         .and_then(|p| Ok((p, client.local_addr()?)));
@@ -123,7 +125,7 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         return;
     };
     let forbidden = match cfg.mode {
-        Mode::Gateway if !shared.policy.allow_local_servers => {
+        Mode::Gateway if !live.policy.allow_local_servers => {
             upstream::forbidden(server.ip(), &upstream::own_addresses())
         }
         _ => None,
@@ -132,8 +134,8 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         tracing::warn!(%server, reason = "network_denied", destination = why.as_str(), "refused session: a gateway does not proxy to this destination (policy.allow_local_servers)");
     }
     if forbidden.is_some()
-        || !shared.policy.client_allowed(peer.ip())
-        || !shared.policy.server_allowed(server.ip())
+        || !live.policy.client_allowed(peer.ip())
+        || !live.policy.server_allowed(server.ip())
     {
         tracing::warn!(%server, reason = "network_denied", "refused session");
         shared.metrics.refused_session(Admission::NetworkDenied);
@@ -178,11 +180,12 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         upstream_local: canonical(upstream_local),
         announce: cfg.announce,
         max_line: cfg.max_line,
-        policy: shared.policy.clone(),
-        max_pinholes: shared.config.limits.max_pinholes_per_session,
+        policy: live.policy.clone(),
+        max_pinholes: live.limits.max_pinholes_per_session,
     };
     let mut session = Session::new(ctx);
-    if let Err(e) = relay(&mut session, client, upstream, shared, entry).await {
+    let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
+    if let Err(e) = relay(&mut session, client, upstream, shared, entry, idle_limit).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -212,13 +215,13 @@ async fn relay(
     server: TcpStream,
     shared: &Shared,
     entry: &Entry,
+    idle_limit: Duration,
 ) -> std::io::Result<()> {
     let (client_rx, mut client_tx) = client.into_split();
     let (server_rx, mut server_tx) = server.into_split();
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
-    let idle_limit = Duration::from_secs(shared.config.limits.idle_timeout_secs);
     let idle = tokio::time::sleep(idle_limit);
     tokio::pin!(idle);
     loop {

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,8 +63,10 @@ impl LimitReached {
 
 /// Every live session, and the limits they are admitted under.
 pub struct Registry {
-    max_sessions: usize,
-    max_per_client: usize,
+    /// `limits.max_sessions`; a reload may change it (see [`Registry::set_limits`]).
+    max_sessions: AtomicUsize,
+    /// `limits.max_sessions_per_client`, likewise.
+    max_per_client: AtomicUsize,
     /// IPv6 clients count per network of this prefix length (`limits.client_prefix_v6`).
     client_prefix_v6: u8,
     inner: Mutex<Inner>,
@@ -107,8 +110,8 @@ impl Registry {
     /// An empty registry enforcing these limits.
     pub fn new(max_sessions: usize, max_per_client: usize) -> Registry {
         Registry {
-            max_sessions,
-            max_per_client,
+            max_sessions: AtomicUsize::new(max_sessions),
+            max_per_client: AtomicUsize::new(max_per_client),
             client_prefix_v6: 128,
             inner: Mutex::new(Inner {
                 next_id: 1,
@@ -126,6 +129,13 @@ impl Registry {
         self
     }
 
+    /// Admit new sessions under these limits from now on. Sessions already admitted stay,
+    /// even above a lowered limit: they end in their own time.
+    pub fn set_limits(&self, max_sessions: usize, max_per_client: usize) {
+        self.max_sessions.store(max_sessions, Ordering::Relaxed);
+        self.max_per_client.store(max_per_client, Ordering::Relaxed);
+    }
+
     /// What the per-client limit counts `client` as: its address, or for IPv6 its network.
     fn client_key(&self, client: SocketAddr) -> IpAddr {
         match client.ip().to_canonical() {
@@ -139,11 +149,11 @@ impl Registry {
     pub fn admit(self: &Arc<Self>, client: SocketAddr) -> Result<Admitted, LimitReached> {
         let key = self.client_key(client);
         let mut inner = self.lock();
-        if inner.sessions.len() >= self.max_sessions {
+        if inner.sessions.len() >= self.max_sessions.load(Ordering::Relaxed) {
             return Err(LimitReached::Total);
         }
         let mine = inner.per_client.entry(key).or_insert(0);
-        if *mine >= self.max_per_client {
+        if *mine >= self.max_per_client.load(Ordering::Relaxed) {
             return Err(LimitReached::PerClient);
         }
         *mine += 1;

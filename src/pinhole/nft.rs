@@ -151,6 +151,47 @@ async fn table_exists(nft: &Path) -> Result<bool, BackendError> {
     }
 }
 
+/// The daemon's table as its structure: each chain with its number of rules, each set and map.
+/// Pinholes (elements) are not part of it. `None` when the table does not exist.
+pub async fn table_shape(
+    nft: &Path,
+) -> Result<Option<std::collections::BTreeMap<String, usize>>, BackendError> {
+    let raw = match run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await {
+        Ok(raw) => raw,
+        Err(BackendError::Refused { stderr, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let output = |message: String| BackendError::Output {
+        program: nft.display().to_string(),
+        message,
+    };
+    let listing: serde_json::Value =
+        serde_json::from_str(&raw).map_err(|e| output(e.to_string()))?;
+    let objects = listing
+        .get("nftables")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| output("no \"nftables\" array".to_owned()))?;
+    let mut shape = std::collections::BTreeMap::new();
+    for object in objects {
+        let Some((kind, body)) = object.as_object().and_then(|o| o.iter().next()) else {
+            continue;
+        };
+        let name = |key: &str| body.get(key).and_then(serde_json::Value::as_str);
+        match (kind.as_str(), name("name"), name("chain")) {
+            ("chain" | "set" | "map", Some(name), _) => {
+                shape.entry(format!("{kind} {name}")).or_insert(0);
+            }
+            ("rule", _, Some(chain)) => *shape.entry(format!("chain {chain}")).or_insert(0) += 1,
+            _ => {}
+        }
+    }
+    Ok(Some(shape))
+}
+
 /// Delete the daemon's table and every pinhole in it; a missing table is not an error.
 pub async fn delete_table(nft: &Path) -> Result<(), BackendError> {
     run_script(

@@ -688,23 +688,48 @@ ftp.retrlines("LIST", lambda line: None)
 ftp.quit()
 "#;
 
-/// `nft flush ruleset` under a running daemon (a firewall manager reloading its rules, an
-/// operator starting over) deletes ftp-alg's table. SIGTERM afterwards still stops the daemon
+/// `nft flush ruleset` while a stopping daemon waits for its last session (a firewall manager
+/// reloading its rules, an operator starting over) deletes ftp-alg's table, and the daemon no
+/// longer loads it again (while it runs, `heal` does: see `e2e_service`). The daemon still stops
 /// cleanly, exit status 0, with one log line saying the table was already gone: systemd must not
 /// record a failed unit for it.
 pub fn sigterm_after_a_ruleset_flush() {
     let mut lab = lab_with(Topology::Gateway(Family::V4), "", |_| {
-        SHORT_GRACE.to_owned()
+        format!("[limits]\nshutdown_grace_secs = {FLUSH_GRACE_SECS}\n")
     });
+    let mut client = script(&mut lab, HELD_SESSION);
+    client.replies_until("open");
+    assert!(
+        lab.stop_alg("TERM", Duration::from_millis(500)).is_none(),
+        "the daemon must wait for the open session"
+    );
+    // The flush also takes the redirect of the session's control connection with it: the
+    // session can no longer end by itself, and the grace period runs out.
     lab.nft(&["flush", "ruleset"]);
     assert!(table_handle(&lab).is_none(), "the table is gone");
     let status = lab
-        .stop_alg("TERM", Duration::from_secs(3))
-        .expect("the daemon still runs 3 s after SIGTERM");
+        .wait_alg(Duration::from_secs(FLUSH_GRACE_SECS + 3))
+        .expect("the daemon exits once its grace period is over");
+    client.vanish();
     assert_eq!(status.code(), Some(0), "the daemon's exit status");
     assert_eq!(
         daemon_log_lines(&lab, "table was already gone").len(),
         1,
         "the daemon must say why it removed nothing"
     );
+    assert!(
+        daemon_log_lines(&lab, "loaded it again").is_empty(),
+        "a stopping daemon does not load its table again"
+    );
 }
+
+/// The grace period of [`sigterm_after_a_ruleset_flush`].
+const FLUSH_GRACE_SECS: u64 = 2;
+
+/// A logged-in session held at a checkpoint.
+const HELD_SESSION: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+checkpoint("open")
+"#;

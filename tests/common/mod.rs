@@ -1009,6 +1009,11 @@ struct Lab {
     /// [`merge_toml`]): new sections such as `[limits]`, or keys that replace the harness's own,
     /// such as `[pinholes] timeout_secs`.
     alg_config: String,
+    /// Environment variables the daemon is started with, beside the harness's own.
+    alg_env: Vec<(String, String)>,
+    /// A program and its arguments that run `ip netns exec ... ftp-alg run ...` (e.g. in a
+    /// mount namespace of its own); empty for none.
+    alg_prefix: Vec<String>,
     runs: u32,
 }
 
@@ -1062,6 +1067,8 @@ impl Lab {
             syslog: None,
             alg: None,
             alg_config: String::new(),
+            alg_env: Vec::new(),
+            alg_prefix: Vec::new(),
             runs: 0,
         };
         lab.build_network();
@@ -1479,6 +1486,34 @@ impl Lab {
     }
 
     fn start_alg(&mut self) {
+        let (mut child, log, earlier) = self.spawn_alg();
+        let a = self.addrs();
+        let port = match self.topology {
+            Topology::Gateway(_) => 2121,
+            Topology::Reverse(_) | Topology::Sidecar(_) => a.dial.port(),
+        };
+        let g = self.gateway_ns();
+        let table_loaded = || {
+            let logged_now = fs::read(&log).is_ok_and(|text| {
+                let new = text.get(earlier as usize..).unwrap_or_default();
+                String::from_utf8_lossy(new).contains("listening on")
+            });
+            logged_now
+                && self
+                    .exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        };
+        let ready = self.wait_ready(&mut child, &g, port, &log, table_loaded);
+        self.alg = Some(child);
+        if let Err(e) = ready {
+            panic!("ftp-alg {e}");
+        }
+    }
+
+    /// Writes the daemon's configuration and starts it in G without waiting for it: the
+    /// process, its log, and the log's length before it started.
+    fn spawn_alg(&mut self) -> (Child, PathBuf, u64) {
         let a = self.addrs();
         let proxy = match self.topology {
             Topology::Gateway(_) => "mode = \"gateway\"\n\
@@ -1508,39 +1543,28 @@ impl Lab {
         // one left: only its own `listening on`, logged once it has replaced the table, says it
         // is ready.
         let earlier = fs::metadata(&log).map_or(0, |m| m.len());
-        let mut child = self
-            .exec(
-                &self.gateway_ns(),
-                &[ALG, "run", "--config", &conf_path.to_string_lossy()],
-            )
+        let conf_path = conf_path.to_string_lossy();
+        let run = [ALG, "run", "--config", &conf_path];
+        let mut command = match self.alg_prefix.split_first() {
+            None => self.exec(&self.gateway_ns(), &run),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args)
+                    .args(["ip", "netns", "exec", &self.gateway_ns()])
+                    .args(run);
+                cmd
+            }
+        };
+        let child = command
             .env("RUST_LOG", "ftp_alg=debug")
             .env("NO_COLOR", "1")
+            .envs(self.alg_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(create(&log))
             .stderr(create(&log))
             .spawn()
             .expect("spawn ftp-alg");
-        let port = match self.topology {
-            Topology::Gateway(_) => 2121,
-            Topology::Reverse(_) | Topology::Sidecar(_) => a.dial.port(),
-        };
-        let g = self.gateway_ns();
-        let table_loaded = || {
-            let logged_now = fs::read(&log).is_ok_and(|text| {
-                let new = text.get(earlier as usize..).unwrap_or_default();
-                String::from_utf8_lossy(new).contains("listening on")
-            });
-            logged_now
-                && self
-                    .exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-        };
-        let ready = self.wait_ready(&mut child, &g, port, &log, table_loaded);
-        self.alg = Some(child);
-        if let Err(e) = ready {
-            panic!("ftp-alg {e}");
-        }
+        (child, log, earlier)
     }
 
     /// Sends `signal` (as kill(1) names it: `TERM`, `KILL`) to the daemon and waits up to
@@ -2078,4 +2102,5 @@ pub mod edge;
 pub mod faults;
 pub mod guides;
 pub mod operate;
+pub mod service;
 pub mod sniff;

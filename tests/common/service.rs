@@ -1,0 +1,450 @@
+//! ftp-alg as a service, end to end: systemd's readiness protocol (read from a `NOTIFY_SOCKET`
+//! the test binds), SIGHUP reloads, the table loaded again after `nft flush ruleset`, and logs
+//! to the journal (journald's native socket, replaced by the test's own in a private mount
+//! namespace) or to a file without colour. One `pub fn` per `#[test]` of
+//! `tests/e2e_service.rs`, all in the gateway topology with vsftpd.
+
+use super::edge::PyClient;
+use super::*;
+
+/// How long the daemon may take to send READY=1 after it starts, and to load its table again.
+const WITHIN: Duration = Duration::from_secs(10);
+/// The bound on noticing a flushed table and loading it again: notifications arrive at once,
+/// the daemon waits 100 ms for the change to settle, then runs nft twice.
+const HEALED_WITHIN: Duration = Duration::from_secs(3);
+/// `WATCHDOG_USEC` given to the daemon: a keep-alive every 200 ms.
+const WATCHDOG_USEC: &str = "400000";
+
+/// A gateway lab with vsftpd whose daemon is not started yet.
+fn lab() -> Lab {
+    Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |_| String::new(),
+    )
+}
+
+/// A datagram socket in the test directory, read with a timeout.
+fn datagram_socket(lab: &Lab, name: &str) -> (UnixDatagram, PathBuf) {
+    let path = lab.dir.join(name);
+    let socket = UnixDatagram::bind(&path).expect("bind a datagram socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("set a read timeout");
+    (socket, path)
+}
+
+/// The next datagram, or `None` if none comes within the socket's read timeout.
+fn next_datagram(socket: &UnixDatagram) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 1 << 16];
+    let n = socket.recv(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Reads notifications until one satisfies `wanted`, failing after `within`; every one read,
+/// in order.
+fn notifications_until(
+    socket: &UnixDatagram,
+    within: Duration,
+    what: &str,
+    mut wanted: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        if let Some(datagram) = next_datagram(socket) {
+            let text = String::from_utf8_lossy(&datagram).into_owned();
+            let done = wanted(&text);
+            seen.push(text);
+            if done {
+                return seen;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {within:?}; notifications: {seen:#?}"
+        );
+    }
+}
+
+/// Whether the daemon in G listens on 2121 in both families and its table is loaded.
+fn listening_with_table(lab: &Lab) -> (bool, bool) {
+    let g = lab.gateway_ns();
+    let listeners = lab
+        .exec(&g, &["ss", "-Hltn", "sport", "=", ":2121"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0);
+    let table = lab
+        .exec(&g, &["nft", "list", "table", "inet", "ftp_alg"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (listeners == 2, table)
+}
+
+/// Waits until the daemon's log has `count` lines containing `text`.
+fn wait_for_log(lab: &Lab, text: &str, count: usize, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let lines: Vec<String> = fs::read_to_string(lab.dir.join("daemon.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(text))
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not log {text:?} {count} times within {within:?}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal_alg(lab: &Lab, signal: &str) {
+    let pid = lab.alg.as_ref().expect("the daemon runs").id().to_string();
+    must({
+        let mut cmd = Command::new("kill");
+        cmd.args([format!("-{signal}"), pid]);
+        cmd
+    });
+}
+
+/// `Type=notify`: READY=1 comes only once both listeners accept and the table is loaded, with a
+/// STATUS= line; WATCHDOG=1 keeps coming at half `WATCHDOG_USEC`; SIGTERM sends STOPPING=1. The
+/// daemon's log, a file, carries no ANSI colour although `NO_COLOR` is empty (not set).
+pub fn notify_ready_watchdog_and_stopping() {
+    let mut lab = lab();
+    let (socket, path) = datagram_socket(&lab, "notify.sock");
+    lab.alg_env = vec![
+        ("NOTIFY_SOCKET".into(), path.to_string_lossy().into_owned()),
+        ("WATCHDOG_USEC".into(), WATCHDOG_USEC.into()),
+        ("NO_COLOR".into(), String::new()),
+    ];
+    let (child, _, _) = lab.spawn_alg();
+    lab.alg = Some(child);
+    let mut state_at_ready = None;
+    let seen = notifications_until(&socket, WITHIN, "READY=1", |text| {
+        let ready = text.lines().any(|l| l == "READY=1");
+        if ready {
+            state_at_ready = Some(listening_with_table(&lab));
+        }
+        ready
+    });
+    assert_eq!(
+        state_at_ready,
+        Some((true, true)),
+        "at READY=1 both listeners and the table must be up; notifications: {seen:#?}"
+    );
+    let ready = seen.last().expect("READY=1");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l == "STATUS=0 sessions, 0 pinholes open"),
+        "READY=1 with a STATUS= line: {ready:?}"
+    );
+    // Two keep-alives, each with the status, within a second of READY=1.
+    let started = Instant::now();
+    for _ in 0..2 {
+        notifications_until(&socket, Duration::from_secs(1), "WATCHDOG=1", |text| {
+            text.starts_with("WATCHDOG=1\nSTATUS=")
+        });
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let status = lab.stop_alg("TERM", Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status");
+    let after: Vec<String> = std::iter::from_fn(|| next_datagram(&socket))
+        .map(|d| String::from_utf8_lossy(&d).into_owned())
+        .collect();
+    assert!(
+        after.iter().any(|t| t == "STOPPING=1"),
+        "STOPPING=1 at SIGTERM: {after:#?}"
+    );
+    let log = fs::read(lab.dir.join("daemon.log")).expect("the daemon's log");
+    assert!(!log.contains(&0x1b), "an ANSI escape in a log file");
+}
+
+/// Uploads `up/NAME` after a checkpoint; on a refusal, reports the reply and quits.
+const UPLOAD_AFTER_CHECKPOINT: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+checkpoint("logged in")
+try:
+    with open(os.path.join(DIR, "upload.bin"), "rb") as f:
+        ftp.storbinary("STOR up/" + NAME, f)
+except ftplib.error_perm as e:
+    pass
+ftp.quit()
+"#;
+
+fn uploader(lab: &mut Lab, name: &str) -> PyClient {
+    PyClient::in_client(lab, &format!("NAME = {name:?}\n{UPLOAD_AFTER_CHECKPOINT}"))
+}
+
+/// SIGHUP: `policy.read_only` turned on reaches a session that starts afterwards (its STOR gets
+/// 550) and not the one already open (its STOR is stored); a changed `pinholes.port_min` is
+/// named as needing a restart; a file that does not parse is logged and changes nothing.
+pub fn sighup_reloads_policy_for_new_sessions() {
+    let mut lab = lab();
+    lab.start_alg();
+    let conf = lab.dir.join("ftp-alg.toml");
+    let original = fs::read_to_string(&conf).expect("the daemon's configuration");
+
+    let mut old = uploader(&mut lab, "old.bin");
+    old.replies_until("logged in");
+    fs::write(
+        &conf,
+        merge_toml(
+            &original,
+            "[policy]\nread_only = true\n[pinholes]\nport_min = 61100\n",
+        ),
+    )
+    .expect("rewrite the configuration");
+    signal_alg(&lab, "HUP");
+    let applied = wait_for_log(&lab, "SIGHUP: configuration reloaded", 1, WITHIN);
+    assert!(
+        applied[0].contains("policy.read_only"),
+        "the applied keys: {applied:?}"
+    );
+    let restart = wait_for_log(&lab, "need a restart", 1, WITHIN);
+    assert!(
+        restart[0].contains("pinholes.port_min") && !restart[0].contains("policy"),
+        "the keys needing a restart: {restart:?}"
+    );
+
+    let mut new = uploader(&mut lab, "new.bin");
+    new.replies_until("logged in");
+    new.resume();
+    let replies = new.finish();
+    assert!(
+        replies.iter().any(|r| r.starts_with("550")),
+        "a new session's STOR is refused: {replies:#?}"
+    );
+    old.resume();
+    let replies = old.finish();
+    assert!(
+        replies.iter().any(|r| r.starts_with("226")),
+        "the session opened before the reload keeps its policy: {replies:#?}"
+    );
+    let stored = lab.ftp_root().join("up");
+    assert!(stored.join("old.bin").exists(), "old.bin was stored");
+    assert!(!stored.join("new.bin").exists(), "new.bin was not stored");
+
+    // A broken file: logged, and the running configuration (read-only) stays.
+    fs::write(&conf, "[proxy\n").expect("write a broken configuration");
+    signal_alg(&lab, "HUP");
+    wait_for_log(&lab, "configuration not reloaded", 1, WITHIN);
+    let mut after = uploader(&mut lab, "after.bin");
+    after.replies_until("logged in");
+    after.resume();
+    let replies = after.finish();
+    assert!(
+        replies.iter().any(|r| r.starts_with("550")),
+        "still read-only after a broken file: {replies:#?}"
+    );
+}
+
+/// Holds a passive announcement open (a pinhole waits for it) at a checkpoint.
+const PASV_HELD: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+ftp.voidcmd("TYPE I")
+ftp.sendcmd("PASV")
+checkpoint("announced")
+ftp.quit()
+"#;
+
+/// A firewall reload (`nft flush ruleset`, then the policy loaded again) deletes ftp-alg's
+/// table: the daemon loads it again within [`HEALED_WITHIN`], logs it once with the open pinhole
+/// counted as lost, and a new passive download through it works.
+pub fn a_flushed_table_is_loaded_again() {
+    let mut lab = lab();
+    lab.start_alg();
+    let mut held = PyClient::in_client(&mut lab, PASV_HELD);
+    held.replies_until("announced");
+    assert_eq!(lab.pinholes().len(), 1, "one pinhole waits");
+
+    let flushed = Instant::now();
+    lab.nft(&["flush", "ruleset"]);
+    lab.load_policy(Setup::Alg);
+    let deadline = flushed + HEALED_WITHIN;
+    while !listening_with_table(&lab).1 {
+        assert!(
+            Instant::now() < deadline,
+            "the table is not back within {HEALED_WITHIN:?}"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    eprintln!("table back {:?} after the flush", flushed.elapsed());
+    let logged = wait_for_log(&lab, "loaded it again", 1, WITHIN);
+    assert_eq!(logged.len(), 1, "one log line: {logged:?}");
+    assert!(
+        logged[0].contains("was deleted") && logged[0].contains("1 open pinholes were lost"),
+        "{logged:?}"
+    );
+    held.resume();
+    held.finish();
+
+    let run = lab.client_session(Client::Curl, DataMode::Pasv, &[Op::Download]);
+    assert!(
+        run.status.success(),
+        "a passive download after the table came back\n{}",
+        run.transcript
+    );
+    assert_same_bytes(
+        "download",
+        &lab.read(&lab.download_path()),
+        &lab.read(&lab.served_path()),
+    );
+    ServerLog::read(&lab).assert_control_from(lab.addrs().server_sees);
+}
+
+/// One journal entry as journald's native protocol sends it: `KEY=value` lines, or `KEY`, a
+/// 64-bit little-endian length and that many bytes of value.
+fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = datagram.iter().position(|b| *b == b'\n') {
+        let line = &datagram[..end];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            fields.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            datagram = &datagram[end + 1..];
+            continue;
+        }
+        let rest = &datagram[end + 1..];
+        let Some(len) = rest.get(..8) else { break };
+        let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+        let Some(value) = rest.get(8..8 + len) else {
+            break;
+        };
+        fields.push((
+            String::from_utf8_lossy(line).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
+        datagram = rest.get(8 + len + 1..).unwrap_or_default();
+    }
+    fields
+}
+
+/// With `JOURNAL_STREAM` naming its stderr, the daemon writes to journald's native socket
+/// (here the test's own socket, at /run/systemd/journal/socket in a private mount namespace):
+/// each entry with its syslog priority (info 6, warn 4) and a session's warning with the
+/// session's span fields (`F_ID`, `F_CLIENT`); nothing goes to stderr.
+pub fn journal_gets_priorities_and_session_fields() {
+    if !Path::new("/run/systemd").is_dir() {
+        eprintln!("skipped: /run/systemd does not exist to mount the test's journal socket over");
+        return;
+    }
+    let mut lab = lab();
+    let (socket, path) = datagram_socket(&lab, "journal.sock");
+    let log = lab.dir.join("daemon.log");
+    drop(create(&log));
+    let meta = fs::metadata(&log).expect("stat the log");
+    use std::os::unix::fs::MetadataExt;
+    lab.alg_env = vec![(
+        "JOURNAL_STREAM".into(),
+        format!("{}:{}", meta.dev(), meta.ino()),
+    )];
+    lab.alg_prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal \
+         && ln -s \"$0\" /run/systemd/journal/socket && exec \"$@\"",
+        &path.to_string_lossy(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let (child, _, _) = lab.spawn_alg();
+    lab.alg = Some(child);
+    let entries = |datagrams: &[Vec<u8>]| -> Vec<Vec<(String, String)>> {
+        datagrams.iter().map(|d| journal_fields(d)).collect()
+    };
+    let mut datagrams = Vec::new();
+    let field = |entry: &[(String, String)], key: &str| {
+        entry.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    let deadline = Instant::now() + WITHIN;
+    let listening = loop {
+        if let Some(d) = next_datagram(&socket) {
+            datagrams.push(d);
+        }
+        let found = entries(&datagrams)
+            .into_iter()
+            .find(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("listening on")));
+        if let Some(entry) = found {
+            break entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `listening on` in the journal: {:#?}",
+            entries(&datagrams)
+        );
+    };
+    assert_eq!(
+        field(&listening, "PRIORITY").as_deref(),
+        Some("6"),
+        "info is 6"
+    );
+    assert_eq!(
+        field(&listening, "SYSLOG_IDENTIFIER").as_deref(),
+        Some("ftp-alg")
+    );
+    // A connection to the listener that was not redirected: a warning in the session's span.
+    must(lab.exec(
+        &lab.gateway_ns(),
+        &[
+            "python3",
+            "-c",
+            "import socket; s = socket.create_connection(('127.0.0.1', 2121), timeout=5); s.recv(100)",
+        ],
+    ));
+    let deadline = Instant::now() + WITHIN;
+    let warning = loop {
+        if let Some(d) = next_datagram(&socket) {
+            datagrams.push(d);
+        }
+        let found = entries(&datagrams).into_iter().find(|e| {
+            field(e, "MESSAGE").is_some_and(|m| m.contains("connection was not redirected"))
+        });
+        if let Some(entry) = found {
+            break entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session warning in the journal: {:#?}",
+            entries(&datagrams)
+        );
+    };
+    assert_eq!(
+        field(&warning, "PRIORITY").as_deref(),
+        Some("4"),
+        "{warning:#?}"
+    );
+    assert_eq!(
+        field(&warning, "F_ID").as_deref(),
+        Some("1"),
+        "{warning:#?}"
+    );
+    assert!(
+        field(&warning, "F_CLIENT").is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{warning:#?}"
+    );
+    let stderr = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !stderr.contains("listening on"),
+        "with the journal, nothing goes to stderr: {stderr}"
+    );
+}

@@ -1,0 +1,29 @@
+//! ftp-alg run as a service end to end: readiness and watchdog notifications, SIGHUP reload,
+//! the table loaded again after a ruleset flush, and journal logging; the bodies are in
+//! `common::service`.
+
+// Each test binary uses its own part of the shared harness.
+#[allow(unused)]
+mod common;
+
+use common::service;
+
+#[test]
+fn notify_ready_watchdog_and_stopping() {
+    service::notify_ready_watchdog_and_stopping();
+}
+
+#[test]
+fn sighup_reloads_policy_for_new_sessions() {
+    service::sighup_reloads_policy_for_new_sessions();
+}
+
+#[test]
+fn a_flushed_table_is_loaded_again() {
+    service::a_flushed_table_is_loaded_again();
+}
+
+#[test]
+fn journal_gets_priorities_and_session_fields() {
+    service::journal_gets_priorities_and_session_fields();
+}
