@@ -100,11 +100,14 @@ pub enum Command {
     Sniff(crate::sniff::SniffArgs),
     /// Show ftp-alg at work: client, gateway and server in throw-away network namespaces, a
     /// passive and an active transfer through a default-deny firewall (needs root).
+    #[cfg(feature = "demo")]
     Demo,
     /// The demo's FTP server (run by `demo`).
+    #[cfg(feature = "demo")]
     #[command(hide = true)]
     DemoServer(crate::demo::server::ServerArgs),
     /// The demo's FTP client (run by `demo`).
+    #[cfg(feature = "demo")]
     #[command(hide = true)]
     DemoClient(crate::demo::client::ClientArgs),
 }
@@ -313,8 +316,11 @@ async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
             crate::sniff::Outcome::Done => Ok(()),
             crate::sniff::Outcome::CountNotReached => Err(CountNotReached.into()),
         },
+        #[cfg(feature = "demo")]
         Command::Demo => crate::demo::run().await,
+        #[cfg(feature = "demo")]
         Command::DemoServer(args) => crate::demo::server::run(args).await,
+        #[cfg(feature = "demo")]
         Command::DemoClient(args) => crate::demo::client::run(args).await,
     }
 }

@@ -18,7 +18,8 @@
 //! - [`notify`] (systemd readiness), [`reload`] (SIGHUP), [`heal`] (the table loaded again
 //!   when it is deleted under the daemon) and [`logging`] (journal or stderr): operating it as
 //!   a service;
-//! - [`demo`]: `ftp-alg demo`, the whole thing in throw-away network namespaces;
+//! - `demo` (cargo feature `demo`, on by default): `ftp-alg demo`, the whole thing in
+//!   throw-away network namespaces;
 //! - [`sniff`]: `ftp-alg sniff`, a read-only capture that says which announced data endpoints
 //!   have a pinhole.
 
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod ftp;
 pub mod heal;
