@@ -91,7 +91,7 @@ async fn measure(
     backend: impl FnOnce() -> anyhow::Result<Firewall>,
 ) -> anyhow::Result<Measured> {
     let nft_path = Path::new("nft");
-    nft::load_table(nft_path, 0xf7a0, 2121, &[]).await?;
+    nft::load_table(nft_path, 0xf7a0.into(), 2121, &[]).await?;
     let pinholes = Arc::new(Pinholes::new(
         backend()?,
         PortPool::new(1024, 65535, Duration::ZERO),

@@ -399,13 +399,14 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     }
     let ph = &config.pinholes;
     println!(
-        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}, \
-         backend {}",
+        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x} \
+         (mask {:#010x}), backend {}",
         ph.port_min,
         ph.port_max,
         ph.timeout_secs,
         ph.reuse_delay_secs,
         ph.ct_mark,
+        ph.ct_mark_mask,
         toml_word(&ph.backend)
     );
     let l = &config.limits;

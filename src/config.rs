@@ -28,6 +28,9 @@ pub const DEFAULT_PORT_REUSE_DELAY_SECS: u64 = 120;
 /// The connection mark that ftp-alg sets on every connection it lets through; an existing
 /// firewall accepts it with the one line `ct mark 0x0000f7a0 accept`.
 pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
+/// The connmark bits ftp-alg owns: all of them, as before the mask existed. A ruleset that gives
+/// other bits a meaning narrows it (e.g. `0x0000ffff`); ftp-alg then sets and matches only these.
+pub const DEFAULT_CT_MARK_MASK: u32 = 0xffff_ffff;
 /// Longest control-channel line accepted: bytes before the line feed.
 pub use crate::ftp::framing::DEFAULT_MAX_LINE;
 /// The largest `proxy.max_line`: proftpd silently drops a command longer than its buffer
@@ -387,6 +390,9 @@ pub struct PinholeConfig {
     /// Connection mark set on every connection a pinhole lets through.
     #[serde(default = "default_ct_mark")]
     pub ct_mark: u32,
+    /// The connmark bits `ct_mark` lives in; the others are left alone.
+    #[serde(default = "default_ct_mark_mask")]
+    pub ct_mark_mask: u32,
     /// How pinholes reach the kernel.
     #[serde(default)]
     pub backend: PinholeBackend,
@@ -454,6 +460,9 @@ fn default_pinhole_timeout() -> u64 {
 fn default_reuse_delay() -> u64 {
     DEFAULT_PORT_REUSE_DELAY_SECS
 }
+fn default_ct_mark_mask() -> u32 {
+    DEFAULT_CT_MARK_MASK
+}
 fn default_ct_mark() -> u32 {
     DEFAULT_CT_MARK
 }
@@ -470,6 +479,35 @@ fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
+/// The connection mark ftp-alg sets, within the bits it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtMark {
+    /// `pinholes.ct_mark`.
+    pub value: u32,
+    /// `pinholes.ct_mark_mask`.
+    pub mask: u32,
+}
+
+impl From<u32> for CtMark {
+    /// A mark that owns all 32 bits.
+    fn from(value: u32) -> CtMark {
+        CtMark {
+            value,
+            mask: u32::MAX,
+        }
+    }
+}
+
+impl PinholeConfig {
+    /// `ct_mark` within `ct_mark_mask`.
+    pub fn mark(&self) -> CtMark {
+        CtMark {
+            value: self.ct_mark,
+            mask: self.ct_mark_mask,
+        }
+    }
+}
+
 impl Default for PinholeConfig {
     fn default() -> Self {
         PinholeConfig {
@@ -478,6 +516,7 @@ impl Default for PinholeConfig {
             timeout_secs: DEFAULT_PINHOLE_TIMEOUT_SECS,
             reuse_delay_secs: DEFAULT_PORT_REUSE_DELAY_SECS,
             ct_mark: DEFAULT_CT_MARK,
+            ct_mark_mask: DEFAULT_CT_MARK_MASK,
             backend: PinholeBackend::default(),
             nft: default_nft(),
         }
@@ -671,6 +710,12 @@ impl Config {
                 "pinholes.ct_mark must not be 0: every connection starts with mark 0".into(),
             );
         }
+        if ph.ct_mark & !ph.ct_mark_mask != 0 {
+            return Err(format!(
+                "pinholes.ct_mark = {:#010x} has bits outside pinholes.ct_mark_mask = {:#010x}",
+                ph.ct_mark, ph.ct_mark_mask
+            ));
+        }
         if !p.intercept.is_empty() && p.listen.iter().any(|a| a.port() != p.listen[0].port()) {
             return Err("proxy.intercept redirects to one port: give every proxy.listen address the same port".into());
         }
@@ -725,6 +770,22 @@ mod tests {
         assert_eq!(c.pinholes.port_min, DEFAULT_PORT_MIN);
         assert_eq!(c.pinholes.ct_mark, DEFAULT_CT_MARK);
         assert_eq!(c.pinholes.backend, PinholeBackend::Netlink);
+    }
+
+    #[test]
+    fn the_mark_must_lie_within_its_mask() {
+        let c = parse("[proxy]\nmode = \"gateway\"\n").unwrap();
+        assert_eq!(c.pinholes.mark(), CtMark::from(DEFAULT_CT_MARK));
+        let c = parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nct_mark_mask = 0xffff\n").unwrap();
+        assert_eq!(c.pinholes.mark().mask, 0xffff);
+        let e =
+            parse("[proxy]\nmode = \"gateway\"\n[pinholes]\nct_mark_mask = 0xff00\n").unwrap_err();
+        assert!(
+            e.to_string().contains("outside pinholes.ct_mark_mask"),
+            "{e}"
+        );
+        let e = parse("[proxy]\nmode = \"gateway\"\n[log]\nlevel = \"ftp_alg=[\"\n").unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
     let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
     nft::load_table(
         &nft_path,
-        config.pinholes.ct_mark,
+        config.pinholes.mark(),
         intercept_port,
         &config.proxy.intercept,
     )

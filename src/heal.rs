@@ -111,7 +111,7 @@ async fn heal(shared: &Shared, baseline: &BTreeMap<String, usize>) {
         let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
         match nft::load_table(
             nft_path,
-            config.pinholes.ct_mark,
+            config.pinholes.mark(),
             intercept_port,
             &config.proxy.intercept,
         )

@@ -27,3 +27,13 @@ fn a_flushed_table_is_loaded_again() {
 fn journal_gets_priorities_and_session_fields() {
     service::journal_gets_priorities_and_session_fields();
 }
+
+#[test]
+fn masked_ct_mark_keeps_the_other_bits() {
+    service::masked_ct_mark_keeps_the_other_bits();
+}
+
+#[test]
+fn full_ct_mark_overwrites_the_other_bits() {
+    service::full_ct_mark_overwrites_the_other_bits();
+}

@@ -35,7 +35,7 @@ fn in_namespace<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
         .build()
         .expect("runtime")
         .block_on(async {
-            nft::load_table(Path::new("nft"), 0xf7a0, 2121, &[])
+            nft::load_table(Path::new("nft"), 0xf7a0.into(), 2121, &[])
                 .await
                 .expect("load the table");
             test().await;
@@ -243,7 +243,7 @@ fn netlink_refusal_says_which_element_and_why() {
                 && error.contains("No such file or directory"),
             "{error}"
         );
-        nft::load_table(Path::new("nft"), 0xf7a0, 2121, &[])
+        nft::load_table(Path::new("nft"), 0xf7a0.into(), 2121, &[])
             .await
             .unwrap();
         pinholes.open(&reverse_passive(8, None)).await.unwrap();

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::batch::{Change, Element, Transaction, Value, Verb};
 use super::{BackendError, Firewall, Label, PinholeEntry, PinholeState};
+use crate::config::CtMark;
 
 /// The table the daemon owns (family inet); fixed so that any tool can find it.
 pub const TABLE: &str = "ftp_alg";
@@ -32,10 +33,12 @@ const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The full script that (re)creates the daemon's table: definitions, an atomic replacement of
 /// any previous table (which sweeps its stale pinholes), and the interfaces to intercept.
-pub fn table_script(ct_mark: u32, intercept_port: u16, intercept: &[String]) -> String {
+pub fn table_script(mark: CtMark, intercept_port: u16, intercept: &[String]) -> String {
     let mut script = format!(
-        "define ALG_MARK = {ct_mark:#010x}\ndefine INTERCEPT_PORT = {intercept_port}\n\
-         table inet {TABLE}\ndelete table inet {TABLE}\n{RULES}\n"
+        "define ALG_MARK = {:#010x}\ndefine ALG_MASK = {:#010x}\ndefine ALG_KEEP = {:#010x}\n\
+         define INTERCEPT_PORT = {intercept_port}\n\
+         table inet {TABLE}\ndelete table inet {TABLE}\n{RULES}\n",
+        mark.value, mark.mask, !mark.mask
     );
     for iface in intercept {
         script.push_str(&format!(
@@ -100,11 +103,11 @@ pub async fn run_script(nft: &Path, script: &str) -> Result<(), BackendError> {
 /// Load (or reload) the daemon's table.
 pub async fn load_table(
     nft: &Path,
-    ct_mark: u32,
+    mark: CtMark,
     intercept_port: u16,
     intercept: &[String],
 ) -> Result<(), BackendError> {
-    run_script(nft, &table_script(ct_mark, intercept_port, intercept)).await
+    run_script(nft, &table_script(mark, intercept_port, intercept)).await
 }
 
 /// The sets and maps that hold pinholes, as (kind, name) in `rules/ftp-alg.nft`.
@@ -599,8 +602,15 @@ mod tests {
 
     #[test]
     fn table_script_defines_mark_and_intercepts() {
-        let script = table_script(0xf7a0, 2121, &["lan0".into()]);
-        assert!(script.starts_with("define ALG_MARK = 0x0000f7a0\ndefine INTERCEPT_PORT = 2121\n"));
+        let mark = CtMark {
+            value: 0xf7a0,
+            mask: 0xffff,
+        };
+        let script = table_script(mark, 2121, &["lan0".into()]);
+        assert!(script.starts_with(
+            "define ALG_MARK = 0x0000f7a0\ndefine ALG_MASK = 0x0000ffff\n\
+             define ALG_KEEP = 0xffff0000\ndefine INTERCEPT_PORT = 2121\n"
+        ));
         assert!(script.contains("add element inet ftp_alg intercept_ifaces { \"lan0\" }"));
     }
 

@@ -448,3 +448,72 @@ pub fn journal_gets_priorities_and_session_fields() {
         "with the journal, nothing goes to stderr: {stderr}"
     );
 }
+
+/// `pinholes.ct_mark_mask = 0x0000ffff` on a gateway whose ruleset gives connmark bit 16 a
+/// meaning of its own: a chain at priority mangle (after conntrack, before
+/// ftp-alg's nat chains) marks every connection 0x00010000 before
+/// ftp-alg's table sees it, and the policy's accept lines require that bit as well as
+/// ftp-alg's mark in its own bits (`ct mark and 0x0001ffff == 0x0001f7a0`). Passive and active
+/// downloads work, so ftp-alg kept bit 16 (control connection, both data connections) and
+/// matched its mark under the mask (the source translation of the passive data connection).
+pub fn masked_ct_mark_keeps_the_other_bits() {
+    let mut lab = premarked_lab("[pinholes]\nct_mark_mask = 0x0000ffff\n");
+    for mode in [DataMode::Pasv, DataMode::Port] {
+        let run = lab.client_session(Client::Curl, mode, &[Op::Download]);
+        assert!(
+            run.status.success(),
+            "{mode:?} download with a masked mark\n{}",
+            run.transcript
+        );
+        assert_same_bytes(
+            "download",
+            &lab.read(&lab.download_path()),
+            &lab.read(&lab.served_path()),
+        );
+    }
+    let forward = must(lab.exec(
+        &lab.gateway_ns(),
+        &["nft", "list", "chain", "inet", "gateway", "forward"],
+    ));
+    let matched = forward
+        .lines()
+        .find(|l| l.contains("0x0001f7a0"))
+        .unwrap_or_else(|| panic!("no masked rule in\n{forward}"));
+    assert!(
+        !matched.contains("packets 0 "),
+        "data connections went through the masked rule: {matched}"
+    );
+}
+
+/// The negative control of [`masked_ct_mark_keeps_the_other_bits`]: with the default mask (all
+/// 32 bits) ftp-alg overwrites bit 16, and the same ruleset drops the control connection.
+pub fn full_ct_mark_overwrites_the_other_bits() {
+    let mut lab = premarked_lab("");
+    let run = lab.client_session(Client::Curl, DataMode::Pasv, &[Op::Download]);
+    assert!(
+        !run.status.success(),
+        "the session went through although ftp-alg overwrote bit 16\n{}",
+        run.transcript
+    );
+}
+
+/// A gateway lab whose policy accepts ftp-alg's connections only with connmark bit 16 set too,
+/// and a chain that sets it on every connection; the daemon runs with `alg_config`.
+fn premarked_lab(alg_config: &str) -> Lab {
+    const MASKED_RULE: &str = "ct mark and 0x0001ffff == 0x0001f7a0 counter accept";
+    let mut lab = lab();
+    let policy = fs::read_to_string(POLICY)
+        .expect("read the shipped policy")
+        .replace(MARK_RULE, MASKED_RULE);
+    let policy_path = lab.dir.join("masked-policy.nft");
+    fs::write(&policy_path, policy).expect("write the masked policy");
+    lab.nft(&["delete", "table", "inet", "gateway"]);
+    lab.nft(&["-f", &policy_path.to_string_lossy()]);
+    lab.nft(&[
+        "add table inet premark; add chain inet premark pre { type filter hook prerouting \
+         priority mangle; policy accept; }; add rule inet premark pre ct mark set ct mark or 0x00010000",
+    ]);
+    lab.alg_config = alg_config.to_owned();
+    lab.start_alg();
+    lab
+}
