@@ -206,6 +206,12 @@ fn gauges(shared: &Shared) -> Gauges {
         sessions: shared.registry.count(),
         sessions_total: shared.registry.admitted_total(),
         pinholes: shared.pinholes.stats(),
+        limits: shared.live.get().limits.clone(),
+        pool: (
+            shared.config.pinholes.port_min,
+            shared.config.pinholes.port_max,
+        ),
+        ports_in_use: shared.pinholes.ports_in_use(),
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::config::LimitsConfig;
 use crate::pinhole::PinholeStats;
 use crate::session::{Reject, Rewrite};
 
@@ -70,7 +71,7 @@ impl PinholeFailure {
 }
 
 /// Values owned elsewhere, read when the metrics are rendered.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     /// Sessions open now.
     pub sessions: usize,
@@ -78,6 +79,12 @@ pub struct Gauges {
     pub sessions_total: u64,
     /// Pinholes counted by the pinhole registry.
     pub pinholes: PinholeStats,
+    /// The limits in force (a reload may change them).
+    pub limits: LimitsConfig,
+    /// `pinholes.port_min..=port_max`.
+    pub pool: (u16, u16),
+    /// Ports of the pool handed out now.
+    pub ports_in_use: usize,
 }
 
 /// Every counter of one daemon run.
@@ -145,6 +152,56 @@ impl Metrics {
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::new();
         let p = gauges.pinholes;
+        family(
+            &mut out,
+            "ftp_alg_build_info",
+            "gauge",
+            "Always 1; the version of the running ftp-alg in its label.",
+        );
+        let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+        sample(&mut out, "ftp_alg_build_info", &version, 1);
+        family(
+            &mut out,
+            "ftp_alg_limit",
+            "gauge",
+            "The configured limits in force ([limits], as last reloaded).",
+        );
+        let l = &gauges.limits;
+        for (name, value) in [
+            ("max_sessions", l.max_sessions as u64),
+            ("max_sessions_per_client", l.max_sessions_per_client as u64),
+            (
+                "max_pinholes_per_session",
+                l.max_pinholes_per_session as u64,
+            ),
+            ("idle_timeout_seconds", l.idle_timeout_secs),
+            ("shutdown_grace_seconds", l.shutdown_grace_secs),
+        ] {
+            let labels = format!("{{limit=\"{name}\"}}");
+            sample(&mut out, "ftp_alg_limit", &labels, value);
+        }
+        let (min, max) = gauges.pool;
+        let size = u64::from(max.saturating_sub(min)) + 1;
+        let pool = format!("{{pool=\"{min}-{max}\"}}");
+        family(
+            &mut out,
+            "ftp_alg_ports",
+            "gauge",
+            "Data ports in the pool (pinholes.port_min..=port_max).",
+        );
+        sample(&mut out, "ftp_alg_ports", &pool, size);
+        family(
+            &mut out,
+            "ftp_alg_ports_free",
+            "gauge",
+            "Data ports of the pool not handed out now (a released port may still be quarantined for its last source).",
+        );
+        sample(
+            &mut out,
+            "ftp_alg_ports_free",
+            &pool,
+            size.saturating_sub(gauges.ports_in_use as u64),
+        );
         family(
             &mut out,
             "ftp_alg_sessions",
@@ -426,8 +483,20 @@ mod tests {
                 closed: 3,
                 expired: 1,
             },
+            limits: LimitsConfig::default(),
+            pool: (61000, 61009),
+            ports_in_use: 3,
         });
         for line in [
+            &format!(
+                "ftp_alg_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "ftp_alg_limit{limit=\"max_sessions\"} 1000",
+            "ftp_alg_limit{limit=\"max_sessions_per_client\"} 16",
+            "ftp_alg_limit{limit=\"idle_timeout_seconds\"} 900",
+            "ftp_alg_ports{pool=\"61000-61009\"} 10",
+            "ftp_alg_ports_free{pool=\"61000-61009\"} 7",
             "# TYPE ftp_alg_sessions gauge",
             "ftp_alg_sessions 2",
             "ftp_alg_sessions_total 1",
@@ -450,7 +519,9 @@ mod tests {
             "ftp_alg_nft_install_seconds_bucket{le=\"+Inf\"} 2",
             "ftp_alg_nft_install_seconds_sum 3.00015",
             "ftp_alg_nft_install_seconds_count 2",
-        ] {
+        ]
+        .map(|l| l as &str)
+        {
             assert!(
                 text.lines().any(|l| l == line),
                 "{line:?} missing in:\n{text}"
@@ -460,6 +531,88 @@ mod tests {
         let mut types = std::collections::HashSet::new();
         for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             assert!(types.insert(l.to_owned()), "declared twice: {l}");
+        }
+    }
+
+    /// The names of every series the daemon exports (histograms with their `_bucket`, `_sum`
+    /// and `_count`).
+    fn exported_names() -> std::collections::BTreeSet<String> {
+        Metrics::default()
+            .render(Gauges::default())
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every `ftp_alg_*` name in `text`.
+    fn named_metrics(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("ftp_alg_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.push(name);
+        }
+        names
+    }
+
+    /// Every string under an `expr` or `query` key of a Grafana dashboard.
+    fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        _ => dashboard_queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_queries(v, out)),
+            _ => {}
+        }
+    }
+
+    /// What deploy/ ships for Prometheus and Grafana names only metrics the daemon exports
+    /// (scripts/check-deploy runs this test beside promtool).
+    #[test]
+    fn deploy_queries_name_only_exported_metrics() {
+        let exported = exported_names();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let read = |path: &str| {
+            std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&read("grafana/ftp-alg-dashboard.json")).expect("dashboard JSON");
+        let mut queries = Vec::new();
+        dashboard_queries(&dashboard, &mut queries);
+        assert!(queries.len() >= 10, "the dashboard's queries: {queries:?}");
+        for query in &queries {
+            let names = named_metrics(query);
+            assert!(
+                !names.is_empty(),
+                "a dashboard query names no ftp-alg metric: {query}"
+            );
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "dashboard: {name} is not exported ({query})"
+                );
+            }
+        }
+        for file in [
+            "prometheus/ftp-alg-alerts.yml",
+            "prometheus/ftp-alg-alerts.test.yml",
+        ] {
+            for name in named_metrics(&read(file)) {
+                assert!(exported.contains(&name), "{file}: {name} is not exported");
+            }
         }
     }
 

@@ -442,6 +442,12 @@ impl<B: Backend> Pinholes<B> {
             .collect()
     }
 
+    /// Data ports handed out now (a pinhole waiting for its connection, or a transfer that has
+    /// not sent its final reply yet).
+    pub fn ports_in_use(&self) -> usize {
+        self.lock().ports.in_use()
+    }
+
     /// The run's counts so far.
     pub fn stats(&self) -> PinholeStats {
         let reg = self.lock();
