@@ -949,9 +949,28 @@ mod tests {
         assert_eq!(c.proxy.upstream, Some("10.244.1.7:2100".parse().unwrap()));
     }
 
+    /// The manifest runs the image tag the sidecar guide builds and pushes: this version's.
+    #[test]
+    fn k8s_image_tag_is_pinned_to_the_guides() {
+        let yaml = std::fs::read_to_string(K8S_SIDECAR).unwrap();
+        let guide =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/sidecar.md"))
+                .unwrap();
+        let image = format!("registry.example.com/ftp-alg:{}", env!("CARGO_PKG_VERSION"));
+        assert!(
+            yaml.contains(&format!("image: {image}\n")),
+            "the manifest runs {image}"
+        );
+        assert!(
+            guide.contains(&format!("-t {image} ")),
+            "the guide builds {image}"
+        );
+        assert!(!yaml.contains(":latest"), "no :latest in the manifest");
+    }
+
     /// A Service cannot take a port range: it must list port 21 and every pinhole port of the
     /// embedded configuration, each to the same target port (clients dial the number the 227
-    /// names), and the NetworkPolicy must admit the same range.
+    /// names), and the NetworkPolicy must admit the same range, and the metrics port.
     #[test]
     fn k8s_service_matches_embedded_config() {
         let yaml = std::fs::read_to_string(K8S_SIDECAR).unwrap();
@@ -974,7 +993,13 @@ mod tests {
         );
 
         let policy = k8s_document(&yaml, "NetworkPolicy");
-        assert_eq!(numbers_after(policy, "port"), [21, c.pinholes.port_min]);
+        // The metrics port is admitted from the monitoring namespace only, in a rule of its
+        // own after the FTP one.
+        let metrics = c.metrics.listen.map(|a| a.port()).expect("metrics.listen");
+        assert_eq!(
+            numbers_after(policy, "port"),
+            [21, c.pinholes.port_min, metrics]
+        );
         assert_eq!(numbers_after(policy, "endPort"), [c.pinholes.port_max]);
 
         // vsftpd listens where ftp-alg connects, and its passive ports stay out of the range.
