@@ -89,7 +89,7 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Write man pages (ftp-alg.1 and one per subcommand) into a directory.
+    /// Write man pages (ftp-alg.1, one per subcommand, and ftp-alg.toml.5) into a directory.
     Manpages {
         /// Where to write them; created if missing.
         dir: PathBuf,
@@ -227,10 +227,7 @@ fn exit_status(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
-    let source = config.or_else(|| {
-        let default = PathBuf::from(DEFAULT_CONFIG);
-        default.exists().then_some(default)
-    });
+    let source = config_source(config, Path::new(DEFAULT_CONFIG));
     let config = match &source {
         Some(path) => Config::load(path)?,
         None => Config::builtin_gateway(),
@@ -243,6 +240,12 @@ async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::
         ),
     }
     crate::daemon::run(config, source, log).await
+}
+
+/// The file `run` reads: `--config`, else `default` if it exists, else none (the built-in
+/// configuration).
+fn config_source(given: Option<PathBuf>, default: &Path) -> Option<PathBuf> {
+    given.or_else(|| default.exists().then(|| default.to_owned()))
 }
 
 async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
@@ -309,6 +312,9 @@ async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(Cli::command(), &dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let config_page = dir.join("ftp-alg.toml.5");
+            std::fs::write(&config_page, crate::manpage::config_page()?)
+                .with_context(|| format!("writing {}", config_page.display()))?;
             println!("man pages written to {}", dir.display());
             Ok(())
         }
@@ -677,6 +683,19 @@ fn write_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_reads_the_default_file_only_when_it_exists() {
+        let dir = std::env::temp_dir().join(format!("ftp-alg-default-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let default = dir.join("ftp-alg.toml");
+        let given = PathBuf::from("/elsewhere.toml");
+        assert_eq!(config_source(None, &default), None, "no file: built-in");
+        std::fs::write(&default, "").unwrap();
+        assert_eq!(config_source(None, &default), Some(default.clone()));
+        assert_eq!(config_source(Some(given.clone()), &default), Some(given));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_cli_definition_is_consistent() {

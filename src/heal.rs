@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::pinhole::netlink::set_option;
 use crate::pinhole::nft;
 use crate::proxy::Shared;
 
@@ -234,20 +235,6 @@ fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n)
         .map(|n| n.min(buffer.len()))
         .map_err(|_| io::Error::last_os_error())
-}
-
-fn set_option(socket: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
-    // SAFETY: the pointer and length describe `value`, which outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
 }
 
 /// Whether any message in `datagram` adds or deletes a table, chain, set or rule of

@@ -12,7 +12,8 @@
 //!   [`registry`] keeps the live sessions;
 //! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
 //!   Prometheus [`metrics`]; every listener retries a failed accept as [`accept`] does;
-//! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
+//! - [`config`] and [`cli`]: the TOML configuration and the command line ([`manpage`] makes
+//!   ftp-alg.toml(5) from README.md's key table); [`origdst`] reads a
 //!   redirected connection's original destination, and [`upstream`] says where a gateway may
 //!   connect on a client's behalf and connects there;
 //! - [`notify`] (systemd readiness), [`reload`] (SIGHUP), [`heal`] (the table loaded again
@@ -33,6 +34,7 @@ pub mod demo;
 pub mod ftp;
 pub mod heal;
 pub mod logging;
+pub mod manpage;
 pub mod metrics;
 pub mod notify;
 pub mod origdst;

@@ -93,7 +93,13 @@ fn os_error(action: &str, error: &io::Error) -> BackendError {
     }
 }
 
-fn set_option(socket: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+/// Set an integer socket option; whether the kernel took it.
+pub(crate) fn set_option(
+    socket: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
     // SAFETY: the pointer and length describe `value`, which outlives the call.
     let rc = unsafe {
         libc::setsockopt(

@@ -335,6 +335,39 @@ fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
     fields
 }
 
+/// The value of `key` in a journal entry.
+fn field(entry: &[(String, String)], key: &str) -> Option<String> {
+    entry.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+/// Reads journal entries (keeping every datagram in `datagrams`) until one whose MESSAGE
+/// satisfies `wanted`, failing after [`WITHIN`].
+fn journal_entry(
+    socket: &UnixDatagram,
+    datagrams: &mut Vec<Vec<u8>>,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        if let Some(d) = next_datagram(socket) {
+            datagrams.push(d);
+        }
+        let entries: Vec<Vec<(String, String)>> =
+            datagrams.iter().map(|d| journal_fields(d)).collect();
+        if let Some(entry) = entries
+            .iter()
+            .find(|e| field(e, "MESSAGE").is_some_and(|m| wanted(&m)))
+        {
+            return entry.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in the journal: {entries:#?}"
+        );
+    }
+}
+
 /// With `JOURNAL_STREAM` naming its stderr, the daemon writes to journald's native socket
 /// (here the test's own socket, at /run/systemd/journal/socket in a private mount namespace):
 /// each entry with its syslog priority (info 6, warn 4) and a session's warning with the
@@ -369,30 +402,10 @@ pub fn journal_gets_priorities_and_session_fields() {
     .to_vec();
     let (child, _, _) = lab.spawn_alg();
     lab.alg = Some(child);
-    let entries = |datagrams: &[Vec<u8>]| -> Vec<Vec<(String, String)>> {
-        datagrams.iter().map(|d| journal_fields(d)).collect()
-    };
     let mut datagrams = Vec::new();
-    let field = |entry: &[(String, String)], key: &str| {
-        entry.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
-    };
-    let deadline = Instant::now() + WITHIN;
-    let listening = loop {
-        if let Some(d) = next_datagram(&socket) {
-            datagrams.push(d);
-        }
-        let found = entries(&datagrams)
-            .into_iter()
-            .find(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("listening on")));
-        if let Some(entry) = found {
-            break entry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no `listening on` in the journal: {:#?}",
-            entries(&datagrams)
-        );
-    };
+    let listening = journal_entry(&socket, &mut datagrams, "`listening on`", |message| {
+        message.starts_with("listening on")
+    });
     assert_eq!(
         field(&listening, "PRIORITY").as_deref(),
         Some("6"),
@@ -411,23 +424,9 @@ pub fn journal_gets_priorities_and_session_fields() {
             "import socket; s = socket.create_connection(('127.0.0.1', 2121), timeout=5); s.recv(100)",
         ],
     ));
-    let deadline = Instant::now() + WITHIN;
-    let warning = loop {
-        if let Some(d) = next_datagram(&socket) {
-            datagrams.push(d);
-        }
-        let found = entries(&datagrams).into_iter().find(|e| {
-            field(e, "MESSAGE").is_some_and(|m| m.contains("connection was not redirected"))
-        });
-        if let Some(entry) = found {
-            break entry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session warning in the journal: {:#?}",
-            entries(&datagrams)
-        );
-    };
+    let warning = journal_entry(&socket, &mut datagrams, "a session warning", |message| {
+        message.contains("connection was not redirected")
+    });
     assert_eq!(
         field(&warning, "PRIORITY").as_deref(),
         Some("4"),
