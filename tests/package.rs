@@ -67,7 +67,7 @@ fn the_debian_package_installs_and_runs() {
     for file in [
         "usr/sbin/ftp-alg",
         "etc/ftp-alg/ftp-alg.toml",
-        "lib/systemd/system/ftp-alg.service",
+        "usr/lib/systemd/system/ftp-alg.service",
         "usr/share/man/man1/ftp-alg.1.gz",
         "usr/share/man/man1/ftp-alg-pinholes.1.gz",
         "usr/share/man/man5/ftp-alg.toml.5.gz",
@@ -78,7 +78,7 @@ fn the_debian_package_installs_and_runs() {
     ] {
         assert!(scratch.join(file).is_file(), "{file} is not in the package");
     }
-    let unit = std::fs::read_to_string(scratch.join("lib/systemd/system/ftp-alg.service"))
+    let unit = std::fs::read_to_string(scratch.join("usr/lib/systemd/system/ftp-alg.service"))
         .expect("the unit");
     assert!(
         unit.contains("\nExecStart=/usr/sbin/ftp-alg run --config /etc/ftp-alg/ftp-alg.toml\n")
