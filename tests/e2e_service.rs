@@ -37,3 +37,8 @@ fn masked_ct_mark_keeps_the_other_bits() {
 fn full_ct_mark_overwrites_the_other_bits() {
     service::full_ct_mark_overwrites_the_other_bits();
 }
+
+#[test]
+fn journald_filters_by_priority_and_session() {
+    service::journald_filters_by_priority_and_session();
+}

@@ -335,6 +335,38 @@ fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
     fields
 }
 
+/// Sets `JOURNAL_STREAM` for the daemon to name its stderr, the log file (created here); the
+/// log's path.
+fn journal_stream(lab: &mut Lab) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let log = lab.dir.join("daemon.log");
+    drop(create(&log));
+    let meta = fs::metadata(&log).expect("stat the log");
+    lab.alg_env = vec![(
+        "JOURNAL_STREAM".into(),
+        format!("{}:{}", meta.dev(), meta.ino()),
+    )];
+    log
+}
+
+/// A prefix for [`Lab::alg_prefix`]: `script` run by sh in a private mount namespace with
+/// `args` as $0, $1, ..., then the daemon's command line as its remaining arguments.
+fn in_mount_namespace(script: &str, args: &[&str]) -> Vec<String> {
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+    ]
+    .iter()
+    .chain(args)
+    .map(|a| (*a).to_owned())
+    .collect()
+}
+
 /// The value of `key` in a journal entry.
 fn field(entry: &[(String, String)], key: &str) -> Option<String> {
     entry.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
@@ -379,27 +411,12 @@ pub fn journal_gets_priorities_and_session_fields() {
     }
     let mut lab = lab();
     let (socket, path) = datagram_socket(&lab, "journal.sock");
-    let log = lab.dir.join("daemon.log");
-    drop(create(&log));
-    let meta = fs::metadata(&log).expect("stat the log");
-    use std::os::unix::fs::MetadataExt;
-    lab.alg_env = vec![(
-        "JOURNAL_STREAM".into(),
-        format!("{}:{}", meta.dev(), meta.ino()),
-    )];
-    lab.alg_prefix = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
+    let log = journal_stream(&mut lab);
+    lab.alg_prefix = in_mount_namespace(
         "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal \
          && ln -s \"$0\" /run/systemd/journal/socket && exec \"$@\"",
-        &path.to_string_lossy(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &[&path.to_string_lossy()],
+    );
     let (child, _, _) = lab.spawn_alg();
     lab.alg = Some(child);
     let mut datagrams = Vec::new();
@@ -515,4 +532,117 @@ fn premarked_lab(alg_config: &str) -> Lab {
     lab.alg_config = alg_config.to_owned();
     lab.start_alg();
     lab
+}
+
+/// systemd's journal daemon.
+const JOURNALD: &str = "/lib/systemd/systemd-journald";
+
+/// Kills the journald a test started when the test ends, however it ends.
+struct Journald(PathBuf);
+
+impl Journald {
+    /// Its process id, once it has written it.
+    fn pid(&self) -> Option<String> {
+        fs::read_to_string(&self.0)
+            .ok()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+    }
+
+    /// `journalctl ARGS -o json` in journald's mount namespace: one entry per line.
+    fn entries(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let Some(pid) = self.pid() else {
+            return Vec::new();
+        };
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-m", "journalctl", "--no-pager", "-o", "json"])
+            .args(args)
+            .output()
+            .expect("run journalctl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Journald {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").arg(pid).status();
+        }
+    }
+}
+
+/// A real systemd-journald (not PID 1's: started by the test in a private mount namespace,
+/// with tmpfs over /run/systemd, /run/log and /var/log/journal so nothing of the host's is
+/// touched) receives the daemon's events: `journalctl -p warning` lists the session's warning
+/// and not the info lines, and `journalctl F_ID=1` finds the session by its span field.
+pub fn journald_filters_by_priority_and_session() {
+    if !Path::new(JOURNALD).exists() || !Path::new("/run/log").is_dir() {
+        eprintln!("skipped: no {JOURNALD} (package systemd), or no /run/log to mount over");
+        return;
+    }
+    let mut lab = lab();
+    journal_stream(&mut lab);
+    let pidfile = lab.dir.join("journald.pid");
+    let journald = Journald(pidfile.clone());
+    lab.alg_prefix = in_mount_namespace(
+        "mount -t tmpfs tmpfs /run/systemd && mount -t tmpfs tmpfs /run/log \
+         && { [ ! -d /var/log/journal ] || mount -t tmpfs tmpfs /var/log/journal; } \
+         && mkdir /run/systemd/journal && { \"$1\" & echo $! > \"$0\"; } \
+         && for i in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done \
+         && shift && exec \"$@\"",
+        &[&pidfile.to_string_lossy(), JOURNALD],
+    );
+    let (child, _, _) = lab.spawn_alg();
+    lab.alg = Some(child);
+    let message = |e: &serde_json::Value| e["MESSAGE"].as_str().unwrap_or_default().to_owned();
+    let deadline = Instant::now() + WITHIN;
+    while !journald
+        .entries(&["-t", "ftp-alg"])
+        .iter()
+        .any(|e| message(e).starts_with("listening on"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no `listening on` in the journal"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    must(lab.exec(
+        &lab.gateway_ns(),
+        &[
+            "python3",
+            "-c",
+            "import socket; s = socket.create_connection(('127.0.0.1', 2121), timeout=5); s.recv(100)",
+        ],
+    ));
+    let deadline = Instant::now() + WITHIN;
+    let warnings = loop {
+        let warnings = journald.entries(&["-t", "ftp-alg", "-p", "warning"]);
+        if warnings
+            .iter()
+            .any(|e| message(e).contains("connection was not redirected"))
+        {
+            break warnings;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session warning in the journal"
+        );
+        sleep(Duration::from_millis(100));
+    };
+    assert!(
+        warnings.iter().all(|e| e["PRIORITY"].as_str() <= Some("4")),
+        "-p warning lists only warnings and worse: {warnings:#?}"
+    );
+    let session = journald.entries(&["-t", "ftp-alg", "F_ID=1"]);
+    assert!(
+        !session.is_empty()
+            && session.iter().all(|e| e["F_CLIENT"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("127.0.0.1:"))),
+        "the session's entries by F_ID: {session:#?}"
+    );
 }
