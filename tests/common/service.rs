@@ -263,7 +263,8 @@ ftp.quit()
 
 /// A firewall reload (`nft flush ruleset`, then the policy loaded again) deletes ftp-alg's
 /// table: the daemon loads it again within [`HEALED_WITHIN`], logs it once with the open pinhole
-/// counted as lost, and a new passive download through it works.
+/// counted as lost, and a new passive download through it works. Then one of its chains is
+/// flushed: that is noticed and repaired as well.
 pub fn a_flushed_table_is_loaded_again() {
     let mut lab = lab();
     lab.start_alg();
@@ -304,6 +305,26 @@ pub fn a_flushed_table_is_loaded_again() {
         &lab.read(&lab.served_path()),
     );
     ServerLog::read(&lab).assert_control_from(lab.addrs().server_sees);
+
+    // A change that leaves the table in place but empties a chain is noticed too.
+    lab.nft(&["flush", "chain", "inet", "ftp_alg", "pinhole_prerouting"]);
+    let changed = wait_for_log(&lab, "was changed under ftp-alg", 1, HEALED_WITHIN);
+    assert!(changed[0].contains("loaded it again"), "{changed:?}");
+    let chain = must(lab.exec(
+        &lab.gateway_ns(),
+        &[
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "ftp_alg",
+            "pinhole_prerouting",
+        ],
+    ));
+    assert!(
+        chain.contains("@pin_v4"),
+        "the chain's rules are back:\n{chain}"
+    );
 }
 
 /// One journal entry as journald's native protocol sends it: `KEY=value` lines, or `KEY`, a
