@@ -60,6 +60,11 @@ pub enum Command {
         /// Log format, overriding `[log] format`.
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// Take the listening sockets over from the daemon running at the control socket
+        /// (an upgrade or a restart that refuses no client): it stops accepting and serves its
+        /// open sessions to their end (`limits.handover_grace_secs`), then exits.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Check a configuration file and say what it sets up; exits 1 on the first error.
     CheckConfig {
@@ -221,18 +226,26 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     }
 }
 
-async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+async fn run(
+    config: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    take_over: bool,
+) -> anyhow::Result<()> {
     let config = match config {
         Some(path) => Config::load(&path)?,
         None => Config::builtin_gateway(),
     };
     init_logging(log_format.unwrap_or(config.log.format));
-    crate::daemon::run(config).await
+    crate::daemon::run(config, take_over).await
 }
 
 async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, log_format } => run(config, log_format).await,
+        Command::Run {
+            config,
+            log_format,
+            take_over,
+        } => run(config, log_format, take_over).await,
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { json } => {
             let status = match ask(socket, &Request::Status).await? {

@@ -57,6 +57,10 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
 pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// After SIGTERM, how long the sessions under way may go on before the daemon stops.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// After handing its listeners over to a new process (`ftp-alg run --take-over`), how long the
+/// old one serves its open sessions before it stops: a day. FTP sessions last minutes to hours,
+/// and idle ones end at `idle_timeout_secs` anyway.
+pub const DEFAULT_HANDOVER_GRACE_SECS: u64 = 24 * 3600;
 /// Pinholes one session may hold at once: the current endpoint plus those of pipelined
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
@@ -202,6 +206,9 @@ pub struct LimitsConfig {
     /// accepted); then the daemon removes every pinhole and exits.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// After a hand-over to a new process, seconds the old one serves its open sessions.
+    #[serde(default = "default_handover_grace")]
+    pub handover_grace_secs: u64,
 }
 
 /// `[policy]`: what a session may do.
@@ -312,6 +319,7 @@ impl Default for LimitsConfig {
             max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
             client_prefix_v6: DEFAULT_CLIENT_PREFIX_V6,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            handover_grace_secs: DEFAULT_HANDOVER_GRACE_SECS,
         }
     }
 }
@@ -421,6 +429,9 @@ fn default_max_pinholes_per_session() -> usize {
 }
 fn default_shutdown_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECS
+}
+fn default_handover_grace() -> u64 {
+    DEFAULT_HANDOVER_GRACE_SECS
 }
 fn default_port_min() -> u16 {
     DEFAULT_PORT_MIN
@@ -601,6 +612,12 @@ impl Config {
             return Err(
                 "limits.max_sessions and limits.max_sessions_per_client must be at least 1".into(),
             );
+        }
+        if l.handover_grace_secs > MAX_IDLE_TIMEOUT_SECS {
+            return Err(format!(
+                "limits.handover_grace_secs = {}: at most {MAX_IDLE_TIMEOUT_SECS} (a week)",
+                l.handover_grace_secs
+            ));
         }
         if l.client_prefix_v6 == 0 || l.client_prefix_v6 > 128 {
             return Err(format!(

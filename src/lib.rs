@@ -10,7 +10,8 @@
 //!   backend;
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
 //!   [`registry`] keeps the live sessions;
-//! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
+//! - [`daemon`]: start-up and shutdown, and the [`handover`] of the listeners to a new
+//!   process, with the [`control`] API for the CLI and the
 //!   Prometheus [`metrics`]; every listener retries a failed accept as [`accept`] does;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line; [`origdst`] reads a
 //!   redirected connection's original destination, and [`upstream`] says where a gateway may
@@ -26,6 +27,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod ftp;
+pub mod handover;
 pub mod metrics;
 pub mod origdst;
 pub mod pinhole;

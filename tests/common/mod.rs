@@ -2077,5 +2077,6 @@ fn parse_host_port(s: &str) -> SocketAddr {
 pub mod edge;
 pub mod faults;
 pub mod guides;
+pub mod handover;
 pub mod operate;
 pub mod sniff;
