@@ -30,10 +30,12 @@ pub const DEFAULT_PORT_REUSE_DELAY_SECS: u64 = 120;
 pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
 /// Longest control-channel line accepted: bytes before the line feed.
 pub use crate::ftp::framing::DEFAULT_MAX_LINE;
-/// The largest `proxy.max_line`: proftpd silently drops a command longer than its buffer
-/// (PATH_MAX + 7 bytes, CR LF included) without any reply, which would leave every later reply
-/// answering the wrong command.
-pub const MAX_MAX_LINE: usize = 4096;
+/// The largest `proxy.max_line`. A forwarded command is its text and CR LF, at most
+/// `max_line` + 2 bytes; servers take no more than 4096 (vsftpd answers a longer line `500 Input
+/// line too long.` and closes the session; proftpd waits for more bytes after one, or drops a
+/// line longer than its buffer without any reply, which would leave every later reply answering
+/// the wrong command).
+pub const MAX_MAX_LINE: usize = 4094;
 /// The socket mark on ftp-alg's own connections to FTP servers, so that an operator's output
 /// chain can filter them: in gateway mode they start on this host, and the forward chain never
 /// sees them.
