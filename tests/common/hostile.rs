@@ -1,0 +1,741 @@
+//! Hostile control lines end to end (issue 10, "a line means the same to ftp-alg as to the
+//! server"): one `pub fn` per `#[test]` of `tests/e2e_hostile.rs`.
+//!
+//! A raw client ([`PROBE`], a Python script on a plain socket: it sends exactly the bytes it is
+//! given) logs in and sends each case followed by `SYST`. `SYST` is the sync mark: every server
+//! here answers it `215` and nothing else does, so the replies between two `215`s are the case's,
+//! and the commands the server logged between two `SYST`s are what it executed of the case.
+//! Each case is checked against two readings: what ftp-alg makes of it (refused with its `500`,
+//! or forwarded as its canonical text) and what the server logged, as that server writes a
+//! command into its log.
+
+use ftp_alg::ftp::{canonical, LineBuffer};
+
+use super::edge::PyClient;
+use super::*;
+
+/// ftp-alg's answer to a line it refuses (`ftp::canonical`).
+pub const REFUSED: &str = "500 Syntax error: control characters or a malformed command name.";
+
+/// What a case's lines became, in order, as ftp-alg reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Forwarded as this text (CR LF appended).
+    Forward(Vec<u8>),
+    /// Answered with [`REFUSED`], never forwarded.
+    Refuse,
+}
+
+/// One case as sent and as observed.
+#[derive(Debug)]
+struct Observed {
+    pub sent: Vec<u8>,
+    /// The replies the client got for the case (multi-line ones whole, terminators included).
+    pub replies: Vec<String>,
+    /// The commands the server logged for the case.
+    pub commands: Vec<String>,
+}
+
+/// Where the probe's lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Through the daemon, from the client namespace.
+    ThroughAlg,
+    /// Straight to the server, from its own namespace: the server's own reading.
+    Direct,
+}
+
+/// Logs in, sends every batch in one write (each case followed by `SYST`), reads every reply,
+/// and quits. Returns each case with its replies and the commands the server logged for it.
+fn probe(lab: &mut Lab, path: Path, batches: &[Vec<Vec<u8>>]) -> Vec<Observed> {
+    let (user, password) = lab.server.login();
+    let latin1 = |b: &[u8]| b.iter().map(|&b| char::from(b)).collect::<String>();
+    let spec = serde_json::json!({
+        "login": [format!("USER {user}"), format!("PASS {password}")],
+        "batches": batches
+            .iter()
+            .map(|batch| batch.iter().map(|case| latin1(case)).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+    });
+    fs::write(lab.dir.join(PROBE_SPEC), spec.to_string()).expect("write the probe's cases");
+    let client = match path {
+        Path::ThroughAlg => PyClient::in_client(lab, PROBE),
+        Path::Direct => PyClient::in_server(lab, PROBE),
+    };
+    let replies = client.finish();
+    let cases: Vec<&Vec<u8>> = batches.iter().flatten().collect();
+
+    // The greeting and the login's two replies come first, QUIT's 221 last.
+    let mut chunks = vec![Vec::new()];
+    for reply in replies.iter().skip(3) {
+        if reply.starts_with("215 ") {
+            chunks.push(Vec::new());
+        } else {
+            chunks.last_mut().expect("a chunk").push(reply.clone());
+        }
+    }
+    let last = chunks.pop().expect("QUIT's chunk");
+    assert!(
+        last.len() == 1 && last[0].starts_with("221"),
+        "after the last SYST: {last:?}"
+    );
+    assert_eq!(chunks.len(), cases.len(), "one 215 per case: {replies:#?}");
+
+    let logged = logged_commands(lab, cases.len());
+    cases
+        .into_iter()
+        .zip(chunks)
+        .zip(logged)
+        .map(|((sent, replies), commands)| Observed {
+            sent: sent.clone(),
+            replies,
+            commands,
+        })
+        .collect()
+}
+
+/// The commands the server logged after the login, cut at each `SYST` into `cases` chunks;
+/// waits (up to 5 s) for QUIT to be logged, since proftpd writes its `ExtendedLog` line after
+/// it has sent the reply.
+fn logged_commands(lab: &Lab, cases: usize) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let commands = loop {
+        let log = ServerLog::read(lab);
+        let commands: Vec<String> = log.commands().into_iter().map(String::from).collect();
+        if commands.last().is_some_and(|c| c == "QUIT") {
+            break commands;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server has not logged QUIT: {commands:#?}"
+        );
+        sleep(Duration::from_millis(50));
+    };
+    let login = commands
+        .iter()
+        .position(|c| c.starts_with("PASS"))
+        .unwrap_or_else(|| panic!("no PASS in the server's log: {commands:#?}"));
+    let mut chunks = vec![Vec::new()];
+    for command in &commands[login + 1..commands.len() - 1] {
+        if command == "SYST" {
+            chunks.push(Vec::new());
+        } else {
+            chunks.last_mut().expect("a chunk").push(command.clone());
+        }
+    }
+    let rest = chunks.pop().expect("after the last SYST");
+    assert!(rest.is_empty(), "commands after the last SYST: {rest:?}");
+    assert_eq!(chunks.len(), cases, "one SYST per case: {commands:#?}");
+    chunks
+}
+
+/// The probe's cases, written by [`probe`] into the test directory.
+const PROBE_SPEC: &str = "probe.json";
+
+/// Reads [`PROBE_SPEC`]: the login lines and batches of cases (latin-1 text: each character is a
+/// byte). Sends each batch in one write, every case followed by `SYST`, then reads replies until
+/// it has a 215 for each case of the batch.
+const PROBE: &str = r#"
+spec = json.load(open(os.path.join(DIR, "probe.json")))
+c = Control()
+for line in spec["login"]:
+    c.command(line)
+for batch in spec["batches"]:
+    c.send("".join(case + "SYST\r\n" for case in batch))
+    synced = 0
+    while synced < len(batch):
+        if c.reply().startswith("215 "):
+            synced += 1
+c.command("QUIT")
+"#;
+
+/// What ftp-alg makes of `bytes` sent on a control connection, line by line: the library's own
+/// framing and `canonical::command`, the code the daemon runs.
+pub fn alg_reading(bytes: &[u8]) -> Vec<Fate> {
+    let mut lines = LineBuffer::new(ftp_alg::ftp::framing::DEFAULT_MAX_LINE);
+    lines.push(bytes);
+    let mut fates = Vec::new();
+    while let Some(line) = lines.next_line() {
+        let raw = line.expect("the cases are shorter than proxy.max_line");
+        fates.push(canonical::command(&raw).map_or(Fate::Refuse, Fate::Forward));
+    }
+    assert_eq!(lines.pending(), 0, "every case ends with a line feed");
+    fates
+}
+
+/// How `server` writes a command it received as `text` (one plain line: no control byte,
+/// a letters-only verb, blanks only SP) into the log [`ServerLog`] reads, as `server_readings`
+/// shows it: vsftpd upper-cases the verb, writes the argument after the first SP and `?` for
+/// every byte outside printable ASCII; proftpd (`%r`) upper-cases the verb and joins the
+/// argument's words with one SP; pure-ftpd writes the argument after the first SP (the harness
+/// upper-cases its verb and trims the end).
+pub fn logged_as(server: Server, text: &[u8]) -> String {
+    let (verb, arg) = split_verb(text);
+    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
+    let arg = match server {
+        Server::Vsftpd => arg
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    char::from(b)
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+        Server::Proftpd => String::from_utf8_lossy(
+            &arg.split(|&b| b == b' ')
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join(&b' '),
+        )
+        .into_owned(),
+        Server::PureFtpd => String::from_utf8_lossy(arg).trim_end().to_owned(),
+    };
+    if arg.is_empty() {
+        verb
+    } else {
+        format!("{verb} {arg}")
+    }
+}
+
+/// The verb and the argument of a plain line: split at the first SP, as every server does with
+/// a line ftp-alg forwards.
+fn split_verb(text: &[u8]) -> (&[u8], &[u8]) {
+    match text.iter().position(|&b| b == b' ') {
+        Some(sp) => (&text[..sp], &text[sp + 1..]),
+        None => (text, &[]),
+    }
+}
+
+/// The `550` a server that echoes the argument of a failed CWD sends for `arg`, exactly: the
+/// argument as the server read it, byte for byte (vsftpd does not echo it).
+fn cwd_echo(server: Server, arg: &[u8]) -> Option<Vec<u8>> {
+    let (before, after): (&[u8], &[u8]) = match server {
+        Server::Vsftpd => return None,
+        Server::Proftpd => (b"550 ", b": No such file or directory\r\n"),
+        Server::PureFtpd => (
+            b"550 Can't change directory to ",
+            b": No such file or directory\r\n",
+        ),
+    };
+    Some([before, arg, after].concat())
+}
+
+/// A reply as the probe reported it: latin-1, one character per byte.
+fn bytes_of(reply: &str) -> Vec<u8> {
+    reply.chars().map(|c| c as u8).collect()
+}
+
+/// Whether `o` went through ftp-alg as `fates` say, and the server executed exactly what ftp-alg
+/// forwarded: every refused line answered with [`REFUSED`] and absent from the server's log,
+/// every forwarded line answered by the server and logged as the server logs that text, and a
+/// failed CWD's echo (proftpd, pure-ftpd) carrying exactly the forwarded argument. `Err` says
+/// what differs.
+fn check(server: Server, o: &Observed, fates: &[Fate]) -> Result<(), String> {
+    let refused = format!("{REFUSED}\r\n");
+    if o.replies.len() != fates.len() {
+        return Err(format!(
+            "{} replies for {} lines: {:?}",
+            o.replies.len(),
+            fates.len(),
+            o.replies
+        ));
+    }
+    let mut forwarded = Vec::new();
+    for (fate, reply) in fates.iter().zip(&o.replies) {
+        match fate {
+            Fate::Refuse if *reply != refused => {
+                return Err(format!("a refused line was answered {reply:?}"))
+            }
+            Fate::Refuse => {}
+            Fate::Forward(_) if *reply == refused => {
+                return Err("a line ftp-alg should forward was refused".into())
+            }
+            Fate::Forward(text) => {
+                forwarded.push(logged_as(server, text));
+                let (verb, arg) = split_verb(text);
+                let echo = cwd_echo(server, arg);
+                if verb.eq_ignore_ascii_case(b"CWD") && reply.starts_with("550") {
+                    if let Some(echo) = echo.filter(|e| *e != bytes_of(reply)) {
+                        return Err(format!(
+                            "the server read another argument: it answered {reply:?}, \
+                             expected {:?}",
+                            String::from_utf8_lossy(&echo)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if o.commands != forwarded {
+        return Err(format!(
+            "the server logged {:?}, ftp-alg forwarded {forwarded:?}",
+            o.commands
+        ));
+    }
+    Ok(())
+}
+
+/// One hand-written hostile case: what it is, its bytes, and what ftp-alg must make of each of
+/// its lines (`None`: refused; `Some(text)`: forwarded as `text`).
+struct Case {
+    name: &'static str,
+    bytes: &'static [u8],
+    fates: &'static [Option<&'static [u8]>],
+}
+
+/// The 227 smuggled in attack (a), naming the server's own address as it is in the reverse
+/// topology and port 2222 (8 * 256 + 174).
+const SMUGGLED_227: &[u8] = b"227 Entering Passive Mode (203,0,113,2,8,174)";
+
+/// The hostile lines of the per-line suite. None of them may leave a server in another state
+/// than logged in at the root: the probe sends them one after the other in one session.
+const CASES: &[Case] = &[
+    Case {
+        name: "CR inside the argument",
+        bytes: b"CWD a\rb\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "CR CR LF",
+        bytes: b"CWD nx\r\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "CR before a hidden PORT",
+        bytes: b"CWD x\rPORT 203,0,113,1,8,174\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "bare LF ends a line",
+        bytes: b"CWD nx\n",
+        fates: &[Some(b"CWD nx")],
+    },
+    Case {
+        name: "bare LF between two commands",
+        bytes: b"CWD nx\nNOOP\r\n",
+        fates: &[Some(b"CWD nx"), Some(b"NOOP")],
+    },
+    Case {
+        name: "attack a: LF then a 227",
+        bytes: b"CWD nx\n227 Entering Passive Mode (203,0,113,2,8,174)\r\n",
+        fates: &[Some(b"CWD nx"), None],
+    },
+    Case {
+        name: "FF then a 227",
+        bytes: b"CWD nx\x0c227 Entering Passive Mode (203,0,113,2,8,174)\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "attack b: VT after PORT",
+        bytes: b"PORT\x0b203,0,113,1,8,174\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "VT after the verb",
+        bytes: b"CWD\x0bnx\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "VT in the argument",
+        bytes: b"CWD n\x0bx\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "FF after the verb",
+        bytes: b"CWD\x0cnx\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "TAB after the verb",
+        bytes: b"CWD\tnx\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "TAB in the argument",
+        bytes: b"CWD a\tb\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "NUL in the argument",
+        bytes: b"CWD nx\x00y\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "NUL before a hidden PORT",
+        bytes: b"NOOP\x00PORT 203,0,113,1,8,174\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "NUL before CR LF",
+        bytes: b"CWD nx\x00\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "SOH in the argument",
+        bytes: b"CWD a\x01b\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "ESC sequence",
+        bytes: b"CWD a\x1b[2Jb\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "DEL in the argument",
+        bytes: b"CWD a\x7fb\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "IAC IAC (a literal 0xFF)",
+        bytes: b"CWD a\xff\xffb\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "IAC IP, IAC DM before the verb",
+        bytes: b"\xff\xf4\xff\xf2NOOP\r\n",
+        fates: &[Some(b"NOOP")],
+    },
+    Case {
+        name: "IAC NOP inside the verb",
+        bytes: b"NO\xff\xf1OP\r\n",
+        fates: &[Some(b"NOOP")],
+    },
+    Case {
+        name: "IAC NOP inside a PORT verb",
+        bytes: b"PO\xff\xf1RT\x0b203,0,113,1,8,174\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "IAC WILL option in the argument",
+        bytes: b"CWD n\xff\xfb\x01x\r\n",
+        fates: &[Some(b"CWD nx")],
+    },
+    Case {
+        name: "IAC DO option inside the verb",
+        bytes: b"NO\xff\xfd\x22OP\r\n",
+        fates: &[Some(b"NOOP")],
+    },
+    Case {
+        name: "IAC and a letter",
+        bytes: b"CWD n\xffAx\r\n",
+        fates: &[Some(b"CWD nx")],
+    },
+    Case {
+        name: "IAC cut off by the line end",
+        bytes: b"NOOP\xff\r\n",
+        fates: &[Some(b"NOOP")],
+    },
+    Case {
+        name: "leading SP",
+        bytes: b" NOOP\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "leading TAB",
+        bytes: b"\tNOOP\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "empty line",
+        bytes: b"\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "empty line, bare LF",
+        bytes: b"\n",
+        fates: &[None],
+    },
+    Case {
+        name: "a 227 as a command",
+        bytes: b"227 Entering Passive Mode (203,0,113,2,8,174)\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "digit in the verb",
+        bytes: b"X1 a\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "punctuation in the verb",
+        bytes: b"NO-OP\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "non-ASCII verb",
+        bytes: b"\xc3\xa9TAT\r\n",
+        fates: &[None],
+    },
+    Case {
+        name: "lower-case verb",
+        bytes: b"noop\r\n",
+        fates: &[Some(b"noop")],
+    },
+    Case {
+        name: "blanks around the argument",
+        bytes: b"CWD   nx  \r\n",
+        fates: &[Some(b"CWD   nx  ")],
+    },
+    Case {
+        name: "SP after a bare verb",
+        bytes: b"NOOP \r\n",
+        fates: &[Some(b"NOOP ")],
+    },
+    Case {
+        name: "UTF-8 argument",
+        bytes: b"CWD \xc3\xa9t\xc3\xa9 \xe6\x97\xa5\r\n",
+        fates: &[Some(b"CWD \xc3\xa9t\xc3\xa9 \xe6\x97\xa5")],
+    },
+    Case {
+        name: "bytes 0x80-0xFE in the argument",
+        bytes: b"CWD \x80\x9f\xa0\xfe\r\n",
+        fates: &[Some(b"CWD \x80\x9f\xa0\xfe")],
+    },
+    Case {
+        name: "pipelined mixture",
+        bytes: b"NOOP\r\nCWD a\x0bb\r\nCWD nx\nPORT\x0c1,2,3,4,5,6\r\n\r\nnoop\n",
+        fates: &[
+            Some(b"NOOP"),
+            None,
+            Some(b"CWD nx"),
+            None,
+            None,
+            Some(b"noop"),
+        ],
+    },
+    Case {
+        name: "pipelined Telnet and IAC IAC",
+        bytes: b"\xff\xf4\xff\xf2NOOP\r\nCWD x\xff\xff\r\nCWD n\xff\xf1x\n",
+        fates: &[Some(b"NOOP"), None, Some(b"CWD nx")],
+    },
+    Case {
+        name: "three bare-LF lines",
+        bytes: b"NOOP\nCWD nx\nNOOP\n",
+        fates: &[Some(b"NOOP"), Some(b"CWD nx"), Some(b"NOOP")],
+    },
+];
+
+/// The per-line suite against `server`, through the daemon (reverse topology): every case in
+/// [`CASES`] must be read by ftp-alg as the case says (checked against the library too), and
+/// [`check`] must hold for it. Prints one line per case, and a count.
+pub fn hostile_lines(server: Server) {
+    let mut lab = Lab::with_server(Topology::Reverse(Family::V4), server, Setup::Alg);
+    let mut failures = Vec::new();
+    for case in CASES {
+        let fates: Vec<Fate> = case
+            .fates
+            .iter()
+            .map(|f| f.map_or(Fate::Refuse, |t| Fate::Forward(t.to_vec())))
+            .collect();
+        let read = alg_reading(case.bytes);
+        if read != fates {
+            failures.push(format!(
+                "{}: the case says {fates:?}, ftp-alg's code reads {read:?}",
+                case.name
+            ));
+        }
+    }
+    let batch: Vec<Vec<u8>> = CASES.iter().map(|c| c.bytes.to_vec()).collect();
+    let observed = probe(&mut lab, Path::ThroughAlg, &[batch]);
+    for (case, o) in CASES.iter().zip(&observed) {
+        let result = check(server, o, &alg_reading(case.bytes));
+        eprintln!(
+            "{:<10} {:<40} {}",
+            server.name(),
+            case.name,
+            result
+                .as_ref()
+                .map_or_else(|e| format!("FAIL: {e}"), |()| "pass".into())
+        );
+        if let Err(e) = result {
+            failures.push(format!("{}: {e}", case.name));
+        }
+    }
+    eprintln!(
+        "{}: {}/{} hostile cases pass",
+        server.name(),
+        CASES.len() - failures.len(),
+        CASES.len()
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    lab.assert_no_pinholes_left();
+}
+
+/// Each server's own reading of CR, LF, VT, FF, NUL and IAC in a command, from a raw client in
+/// its namespace with no ftp-alg: the facts `ftp::canonical` rests on (TESTING-NOTES.md), so
+/// that a server upgrade that changes them is noticed. Prints what each case did.
+pub fn server_readings(server: Server) {
+    let mut lab = Lab::with_server(Topology::Reverse(Family::V4), server, Setup::AlgStopped);
+    let cases: Vec<Vec<u8>> = READINGS.iter().map(|r| r.bytes.to_vec()).collect();
+    let observed = probe(&mut lab, Path::Direct, &[cases]);
+    let mut wrong = Vec::new();
+    for (reading, o) in READINGS.iter().zip(&observed) {
+        let (logged, replies) = match server {
+            Server::Vsftpd => (reading.vsftpd.0, reading.vsftpd.1),
+            Server::Proftpd => (reading.proftpd.0, reading.proftpd.1),
+            Server::PureFtpd => (reading.pure_ftpd.0, reading.pure_ftpd.1),
+        };
+        eprintln!(
+            "{:<10} {:<28} logged {:?}, answered {:?}",
+            server.name(),
+            reading.name,
+            o.commands,
+            o.replies
+        );
+        let got_replies: Vec<&str> = o
+            .replies
+            .iter()
+            .map(|r| r.trim_end_matches("\r\n"))
+            .collect();
+        if o.commands != logged || got_replies != replies {
+            wrong.push(format!(
+                "{}: logged {:?}, answered {got_replies:?}; expected {logged:?}, {replies:?}",
+                reading.name, o.commands
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} reads these lines otherwise than it did (TESTING-NOTES.md): {wrong:#?}",
+        server.name()
+    );
+}
+
+/// What one line does to each server: the commands it logged, and its replies (without their
+/// final CR LF). Logged text is lossy UTF-8 (`\u{fffd}` for bytes that are not) and vsftpd logs
+/// `?` for any byte outside printable ASCII.
+struct Reading {
+    name: &'static str,
+    bytes: &'static [u8],
+    vsftpd: (&'static [&'static str], &'static [&'static str]),
+    proftpd: (&'static [&'static str], &'static [&'static str]),
+    pure_ftpd: (&'static [&'static str], &'static [&'static str]),
+}
+
+const READINGS: &[Reading] = &[
+    Reading {
+        name: "CR inside",
+        bytes: b"CWD a\rb\r\n",
+        vsftpd: (&["CWD a?b"], &["550 Failed to change directory."]),
+        proftpd: (&["CWD a b"], &["550 a\rb: No such file or directory"]),
+        pure_ftpd: (
+            &["CWD a_b"],
+            &["550 Can't change directory to a_b: No such file or directory"],
+        ),
+    },
+    Reading {
+        name: "bare LF inside",
+        bytes: b"CWD nx\n227 Entering Passive Mode (203,0,113,2,8,174)\r\n",
+        vsftpd: (
+            &["CWD nx", "227 Entering Passive Mode (203,0,113,2,8,174)"],
+            &["550 Failed to change directory.", "500 Unknown command."],
+        ),
+        // proftpd reads one command, and its echo puts the smuggled 227 at the start of a line.
+        proftpd: (
+            &["CWD nx 227 Entering Passive Mode (203,0,113,2,8,174)"],
+            &[
+                "550 nx\n",
+                "227 Entering Passive Mode (203,0,113,2,8,174): No such file or directory",
+            ],
+        ),
+        pure_ftpd: (
+            &["CWD nx", "227 Entering Passive Mode (203,0,113,2,8,174)"],
+            &[
+                "550 Can't change directory to nx: No such file or directory",
+                "500 Unknown command",
+            ],
+        ),
+    },
+    Reading {
+        name: "VT after the verb",
+        bytes: b"PORT\x0b203,0,113,2,8,174\r\n",
+        vsftpd: (&["PORT?203,0,113,2,8,174"], &["500 Unknown command."]),
+        // proftpd splits the verb at VT: it runs the PORT.
+        proftpd: (
+            &["PORT 203,0,113,2,8,174"],
+            &["200 PORT command successful"],
+        ),
+        // pure-ftpd answers nothing and logs nothing.
+        pure_ftpd: (&[], &[]),
+    },
+    Reading {
+        name: "FF after the verb",
+        bytes: b"CWD\x0cnx\r\n",
+        vsftpd: (&["CWD?NX"], &["500 Unknown command."]),
+        proftpd: (&["CWD nx"], &["550 nx: No such file or directory"]),
+        pure_ftpd: (&[], &[]),
+    },
+    Reading {
+        name: "TAB after the verb",
+        bytes: b"CWD\tnx\r\n",
+        vsftpd: (&["CWD?NX"], &["500 Unknown command."]),
+        proftpd: (&["CWD nx"], &["550 nx: No such file or directory"]),
+        pure_ftpd: (&[], &[]),
+    },
+    Reading {
+        name: "NUL inside",
+        bytes: b"CWD nx\x00y\r\n",
+        vsftpd: (&["CWD nx?y"], &["550 Failed to change directory."]),
+        // proftpd ends the command at the NUL.
+        proftpd: (&["CWD nx"], &["550 nx: No such file or directory"]),
+        pure_ftpd: (
+            &["CWD nx_y"],
+            &["550 Can't change directory to nx_y: No such file or directory"],
+        ),
+    },
+    Reading {
+        name: "IAC IAC",
+        bytes: b"CWD n\xff\xffx\r\n",
+        vsftpd: (&["CWD n??x"], &["550 Failed to change directory."]),
+        // proftpd reads one 0xFF; vsftpd and pure-ftpd two.
+        proftpd: (
+            &["CWD n\u{fffd}x"],
+            &["550 n\u{ff}x: No such file or directory"],
+        ),
+        pure_ftpd: (
+            &["CWD n\u{fffd}\u{fffd}x"],
+            &["550 Can't change directory to n\u{ff}\u{ff}x: No such file or directory"],
+        ),
+    },
+    Reading {
+        name: "IAC NOP",
+        bytes: b"CWD n\xff\xf1x\r\n",
+        vsftpd: (&["CWD n??x"], &["550 Failed to change directory."]),
+        proftpd: (
+            &["CWD n\u{fffd}\u{fffd}x"],
+            &["550 n\u{ff}\u{f1}x: No such file or directory"],
+        ),
+        pure_ftpd: (
+            &["CWD n\u{fffd}\u{fffd}x"],
+            &["550 Can't change directory to n\u{ff}\u{f1}x: No such file or directory"],
+        ),
+    },
+    Reading {
+        name: "other controls inside",
+        bytes: b"CWD n\x01\x1b\x7fx\r\n",
+        vsftpd: (&["CWD n???x"], &["550 Failed to change directory."]),
+        proftpd: (
+            &["CWD n\u{1}\u{1b}\u{7f}x"],
+            &["550 n\u{1}\u{1b}\u{7f}x: No such file or directory"],
+        ),
+        pure_ftpd: (
+            &["CWD n___x"],
+            &["550 Can't change directory to n___x: No such file or directory"],
+        ),
+    },
+    Reading {
+        name: "leading SP",
+        bytes: b" NOOP\r\n",
+        vsftpd: (&[" NOOP"], &["500 Unknown command."]),
+        proftpd: (&[], &["500 Invalid command: try being more creative"]),
+        pure_ftpd: (&[], &[]),
+    },
+    Reading {
+        name: "empty line",
+        bytes: b"\r\n",
+        vsftpd: (&[], &[]),
+        proftpd: (&[], &["500 Invalid command: try being more creative"]),
+        pure_ftpd: (&[], &[]),
+    },
+];
