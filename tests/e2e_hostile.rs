@@ -36,3 +36,18 @@ fn proftpd_hostile_lines() {
 fn pure_ftpd_hostile_lines() {
     hostile::hostile_lines(Server::PureFtpd);
 }
+
+#[test]
+fn vsftpd_differential() {
+    hostile::differential(Server::Vsftpd);
+}
+
+#[test]
+fn proftpd_differential() {
+    hostile::differential(Server::Proftpd);
+}
+
+#[test]
+fn pure_ftpd_differential() {
+    hostile::differential(Server::PureFtpd);
+}

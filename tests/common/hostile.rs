@@ -516,47 +516,62 @@ const CASES: &[Case] = &[
     },
 ];
 
+/// Lengths of the long lines the per-line suite adds, CR LF included: around the 512- and
+/// 1024-byte buffers a server could cut a command at, and close to `proxy.max_line` (2048), but
+/// short enough that proftpd's and pure-ftpd's 550 echoing the argument stays under ftp-alg's
+/// own reply limit (the same 2048 bytes; a longer reply ends the session with 421).
+const LONG_LINES: &[usize] = &[511, 512, 513, 1023, 1024, 1025, 1900];
+
 /// The per-line suite against `server`, through the daemon (reverse topology): every case in
-/// [`CASES`] must be read by ftp-alg as the case says (checked against the library too), and
-/// [`check`] must hold for it. Prints one line per case, and a count.
+/// [`CASES`], and a CWD of each of [`LONG_LINES`], must be read by ftp-alg as the case says
+/// (checked against the library too), and [`check`] must hold for it. Prints one line per case,
+/// and a count.
 pub fn hostile_lines(server: Server) {
-    let mut lab = Lab::with_server(Topology::Reverse(Family::V4), server, Setup::Alg);
+    let mut cases: Vec<(String, Vec<u8>, Vec<Fate>)> = CASES
+        .iter()
+        .map(|case| {
+            let fates = case.fates.iter();
+            let fates = fates.map(|f| f.map_or(Fate::Refuse, |t| Fate::Forward(t.to_vec())));
+            (case.name.to_owned(), case.bytes.to_vec(), fates.collect())
+        })
+        .collect();
+    for &len in LONG_LINES {
+        // Short path components: a long one would be answered "File name too long".
+        let path = b"abcdefg/".iter().cycle().take(len - 6).copied();
+        let text: Vec<u8> = b"CWD ".iter().copied().chain(path).collect();
+        let bytes = [&text[..], b"\r\n"].concat();
+        cases.push((format!("{len}-byte line"), bytes, vec![Fate::Forward(text)]));
+    }
     let mut failures = Vec::new();
-    for case in CASES {
-        let fates: Vec<Fate> = case
-            .fates
-            .iter()
-            .map(|f| f.map_or(Fate::Refuse, |t| Fate::Forward(t.to_vec())))
-            .collect();
-        let read = alg_reading(case.bytes);
-        if read != fates {
+    for (name, bytes, fates) in &cases {
+        let read = alg_reading(bytes);
+        if read != *fates {
             failures.push(format!(
-                "{}: the case says {fates:?}, ftp-alg's code reads {read:?}",
-                case.name
+                "{name}: the case says {fates:?}, ftp-alg's code reads {read:?}"
             ));
         }
     }
-    let batch: Vec<Vec<u8>> = CASES.iter().map(|c| c.bytes.to_vec()).collect();
+    let mut lab = Lab::with_server(Topology::Reverse(Family::V4), server, Setup::Alg);
+    let batch: Vec<Vec<u8>> = cases.iter().map(|(_, bytes, _)| bytes.clone()).collect();
     let observed = probe(&mut lab, Path::ThroughAlg, &[batch]);
-    for (case, o) in CASES.iter().zip(&observed) {
-        let result = check(server, o, &alg_reading(case.bytes));
+    for ((name, bytes, _), o) in cases.iter().zip(&observed) {
+        let result = check(server, o, &alg_reading(bytes));
         eprintln!(
-            "{:<10} {:<40} {}",
+            "{:<10} {name:<40} {}",
             server.name(),
-            case.name,
             result
                 .as_ref()
                 .map_or_else(|e| format!("FAIL: {e}"), |()| "pass".into())
         );
         if let Err(e) = result {
-            failures.push(format!("{}: {e}", case.name));
+            failures.push(format!("{name}: {e}"));
         }
     }
     eprintln!(
         "{}: {}/{} hostile cases pass",
         server.name(),
-        CASES.len() - failures.len(),
-        CASES.len()
+        cases.len() - failures.len(),
+        cases.len()
     );
     assert!(failures.is_empty(), "{failures:#?}");
     lab.assert_no_pinholes_left();
@@ -739,3 +754,212 @@ const READINGS: &[Reading] = &[
         pure_ftpd: (&[], &[]),
     },
 ];
+
+/// How many generated lines the differential test sends to each server, and how many go in one
+/// write.
+const GENERATED_LINES: usize = 3000;
+const GENERATED_BATCH: usize = 150;
+/// The generator's seed: the same lines for every server. `HOSTILE_SEED` picks others.
+const GENERATED_SEED: u64 = 0x0010_f7a1_2026;
+
+/// The differential test: [`GENERATED_LINES`] seeded pseudo-random lines (control bytes in every
+/// position, blank variants, CR and LF placements, Telnet sequences, IAC IAC) through the
+/// daemon (reverse) to `server`, in one session; for every line, ftp-alg's decision (its
+/// library's reading: forwarded text or refused) must be what the client saw and what the server
+/// logged, by [`check`]. Prints a summary and the first disagreements.
+pub fn differential(server: Server) {
+    let seed = std::env::var("HOSTILE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(GENERATED_SEED);
+    let mut dice = Dice::new(seed);
+    let lines: Vec<Vec<u8>> = (0..GENERATED_LINES)
+        .map(|_| generated_line(&mut dice))
+        .collect();
+    let batches: Vec<Vec<Vec<u8>>> = lines.chunks(GENERATED_BATCH).map(<[_]>::to_vec).collect();
+
+    let started = Instant::now();
+    let mut lab = Lab::with_server(Topology::Reverse(Family::V4), server, Setup::Alg);
+    let observed = probe(&mut lab, Path::ThroughAlg, &batches);
+    let (mut forwarded, mut refused, mut disagreements) = (0, 0, Vec::new());
+    for o in &observed {
+        let fates = alg_reading(&o.sent);
+        forwarded += fates
+            .iter()
+            .filter(|f| matches!(f, Fate::Forward(_)))
+            .count();
+        refused += fates.iter().filter(|f| **f == Fate::Refuse).count();
+        if let Err(e) = check(server, o, &fates) {
+            disagreements.push(format!("{:?}: {e}", String::from_utf8_lossy(&o.sent)));
+        }
+    }
+    eprintln!(
+        "{}: seed {seed:#x}, {} cases ({forwarded} lines forwarded, {refused} refused), \
+         {} disagreements, {:?}",
+        server.name(),
+        observed.len(),
+        disagreements.len(),
+        started.elapsed()
+    );
+    for d in disagreements.iter().take(10) {
+        eprintln!("  {d}");
+    }
+    assert!(
+        forwarded > GENERATED_LINES / 4 && refused > GENERATED_LINES / 4,
+        "the generator should make plenty of both"
+    );
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} cases read differently",
+        disagreements.len(),
+        observed.len()
+    );
+    lab.assert_no_pinholes_left();
+}
+
+/// Seeded choices, from the harness's xorshift bytes.
+struct Dice {
+    bytes: Vec<u8>,
+}
+
+impl Dice {
+    fn new(seed: u64) -> Dice {
+        Dice {
+            bytes: pseudo_random(GENERATED_LINES * 64, seed),
+        }
+    }
+
+    /// A number below `n` (at most 256).
+    fn below(&mut self, n: usize) -> usize {
+        usize::from(self.bytes.pop().expect("enough random bytes")) % n
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a [u8]]) -> &'a [u8] {
+        from[self.below(from.len())]
+    }
+
+    /// True once in `n`.
+    fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// Verbs whose every argument leaves the session as it was (logged in, at the root, no data
+/// connection pending), and one no server knows.
+const VERBS: &[&[u8]] = &[
+    b"CWD", b"cwd", b"Cwd", b"NOOP", b"noop", b"MDTM", b"SIZE", b"TYPE", b"MODE", b"STRU", b"ALLO",
+    b"HELP", b"XYZZY",
+];
+/// Inserted into a verb now and then: Telnet commands ftp-alg removes, and bytes that make the
+/// verb no verb.
+const IN_VERB: &[&[u8]] = &[
+    b"\xff\xf1",
+    b"\xff\xfd\x22",
+    b"\xff\xff",
+    b"\x0b",
+    b"-",
+    b"1",
+    b"\x00",
+];
+const LEADING: &[&[u8]] = &[b" ", b"\t", b"\xff\xf4\xff\xf2", b"\x00", b"\r", b"\x0c"];
+/// Between the verb and the argument: mostly SP.
+const SEPARATORS: &[&[u8]] = &[
+    b" ",
+    b" ",
+    b" ",
+    b" ",
+    b"  ",
+    b"\t",
+    b"\x0b",
+    b"\x0c",
+    b"\x00",
+    b"\r",
+    b"\xff\xf1 ",
+    b" \xff\xff",
+    b"\n",
+];
+/// Argument words. Once a line is cut at an LF, a word may start the next line: none of them
+/// is a verb that would change the session (PORT, USER, QUIT...) or is SYST.
+const WORDS: &[&[u8]] = &[
+    b"nx",
+    b"dir",
+    b"x",
+    b"(203,0,113,2,8,174)",
+    b"227 Entering Passive Mode (203,0,113,2,8,174)",
+    b"1,2,3,4,5,6",
+    b"\xc3\xa9t\xc3\xa9",
+    b"\xe6\x97\xa5",
+    b"\x80\x9f",
+    b"\xa0",
+    b"~",
+    b"%s%n",
+    b"I",
+];
+/// Between argument words: mostly blanks, sometimes a control byte, a Telnet sequence, IAC IAC,
+/// a CR or an LF.
+const INNER: &[&[u8]] = &[
+    b" ",
+    b" ",
+    b" ",
+    b" ",
+    b" ",
+    b" ",
+    b"  ",
+    b"",
+    b"\r",
+    b"\x00",
+    b"\x01",
+    b"\x1b[2J",
+    b"\x7f",
+    b"\xff\xff",
+    b"\xff\xf4",
+    b"\xff\xfb\x18",
+    b"\xffA",
+    b"\n",
+    b"\x0b",
+    b"\x0c",
+    b"\t",
+];
+/// Line ends: each ends with LF, the only byte that ends a line for ftp-alg.
+const ENDS: &[&[u8]] = &[
+    b"\r\n",
+    b"\r\n",
+    b"\r\n",
+    b"\n",
+    b"\n",
+    b"\r\r\n",
+    b" \r\n",
+    b"\x00\r\n",
+    b"\xff\r\n",
+    b"\n\r\n",
+    b"\t\n",
+];
+
+/// One generated line (which ftp-alg may read as several, at its LFs).
+fn generated_line(dice: &mut Dice) -> Vec<u8> {
+    let mut line = Vec::new();
+    if dice.one_in(10) {
+        line.extend_from_slice(dice.pick(LEADING));
+    }
+    let verb = dice.pick(VERBS);
+    if dice.one_in(6) {
+        let at = dice.below(verb.len() + 1);
+        line.extend_from_slice(&verb[..at]);
+        line.extend_from_slice(dice.pick(IN_VERB));
+        line.extend_from_slice(&verb[at..]);
+    } else {
+        line.extend_from_slice(verb);
+    }
+    let words = dice.below(4);
+    if words > 0 {
+        line.extend_from_slice(dice.pick(SEPARATORS));
+        for i in 0..words {
+            if i > 0 {
+                line.extend_from_slice(dice.pick(INNER));
+            }
+            line.extend_from_slice(dice.pick(WORDS));
+        }
+    }
+    line.extend_from_slice(dice.pick(ENDS));
+    line
+}
