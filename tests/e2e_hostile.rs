@@ -5,7 +5,9 @@
 mod common;
 
 use common::hostile;
+use common::Family::V4;
 use common::Server;
+use common::Topology::{Gateway, Reverse, Sidecar};
 
 #[test]
 fn vsftpd_reading() {
@@ -50,4 +52,49 @@ fn proftpd_differential() {
 #[test]
 fn pure_ftpd_differential() {
     hostile::differential(Server::PureFtpd);
+}
+
+#[test]
+fn smuggled_227_gateway() {
+    hostile::smuggled_227(Gateway(V4));
+}
+
+#[test]
+fn smuggled_227_reverse() {
+    hostile::smuggled_227(Reverse(V4));
+}
+
+#[test]
+fn smuggled_227_sidecar() {
+    hostile::smuggled_227(Sidecar(V4));
+}
+
+#[test]
+fn port_behind_vt_gateway() {
+    hostile::port_behind_vt(Gateway(V4));
+}
+
+#[test]
+fn port_behind_vt_reverse() {
+    hostile::port_behind_vt(Reverse(V4));
+}
+
+#[test]
+fn port_behind_vt_sidecar() {
+    hostile::port_behind_vt(Sidecar(V4));
+}
+
+#[test]
+fn unsolicited_227_gateway() {
+    hostile::unsolicited_227(Gateway(V4));
+}
+
+#[test]
+fn unsolicited_227_reverse() {
+    hostile::unsolicited_227(Reverse(V4));
+}
+
+#[test]
+fn unsolicited_227_sidecar() {
+    hostile::unsolicited_227(Sidecar(V4));
 }

@@ -11,7 +11,7 @@
 
 use ftp_alg::ftp::{canonical, LineBuffer};
 
-use super::edge::PyClient;
+use super::edge::{assert_replies, PyClient};
 use super::*;
 
 /// ftp-alg's answer to a line it refuses (`ftp::canonical`).
@@ -962,4 +962,389 @@ fn generated_line(dice: &mut Dice) -> Vec<u8> {
     }
     line.extend_from_slice(dice.pick(ENDS));
     line
+}
+
+/// The port that the attacks' smuggled endpoints name (8 * 256 + 174), where a victim listens.
+const VICTIM_PORT: u16 = 2222;
+/// How long a victim is watched, after the attack is over, for a connection that must not come.
+const VICTIM_WATCH: Duration = Duration::from_secs(2);
+
+/// A TCP listener that an attack tries to reach: it writes the peer address of every connection
+/// it accepts into its log.
+struct Victim {
+    child: Child,
+    log: PathBuf,
+    addr: SocketAddr,
+}
+
+const VICTIM: &str = r#"
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    conn, peer = server.accept()
+    with open(sys.argv[3], "a") as log:
+        log.write(peer[0] + "\n")
+    conn.close()
+"#;
+
+impl Victim {
+    /// Listens on `ip`:[`VICTIM_PORT`] in `ns`; returns once it does.
+    fn start(lab: &Lab, ns: &str, ip: IpAddr) -> Victim {
+        require_tool("python3");
+        let log = lab.dir.join("victim.log");
+        let out = lab.dir.join("victim.out");
+        let port = VICTIM_PORT.to_string();
+        let mut child = lab
+            .exec(ns, &["python3", "-c", VICTIM, &ip.to_string(), &port])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(create(&out))
+            .stderr(create(&out))
+            .spawn()
+            .expect("spawn the victim");
+        if let Err(e) = lab.wait_ready(&mut child, ns, VICTIM_PORT, &out, || true) {
+            panic!("the victim {e}");
+        }
+        Victim {
+            child,
+            log,
+            addr: SocketAddr::new(ip, VICTIM_PORT),
+        }
+    }
+
+    /// The peers of the connections it accepted, in order.
+    fn connections(&self) -> Vec<IpAddr> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .map(|l| l.parse().expect("the victim logs addresses"))
+            .collect()
+    }
+
+    /// Asserts that the victim has accepted exactly `expected` and nothing more for
+    /// [`VICTIM_WATCH`]; waits up to that long for `expected` to arrive.
+    fn assert_reached_only_by(&self, expected: &[IpAddr]) {
+        let deadline = Instant::now() + VICTIM_WATCH;
+        loop {
+            let got = self.connections();
+            assert!(
+                expected.starts_with(&got),
+                "the victim {} was reached: {got:?}, expected only {expected:?}",
+                self.addr
+            );
+            if Instant::now() >= deadline {
+                assert_eq!(got, expected, "connections to the victim {}", self.addr);
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ip` as the four numbers of a PORT or 227 (IPv4 only).
+fn host_numbers(ip: IpAddr) -> String {
+    ip.to_string().replace('.', ",")
+}
+
+/// Asserts that neither the daemon nor the kernel's table holds a pinhole that leads to the
+/// victim's port, while the attacking session is still open.
+fn assert_no_pinhole_to_victim(lab: &Lab) {
+    let pinholes = lab.pinholes();
+    assert!(
+        pinholes
+            .iter()
+            .all(|p| p.dial.port() != VICTIM_PORT && p.destination().port() != VICTIM_PORT),
+        "a pinhole leads to port {VICTIM_PORT}: {pinholes:#?}"
+    );
+    let table = must(lab.exec(
+        &lab.gateway_ns(),
+        &["nft", "list", "table", "inet", "ftp_alg"],
+    ));
+    assert!(
+        !table
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|t| t == VICTIM_PORT.to_string()),
+        "port {VICTIM_PORT} in the kernel's table:\n{table}"
+    );
+}
+
+/// The commands the server logged after the login.
+fn commands_after_login(lab: &Lab) -> Vec<String> {
+    let commands: Vec<String> = ServerLog::read(lab)
+        .commands()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let login = commands
+        .iter()
+        .position(|c| c.starts_with("PASS"))
+        .unwrap_or_else(|| panic!("no login in the server's log: {commands:#?}"));
+    commands[login + 1..].to_vec()
+}
+
+/// What the attacking clients do after the attack: dial the endpoint of the first line of
+/// `replies` that starts with 227 (what a client that trusts a 227 dials), or else `ENDPOINT`
+/// (the smuggled one), and report whether it connected.
+const DIAL: &str = r#"
+def dial(replies):
+    found = re.search(r"^227 .*\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", "".join(replies), re.M)
+    if found:
+        n = found.groups()
+        endpoint = (".".join(n[:4]), int(n[4]) * 256 + int(n[5]))
+    else:
+        endpoint = ENDPOINT
+    try:
+        socket.create_connection(endpoint, timeout=2).close()
+        emit(reply="connected to %s:%d" % endpoint)
+    except OSError as e:
+        print("dial %s:%d: %s" % (endpoint + (e,)), file=sys.stderr)
+        emit(reply="not connected to %s:%d" % endpoint)
+"#;
+
+/// Attack (a): after an anonymous login, `CWD nx LF 227 Entering Passive Mode (S,8,174) CR LF`
+/// against proftpd, which reads one command up to the CR LF and echoes its argument in its 550,
+/// so the smuggled 227 would start a line of the reply (see [`server_readings`]). ftp-alg must
+/// forward `CWD nx` and refuse the 227 line; no pinhole to S:2222 may appear, the client's dial
+/// of the smuggled endpoint must fail, and the victim listening there must see nothing.
+pub fn smuggled_227(topology: Topology) {
+    let mut lab = Lab::with_server(topology, Server::Proftpd, Setup::Alg);
+    let smuggled = lab.addrs().server;
+    let victim = Victim::start(&lab, &lab.server_ns(), smuggled);
+    let body = format!(
+        "ENDPOINT = (\"{smuggled}\", {VICTIM_PORT})\n{DIAL}{}",
+        r#"
+c = Control()
+c.command("USER anonymous")
+c.command("PASS e2e")
+c.send("CWD nx\n227 Entering Passive Mode (@HOST@,8,174)\r\n")
+replies = [c.reply(), c.reply()]
+checkpoint("replied")
+dial(replies)
+c.command("QUIT")
+"#
+        .replace("@HOST@", &host_numbers(smuggled))
+    );
+    let mut client = PyClient::in_client(&mut lab, &body);
+    let mut replies = client.replies_until("replied");
+    let pinholes = lab.pinholes();
+    assert!(pinholes.is_empty(), "pinholes: {pinholes:#?}");
+    assert_no_pinhole_to_victim(&lab);
+    client.resume();
+    replies.extend(client.finish());
+    let not_connected = format!("not connected to {smuggled}:{VICTIM_PORT}");
+    assert_replies(
+        "replies to the attack",
+        &replies,
+        &[
+            "220",
+            "331",
+            "230",
+            "550 nx: No such file or directory",
+            REFUSED,
+            &not_connected,
+            "221",
+        ],
+    );
+    assert_eq!(
+        commands_after_login(&lab),
+        ["CWD nx", "QUIT"],
+        "what proftpd executed"
+    );
+    victim.assert_reached_only_by(&[]);
+    lab.assert_no_pinholes_left();
+}
+
+/// Attack (b): `PORT VT <ftp-alg's upstream address>,8,174`, then LIST, against proftpd, which
+/// splits a verb at VT and so would run the PORT (see [`server_readings`]): it names proftpd's
+/// own control peer, which proftpd allows, and the LIST would connect to the victim listening
+/// there, on G. ftp-alg must refuse the line with its 500; proftpd must run no PORT, and the
+/// victim must see no connection but the test's own, from the server's side, that shows it is
+/// reachable from there (G's policy accepts tcp/2222 from wan0 for this test: a service on the
+/// gateway that the server's network may use).
+pub fn port_behind_vt(topology: Topology) {
+    let mut lab = Lab::with_server(topology, Server::Proftpd, Setup::Alg);
+    let a = lab.addrs();
+    let victim = Victim::start(&lab, &lab.gateway_ns(), a.server_sees);
+    if !matches!(topology, Topology::Sidecar(_)) {
+        lab.nft(&["add rule inet gateway input iifname wan0 tcp dport 2222 accept"]);
+    }
+    // From where the server would connect: the victim is reachable.
+    must(lab.exec(
+        &lab.server_ns(),
+        &[
+            "python3",
+            "-c",
+            "import socket, sys; socket.create_connection((sys.argv[1], 2222), timeout=3).close()",
+            &a.server_sees.to_string(),
+        ],
+    ));
+    let body = r#"
+c = Control()
+c.command("USER anonymous")
+c.command("PASS e2e")
+c.send("PORT\x0b@HOST@,8,174\r\nLIST\r\n")
+c.reply()
+while c.reply()[:1] == "1":
+    pass
+c.command("QUIT")
+"#
+    .replace("@HOST@", &host_numbers(a.server_sees));
+    let replies = PyClient::in_client(&mut lab, &body).finish();
+    assert_replies(
+        "replies to the attack",
+        &replies[..4],
+        &["220", "331", "230", REFUSED],
+    );
+    let last = &replies[replies.len() - 2];
+    assert!(
+        !last.starts_with('2'),
+        "LIST succeeded, so a data connection was made: {replies:#?}"
+    );
+    let executed = commands_after_login(&lab);
+    assert!(
+        !executed.iter().any(|c| c.starts_with("PORT")),
+        "proftpd ran a PORT: {executed:?}"
+    );
+    assert_eq!(
+        executed.first().map(String::as_str),
+        Some("LIST"),
+        "{executed:?}"
+    );
+    victim.assert_reached_only_by(&[a.server]);
+    lab.assert_no_pinholes_left();
+}
+
+/// The scripted FTP server of attack (c), the one case where no real server will do: none of
+/// vsftpd, proftpd and pure-ftpd answers anything but PASV with a 227. It answers NOOP with a 227
+/// naming its own address and port 2222, and PASV with its real 227 followed by that same
+/// second 227. Arguments: its address, its control port.
+const SCRIPTED_SERVER: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+numbers = host.replace(".", ",")
+smuggled = "227 Entering Passive Mode (%s,8,174)\r\n" % numbers
+control = socket.create_server((host, port))
+data = socket.create_server((host, 0))
+p = data.getsockname()[1]
+while True:
+    conn, _ = control.accept()
+    conn.sendall(b"220 scripted\r\n")
+    for line in conn.makefile("rb"):
+        words = line.decode("latin-1").split()
+        verb = words[0].upper() if words else ""
+        print("received", line, flush=True)
+        if verb == "QUIT":
+            conn.sendall(b"221 bye\r\n")
+            break
+        reply = {
+            "USER": "331 ok\r\n",
+            "PASS": "230 ok\r\n",
+            "NOOP": smuggled,
+            "PASV": "227 Entering Passive Mode (%s,%d,%d)\r\n" % (numbers, p >> 8, p & 255) + smuggled,
+        }.get(verb, "502 no\r\n")
+        conn.sendall(reply.encode())
+    conn.close()
+"#;
+
+/// Attack (c): a 227 that answers no PASV (the scripted server's answer to NOOP), and a second
+/// 227 after the real answer to PASV, both naming the server's address and port 2222. ftp-alg
+/// must withhold both (`227 Reply withheld ...`), open only the real PASV's pinhole, and the
+/// client's dial of the smuggled endpoint must fail; the victim there must see nothing.
+pub fn unsolicited_227(topology: Topology) {
+    let mut lab = Lab::with_server(topology, Server::Vsftpd, Setup::Alg);
+    // The scripted server takes the real one's place.
+    if let Some(mut vsftpd) = lab.server_process.take() {
+        vsftpd.kill().expect("kill vsftpd");
+        vsftpd.wait().expect("wait vsftpd");
+    }
+    let bind = lab.server_bind();
+    let out = lab.dir.join("scripted-server.out");
+    let mut scripted = lab
+        .exec(
+            &lab.server_ns(),
+            &[
+                "python3",
+                "-c",
+                SCRIPTED_SERVER,
+                &bind.ip().to_string(),
+                &bind.port().to_string(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(create(&out))
+        .stderr(create(&out))
+        .spawn()
+        .expect("spawn the scripted server");
+    let ready = lab.wait_ready(&mut scripted, &lab.server_ns(), bind.port(), &out, || true);
+    lab.server_process = Some(scripted);
+    if let Err(e) = ready {
+        panic!("the scripted server {e}");
+    }
+    let a = lab.addrs();
+    let victim = Victim::start(&lab, &lab.server_ns(), a.server);
+
+    let body = format!(
+        "ENDPOINT = (\"{}\", {VICTIM_PORT})\n{DIAL}{}",
+        a.server,
+        r#"
+c = Control()
+c.command("USER e2e")
+c.command("PASS e2e")
+replies = [c.command("NOOP"), c.command("PASV"), c.reply()]
+checkpoint("announced")
+dial(replies[:1] + replies[2:])
+c.command("QUIT")
+"#
+    );
+    let mut client = PyClient::in_client(&mut lab, &body);
+    let mut replies = client.replies_until("announced");
+    assert_no_pinhole_to_victim(&lab);
+    let pinholes = lab.pinholes();
+    let [pinhole] = pinholes.as_slice() else {
+        panic!("one pinhole, the real PASV's, expected: {pinholes:#?}");
+    };
+    assert_eq!(
+        pinhole.destination().ip(),
+        a.server,
+        "the real PASV's pinhole: {pinhole:#?}"
+    );
+    client.resume();
+    replies.extend(client.finish());
+    let withheld = "227 Reply withheld by the FTP gateway: it answers no PASV/EPSV.";
+    let not_connected = format!("not connected to {}:{VICTIM_PORT}", a.server);
+    assert_replies(
+        "replies",
+        &replies,
+        &[
+            "220 scripted",
+            "331 ok",
+            "230 ok",
+            withheld,
+            "227",
+            withheld,
+            &not_connected,
+            "221 bye",
+        ],
+    );
+    let announced = parse_host_port(between(&replies[4], '(', ')'));
+    assert_eq!(
+        announced.ip(),
+        a.client_sees,
+        "the real 227: {}",
+        replies[4]
+    );
+    assert_ne!(
+        announced.port(),
+        VICTIM_PORT,
+        "the real 227: {}",
+        replies[4]
+    );
+    victim.assert_reached_only_by(&[]);
+    lab.assert_no_pinholes_left();
 }
