@@ -99,24 +99,17 @@ fn probe(lab: &mut Lab, path: Path, batches: &[Vec<Vec<u8>>]) -> Vec<Observed> {
 /// it has sent the reply.
 fn logged_commands(lab: &Lab, cases: usize) -> Vec<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let commands = loop {
-        let log = ServerLog::read(lab);
-        let commands: Vec<String> = log.commands().into_iter().map(String::from).collect();
-        if commands.last().is_some_and(|c| c == "QUIT") {
-            break commands;
-        }
+    while ServerLog::read(lab).commands().last() != Some(&"QUIT") {
         assert!(
             Instant::now() < deadline,
-            "the server has not logged QUIT: {commands:#?}"
+            "the server has not logged QUIT: {:#?}",
+            ServerLog::read(lab).commands()
         );
         sleep(Duration::from_millis(50));
-    };
-    let login = commands
-        .iter()
-        .position(|c| c.starts_with("PASS"))
-        .unwrap_or_else(|| panic!("no PASS in the server's log: {commands:#?}"));
+    }
+    let commands = commands_after_login(lab);
     let mut chunks = vec![Vec::new()];
-    for command in &commands[login + 1..commands.len() - 1] {
+    for command in &commands[..commands.len() - 1] {
         if command == "SYST" {
             chunks.push(Vec::new());
         } else {
@@ -995,21 +988,17 @@ while True:
 impl Victim {
     /// Listens on `ip`:[`VICTIM_PORT`] in `ns`; returns once it does.
     fn start(lab: &Lab, ns: &str, ip: IpAddr) -> Victim {
-        require_tool("python3");
         let log = lab.dir.join("victim.log");
-        let out = lab.dir.join("victim.out");
-        let port = VICTIM_PORT.to_string();
-        let mut child = lab
-            .exec(ns, &["python3", "-c", VICTIM, &ip.to_string(), &port])
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(create(&out))
-            .stderr(create(&out))
-            .spawn()
-            .expect("spawn the victim");
-        if let Err(e) = lab.wait_ready(&mut child, ns, VICTIM_PORT, &out, || true) {
-            panic!("the victim {e}");
-        }
+        let (ip_arg, port) = (ip.to_string(), VICTIM_PORT.to_string());
+        let args = [
+            "python3",
+            "-c",
+            VICTIM,
+            &ip_arg,
+            &port,
+            &log.to_string_lossy(),
+        ];
+        let child = start_listener(lab, ns, &args, VICTIM_PORT, "victim");
         Victim {
             child,
             log,
@@ -1050,6 +1039,26 @@ impl Drop for Victim {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `args` in `ns`, its output in `NAME.out` of the test directory, and returns once it
+/// listens on `port`.
+fn start_listener(lab: &Lab, ns: &str, args: &[&str], port: u16, name: &str) -> Child {
+    require_tool("python3");
+    let out = lab.dir.join(format!("{name}.out"));
+    let mut child = lab
+        .exec(ns, args)
+        .stdin(Stdio::null())
+        .stdout(create(&out))
+        .stderr(create(&out))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the {name}: {e}"));
+    if let Err(e) = lab.wait_ready(&mut child, ns, port, &out, || true) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the {name} {e}");
+    }
+    child
 }
 
 /// `ip` as the four numbers of a PORT or 227 (IPv4 only).
@@ -1269,28 +1278,16 @@ pub fn unsolicited_227(topology: Topology) {
         vsftpd.wait().expect("wait vsftpd");
     }
     let bind = lab.server_bind();
-    let out = lab.dir.join("scripted-server.out");
-    let mut scripted = lab
-        .exec(
-            &lab.server_ns(),
-            &[
-                "python3",
-                "-c",
-                SCRIPTED_SERVER,
-                &bind.ip().to_string(),
-                &bind.port().to_string(),
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(create(&out))
-        .stderr(create(&out))
-        .spawn()
-        .expect("spawn the scripted server");
-    let ready = lab.wait_ready(&mut scripted, &lab.server_ns(), bind.port(), &out, || true);
+    let (ip, port) = (bind.ip().to_string(), bind.port().to_string());
+    let args = ["python3", "-c", SCRIPTED_SERVER, &ip, &port];
+    let scripted = start_listener(
+        &lab,
+        &lab.server_ns(),
+        &args,
+        bind.port(),
+        "scripted-server",
+    );
     lab.server_process = Some(scripted);
-    if let Err(e) = ready {
-        panic!("the scripted server {e}");
-    }
     let a = lab.addrs();
     let victim = Victim::start(&lab, &lab.server_ns(), a.server);
 
