@@ -321,6 +321,11 @@ const CASES: &[Case] = &[
         fates: &[Some(b"CWD nx"), None],
     },
     Case {
+        name: "LF then a 229",
+        bytes: b"CWD nx\n229 Entering Extended Passive Mode (|||2222|)\r\n",
+        fates: &[Some(b"CWD nx"), None],
+    },
+    Case {
         name: "FF then a 227",
         bytes: b"CWD nx\x0c227 Entering Passive Mode (203,0,113,2,8,174)\r\n",
         fates: &[None],
