@@ -1241,8 +1241,9 @@ c.command("QUIT")
 
 /// The scripted FTP server of attack (c), the one case where no real server will do: none of
 /// vsftpd, proftpd and pure-ftpd answers anything but PASV with a 227. It answers NOOP with a 227
-/// naming its own address and port 2222, and PASV with its real 227 followed by that same
-/// second 227. Arguments: its address, its control port.
+/// naming its own address and port 2222, PASV with its real 227 followed by that same second
+/// 227, EPSV with a multi-line 229 naming port 2222, and SYST with a line holding VT, NUL, ESC and
+/// CR and ended by a bare LF. Arguments: its address, its control port.
 const SCRIPTED_SERVER: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
@@ -1266,6 +1267,9 @@ while True:
             "PASS": "230 ok\r\n",
             "NOOP": smuggled,
             "PASV": "227 Entering Passive Mode (%s,%d,%d)\r\n" % (numbers, p >> 8, p & 255) + smuggled,
+            "EPSV": "229-Entering Extended Passive Mode (|||2222|)\r\n"
+                    "229 Entering Extended Passive Mode (|||2222|)\r\n",
+            "SYST": "215 a\x0bb\x00c\x1b[2J\rd\n",
         }.get(verb, "502 no\r\n")
         conn.sendall(reply.encode())
     conn.close()
@@ -1274,7 +1278,9 @@ while True:
 /// Attack (c): a 227 that answers no PASV (the scripted server's answer to NOOP), and a second
 /// 227 after the real answer to PASV, both naming the server's address and port 2222. ftp-alg
 /// must withhold both (`227 Reply withheld ...`), open only the real PASV's pinhole, and the
-/// client's dial of the smuggled endpoint must fail; the victim there must see nothing.
+/// client's dial of the smuggled endpoint must fail; the victim there must see nothing. Besides:
+/// a multi-line 229 answering EPSV is withheld whole (425, no pinhole), and a reply line with
+/// control bytes reaches the client with spaces in their place, ended by CR LF.
 pub fn unsolicited_227(topology: Topology) {
     let mut lab = Lab::with_server(topology, Server::Vsftpd, Setup::Alg);
     // The scripted server takes the real one's place.
@@ -1305,6 +1311,8 @@ c.command("USER e2e")
 c.command("PASS e2e")
 replies = [c.command("NOOP"), c.command("PASV"), c.reply()]
 checkpoint("announced")
+replies += [c.command("EPSV"), c.command("SYST")]
+checkpoint("withheld")
 dial(replies[:1] + replies[2:])
 c.command("QUIT")
 "#
@@ -1322,6 +1330,11 @@ c.command("QUIT")
         "the real PASV's pinhole: {pinhole:#?}"
     );
     client.resume();
+    replies.extend(client.replies_until("withheld"));
+    // The EPSV voided the PASV's endpoint, and its multi-line 229 opened nothing.
+    let pinholes = lab.pinholes();
+    assert!(pinholes.is_empty(), "after EPSV: {pinholes:#?}");
+    client.resume();
     replies.extend(client.finish());
     let withheld = "227 Reply withheld by the FTP gateway: it answers no PASV/EPSV.";
     let not_connected = format!("not connected to {}:{VICTIM_PORT}", a.server);
@@ -1335,9 +1348,15 @@ c.command("QUIT")
             withheld,
             "227",
             withheld,
+            "425 Can't open data connection: the server's passive reply spans several lines.",
+            "215 a b c [2J d",
             &not_connected,
             "221 bye",
         ],
+    );
+    assert_eq!(
+        replies[7], "215 a b c [2J d\r\n",
+        "a reply line with control bytes and a bare LF, as the client got it"
     );
     let announced = parse_host_port(between(&replies[4], '(', ')'));
     assert_eq!(
