@@ -5,7 +5,7 @@
 mod common;
 
 use common::hostile;
-use common::Family::V4;
+use common::Family::{V4, V6};
 use common::Server;
 use common::Topology::{Gateway, Reverse, Sidecar};
 
@@ -56,17 +56,32 @@ fn pure_ftpd_differential() {
 
 #[test]
 fn smuggled_227_gateway() {
-    hostile::smuggled_227(Gateway(V4));
+    hostile::smuggled_announcement(Gateway(V4));
 }
 
 #[test]
 fn smuggled_227_reverse() {
-    hostile::smuggled_227(Reverse(V4));
+    hostile::smuggled_announcement(Reverse(V4));
 }
 
 #[test]
 fn smuggled_227_sidecar() {
-    hostile::smuggled_227(Sidecar(V4));
+    hostile::smuggled_announcement(Sidecar(V4));
+}
+
+#[test]
+fn smuggled_229_gateway_v6() {
+    hostile::smuggled_announcement(Gateway(V6));
+}
+
+#[test]
+fn smuggled_229_reverse_v6() {
+    hostile::smuggled_announcement(Reverse(V6));
+}
+
+#[test]
+fn smuggled_229_sidecar_v6() {
+    hostile::smuggled_announcement(Sidecar(V6));
 }
 
 #[test]

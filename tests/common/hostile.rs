@@ -982,7 +982,8 @@ struct Victim {
 
 const VICTIM: &str = r#"
 import socket, sys
-server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+server = socket.create_server((sys.argv[1], int(sys.argv[2])), family=family)
 while True:
     conn, peer = server.accept()
     with open(sys.argv[3], "a") as log:
@@ -1071,26 +1072,44 @@ fn host_numbers(ip: IpAddr) -> String {
     ip.to_string().replace('.', ",")
 }
 
-/// Asserts that neither the daemon nor the kernel's table holds a pinhole that leads to the
-/// victim's port, while the attacking session is still open.
-fn assert_no_pinhole_to_victim(lab: &Lab) {
-    let pinholes = lab.pinholes();
-    assert!(
-        pinholes
-            .iter()
-            .all(|p| p.dial.port() != VICTIM_PORT && p.destination().port() != VICTIM_PORT),
-        "a pinhole leads to port {VICTIM_PORT}: {pinholes:#?}"
-    );
-    let table = must(lab.exec(
-        &lab.gateway_ns(),
-        &["nft", "list", "table", "inet", "ftp_alg"],
-    ));
-    assert!(
-        !table
-            .split(|c: char| !c.is_ascii_digit())
-            .any(|t| t == VICTIM_PORT.to_string()),
-        "port {VICTIM_PORT} in the kernel's table:\n{table}"
-    );
+/// The pinholes as the daemon lists them and the kernel's table, taken while an attacking session
+/// is open. The tests check them after the victim, so that an attack that works again is first
+/// reported by what it reached.
+struct PinholeSnapshot {
+    listed: Vec<Pinhole>,
+    table: String,
+}
+
+impl PinholeSnapshot {
+    fn take(lab: &Lab) -> PinholeSnapshot {
+        let table = must(lab.exec(
+            &lab.gateway_ns(),
+            &["nft", "list", "table", "inet", "ftp_alg"],
+        ));
+        PinholeSnapshot {
+            listed: lab.pinholes(),
+            table,
+        }
+    }
+
+    /// Neither the daemon nor the kernel held a pinhole that leads to the victim's port.
+    fn assert_none_to_victim(&self) {
+        assert!(
+            self.listed
+                .iter()
+                .all(|p| p.dial.port() != VICTIM_PORT && p.destination().port() != VICTIM_PORT),
+            "a pinhole led to port {VICTIM_PORT}: {:#?}",
+            self.listed
+        );
+        assert!(
+            !self
+                .table
+                .split(|c: char| !c.is_ascii_digit())
+                .any(|t| t == VICTIM_PORT.to_string()),
+            "port {VICTIM_PORT} in the kernel's table:\n{}",
+            self.table
+        );
+    }
 }
 
 /// The commands the server logged after the login.
@@ -1108,14 +1127,18 @@ fn commands_after_login(lab: &Lab) -> Vec<String> {
 }
 
 /// What the attacking clients do after the attack: dial the endpoint of the first line of
-/// `replies` that starts with 227 (what a client that trusts a 227 dials), or else `ENDPOINT`
-/// (the smuggled one), and report whether it connected.
+/// `replies` that starts with 227 (what a client that trusts a 227 dials) or 229 (a port of the
+/// control peer), or else `ENDPOINT` (the smuggled one), and report whether it connected.
 const DIAL: &str = r#"
 def dial(replies):
-    found = re.search(r"^227 .*\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", "".join(replies), re.M)
+    text = "".join(replies)
+    found = re.search(r"^227 .*\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", text, re.M)
+    extended = re.search(r"^229 .*\((.)\1\1(\d+)\1\)", text, re.M)
     if found:
         n = found.groups()
         endpoint = (".".join(n[:4]), int(n[4]) * 256 + int(n[5]))
+    elif extended:
+        endpoint = (HOST, int(extended.group(2)))
     else:
         endpoint = ENDPOINT
     try:
@@ -1130,10 +1153,18 @@ def dial(replies):
 /// against proftpd, which reads one command up to the CR LF and echoes its argument in its 550,
 /// so the smuggled 227 would start a line of the reply (see [`server_readings`]). ftp-alg must
 /// forward `CWD nx` and refuse the 227 line; no pinhole to S:2222 may appear, the client's dial
-/// of the smuggled endpoint must fail, and the victim listening there must see nothing.
-pub fn smuggled_227(topology: Topology) {
+/// of the smuggled endpoint must fail, and the victim listening there must see nothing. Over
+/// IPv6 the smuggled line is `229 Entering Extended Passive Mode (|||2222|)`.
+pub fn smuggled_announcement(topology: Topology) {
     let mut lab = Lab::with_server(topology, Server::Proftpd, Setup::Alg);
     let smuggled = lab.addrs().server;
+    let announcement = match topology.family() {
+        Family::V4 => format!(
+            "227 Entering Passive Mode ({},8,174)",
+            host_numbers(smuggled)
+        ),
+        Family::V6 => format!("229 Entering Extended Passive Mode (|||{VICTIM_PORT}|)"),
+    };
     let victim = Victim::start(&lab, &lab.server_ns(), smuggled);
     let body = format!(
         "ENDPOINT = (\"{smuggled}\", {VICTIM_PORT})\n{DIAL}{}",
@@ -1141,21 +1172,26 @@ pub fn smuggled_227(topology: Topology) {
 c = Control()
 c.command("USER anonymous")
 c.command("PASS e2e")
-c.send("CWD nx\n227 Entering Passive Mode (@HOST@,8,174)\r\n")
+c.send("CWD nx\n@ANNOUNCEMENT@\r\n")
 replies = [c.reply(), c.reply()]
 checkpoint("replied")
 dial(replies)
 c.command("QUIT")
 "#
-        .replace("@HOST@", &host_numbers(smuggled))
+        .replace("@ANNOUNCEMENT@", &announcement)
     );
     let mut client = PyClient::in_client(&mut lab, &body);
     let mut replies = client.replies_until("replied");
-    let pinholes = lab.pinholes();
-    assert!(pinholes.is_empty(), "pinholes: {pinholes:#?}");
-    assert_no_pinhole_to_victim(&lab);
+    let pinholes = PinholeSnapshot::take(&lab);
     client.resume();
     replies.extend(client.finish());
+    victim.assert_reached_only_by(&[]);
+    assert!(
+        pinholes.listed.is_empty(),
+        "pinholes: {:#?}",
+        pinholes.listed
+    );
+    pinholes.assert_none_to_victim();
     let not_connected = format!("not connected to {smuggled}:{VICTIM_PORT}");
     assert_replies(
         "replies to the attack",
@@ -1175,7 +1211,6 @@ c.command("QUIT")
         ["CWD nx", "QUIT"],
         "what proftpd executed"
     );
-    victim.assert_reached_only_by(&[]);
     lab.assert_no_pinholes_left();
 }
 
@@ -1215,6 +1250,7 @@ c.command("QUIT")
 "#
     .replace("@HOST@", &host_numbers(a.server_sees));
     let replies = PyClient::in_client(&mut lab, &body).finish();
+    victim.assert_reached_only_by(&[a.server]);
     assert_replies(
         "replies to the attack",
         &replies[..4],
@@ -1235,7 +1271,6 @@ c.command("QUIT")
         Some("LIST"),
         "{executed:?}"
     );
-    victim.assert_reached_only_by(&[a.server]);
     lab.assert_no_pinholes_left();
 }
 
@@ -1319,23 +1354,32 @@ c.command("QUIT")
     );
     let mut client = PyClient::in_client(&mut lab, &body);
     let mut replies = client.replies_until("announced");
-    assert_no_pinhole_to_victim(&lab);
-    let pinholes = lab.pinholes();
-    let [pinhole] = pinholes.as_slice() else {
-        panic!("one pinhole, the real PASV's, expected: {pinholes:#?}");
+    let after_pasv = PinholeSnapshot::take(&lab);
+    client.resume();
+    replies.extend(client.replies_until("withheld"));
+    let after_epsv = PinholeSnapshot::take(&lab);
+    client.resume();
+    replies.extend(client.finish());
+    victim.assert_reached_only_by(&[]);
+    after_pasv.assert_none_to_victim();
+    let [pinhole] = after_pasv.listed.as_slice() else {
+        panic!(
+            "one pinhole, the real PASV's, expected: {:#?}",
+            after_pasv.listed
+        );
     };
     assert_eq!(
         pinhole.destination().ip(),
         a.server,
         "the real PASV's pinhole: {pinhole:#?}"
     );
-    client.resume();
-    replies.extend(client.replies_until("withheld"));
     // The EPSV voided the PASV's endpoint, and its multi-line 229 opened nothing.
-    let pinholes = lab.pinholes();
-    assert!(pinholes.is_empty(), "after EPSV: {pinholes:#?}");
-    client.resume();
-    replies.extend(client.finish());
+    assert!(
+        after_epsv.listed.is_empty(),
+        "after EPSV: {:#?}",
+        after_epsv.listed
+    );
+    after_epsv.assert_none_to_victim();
     let withheld = "227 Reply withheld by the FTP gateway: it answers no PASV/EPSV.";
     let not_connected = format!("not connected to {}:{VICTIM_PORT}", a.server);
     assert_replies(
@@ -1371,7 +1415,6 @@ c.command("QUIT")
         "the real 227: {}",
         replies[4]
     );
-    victim.assert_reached_only_by(&[]);
     lab.assert_no_pinholes_left();
 }
 
