@@ -1,4 +1,7 @@
-//! Hostile control lines (issue 10): bodies in `common::hostile`.
+//! Hostile control lines (issue 10, "a line means the same to ftp-alg as to the server"): each
+//! server's own reading of control bytes, a per-line suite and a seeded differential through the
+//! daemon against vsftpd, proftpd and pure-ftpd, and the three confirmed attacks in every
+//! topology. Bodies in `common::hostile`; tests/README.md has the list.
 
 // Each test binary uses its own part of the shared harness (this one not its macro).
 #[allow(unused)]

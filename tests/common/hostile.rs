@@ -8,6 +8,11 @@
 //! Each case is checked against two readings: what ftp-alg makes of it (refused with its `500`,
 //! or forwarded as its canonical text) and what the server logged, as that server writes a
 //! command into its log.
+//!
+//! The three confirmed attacks run with a victim listener where each attack points, which must
+//! never be reached. Attack (c), a 227 that answers no PASV, needs a server that sends one, and
+//! no real server does: for that case only, a scripted server ([`SCRIPTED_SERVER`], Python)
+//! takes the real one's place.
 
 use ftp_alg::ftp::{canonical, LineBuffer};
 
