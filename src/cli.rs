@@ -62,6 +62,11 @@ pub enum Command {
         /// Log format, overriding `[log] format`.
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// Take the listening sockets over from the daemon running at the control socket
+        /// (an upgrade or a restart that refuses no client): it stops accepting and serves its
+        /// open sessions to their end (`limits.handover_grace_secs`), then exits.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Check a configuration file and say what it sets up; exits 1 on the first error.
     CheckConfig {
@@ -226,7 +231,11 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     }
 }
 
-async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+async fn run(
+    config: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    take_over: bool,
+) -> anyhow::Result<()> {
     let source = config_source(config, Path::new(DEFAULT_CONFIG));
     let config = match &source {
         Some(path) => Config::load(path)?,
@@ -239,7 +248,7 @@ async fn run(config: Option<PathBuf>, log_format: Option<LogFormat>) -> anyhow::
             "configuration: built-in default, gateway mode on port 2121 ({DEFAULT_CONFIG} does not exist)"
         ),
     }
-    crate::daemon::run(config, source, log).await
+    crate::daemon::run(config, take_over, source, log).await
 }
 
 /// The file `run` reads: `--config`, else `default` if it exists, else none (the built-in
@@ -250,7 +259,11 @@ fn config_source(given: Option<PathBuf>, default: &Path) -> Option<PathBuf> {
 
 async fn dispatch(command: Command, socket: &Path) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, log_format } => run(config, log_format).await,
+        Command::Run {
+            config,
+            log_format,
+            take_over,
+        } => run(config, log_format, take_over).await,
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { json } => {
             let status = match ask(socket, &Request::Status).await? {

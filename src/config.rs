@@ -33,10 +33,12 @@ pub const DEFAULT_CT_MARK: u32 = 0xf7a0;
 pub const DEFAULT_CT_MARK_MASK: u32 = 0xffff_ffff;
 /// Longest control-channel line accepted: bytes before the line feed.
 pub use crate::ftp::framing::DEFAULT_MAX_LINE;
-/// The largest `proxy.max_line`: proftpd silently drops a command longer than its buffer
-/// (PATH_MAX + 7 bytes, CR LF included) without any reply, which would leave every later reply
-/// answering the wrong command.
-pub const MAX_MAX_LINE: usize = 4096;
+/// The largest `proxy.max_line`. A forwarded command is its text and CR LF, at most
+/// `max_line` + 2 bytes; servers take no more than 4096 (vsftpd answers a longer line `500 Input
+/// line too long.` and closes the session; proftpd waits for more bytes after one, or drops a
+/// line longer than its buffer without any reply, which would leave every later reply answering
+/// the wrong command).
+pub const MAX_MAX_LINE: usize = 4094;
 /// The socket mark on ftp-alg's own connections to FTP servers, so that an operator's output
 /// chain can filter them: in gateway mode they start on this host, and the forward chain never
 /// sees them.
@@ -60,6 +62,10 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
 pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// After SIGTERM, how long the sessions under way may go on before the daemon stops.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// After handing its listeners over to a new process (`ftp-alg run --take-over`), how long the
+/// old one serves its open sessions before it stops: a day. FTP sessions last minutes to hours,
+/// and idle ones end at `idle_timeout_secs` anyway.
+pub const DEFAULT_HANDOVER_GRACE_SECS: u64 = 24 * 3600;
 /// Pinholes one session may hold at once: the current endpoint plus those of pipelined
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
@@ -225,6 +231,9 @@ pub struct LimitsConfig {
     /// accepted); then the daemon removes every pinhole and exits.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// After a hand-over to a new process, seconds the old one serves its open sessions.
+    #[serde(default = "default_handover_grace")]
+    pub handover_grace_secs: u64,
 }
 
 /// `[policy]`: what a session may do.
@@ -335,6 +344,7 @@ impl Default for LimitsConfig {
             max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
             client_prefix_v6: DEFAULT_CLIENT_PREFIX_V6,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            handover_grace_secs: DEFAULT_HANDOVER_GRACE_SECS,
         }
     }
 }
@@ -447,6 +457,9 @@ fn default_max_pinholes_per_session() -> usize {
 }
 fn default_shutdown_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECS
+}
+fn default_handover_grace() -> u64 {
+    DEFAULT_HANDOVER_GRACE_SECS
 }
 fn default_port_min() -> u16 {
     DEFAULT_PORT_MIN
@@ -666,6 +679,12 @@ impl Config {
             return Err(
                 "limits.max_sessions and limits.max_sessions_per_client must be at least 1".into(),
             );
+        }
+        if l.handover_grace_secs > MAX_IDLE_TIMEOUT_SECS {
+            return Err(format!(
+                "limits.handover_grace_secs = {}: at most {MAX_IDLE_TIMEOUT_SECS} (a week)",
+                l.handover_grace_secs
+            ));
         }
         if l.client_prefix_v6 == 0 || l.client_prefix_v6 > 128 {
             return Err(format!(

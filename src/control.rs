@@ -48,6 +48,9 @@ pub enum Request {
     },
     /// Remove every pinhole the daemon holds.
     FlushPinholes,
+    /// A new daemon process asks for the listening sockets (see `handover`): the connection
+    /// goes to the daemon, which answers on it with the sockets themselves.
+    HandOver,
 }
 
 /// What the daemon answers.
@@ -239,24 +242,52 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Answer requests on `listener` with `handle` until the task is dropped.
-pub async fn serve<H, F>(listener: UnixListener, handle: H)
-where
+/// Create the socket at `path` for a daemon that took over from the one serving it there: that
+/// one keeps answering on the socket it holds, which no longer has a name.
+pub fn bind_replacing(path: &Path) -> Result<UnixListener, ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::NotASocket(path.to_owned()))
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(bind_error)?,
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Answer requests on `listener` with `handle` until the task is dropped. A hand-over request
+/// from root or the daemon's user is not answered here: its connection goes to `hand_over`.
+pub async fn serve<H, F>(
+    listener: UnixListener,
+    handle: H,
+    hand_over: tokio::sync::mpsc::Sender<UnixStream>,
+) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Answer> + Send,
 {
     loop {
         let (stream, _) = crate::accept::next("control socket", || listener.accept()).await;
         let handle = handle.clone();
+        let hand_over = hand_over.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, handle).await {
+            if let Err(e) = answer(stream, handle, hand_over).await {
                 tracing::debug!(error = %e, "control request failed");
             }
         });
     }
 }
 
-async fn answer<H, F>(stream: UnixStream, handle: H) -> std::io::Result<()>
+async fn answer<H, F>(
+    stream: UnixStream,
+    handle: H,
+    hand_over: tokio::sync::mpsc::Sender<UnixStream>,
+) -> std::io::Result<()>
 where
     H: Fn(Request) -> F,
     F: Future<Output = Answer>,
@@ -290,6 +321,19 @@ where
                 ErrorKind::PermissionDenied,
                 "the control socket is for root only",
             )
+        }
+        Ok(Request::HandOver) => {
+            tracing::info!("control request: hand-over to a new daemon process");
+            // Nothing was read past the request line: the new process waits for the offer.
+            let stream = reader
+                .into_inner()
+                .into_inner()
+                .reunite(tx)
+                .map_err(std::io::Error::other)?;
+            return match hand_over.send(stream).await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(std::io::Error::other("the daemon is not taking hand-overs")),
+            };
         }
         Ok(request) => {
             // Orders are worth a line each; questions (`--watch` asks every second) are not.
@@ -347,14 +391,34 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(bind(&path).await, Err(ServeError::InUse(_))));
-        let server = tokio::spawn(serve(listener, |request| async move {
-            match request {
-                Request::KillSession { id } => Answer::Killed { id },
-                _ => error(ErrorKind::NotFound, "nothing here"),
-            }
-        }));
+        let (hand_over, mut handed) = tokio::sync::mpsc::channel(1);
+        let server = tokio::spawn(serve(
+            listener,
+            |request| async move {
+                match request {
+                    Request::KillSession { id } => Answer::Killed { id },
+                    _ => error(ErrorKind::NotFound, "nothing here"),
+                }
+            },
+            hand_over,
+        ));
         let answer = call(&path, &Request::KillSession { id: 9 }).await.unwrap();
         assert_eq!(answer, Answer::Killed { id: 9 });
+
+        // A hand-over request is not answered here: its connection goes to the daemon.
+        let mut asking = UnixStream::connect(&path).await.unwrap();
+        asking
+            .write_all(b"{\"request\":\"hand_over\"}\n")
+            .await
+            .unwrap();
+        let mut given = tokio::time::timeout(Duration::from_secs(5), handed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        given.write_all(b"offer\n").await.unwrap();
+        let mut offer = [0u8; 6];
+        asking.read_exact(&mut offer).await.unwrap();
+        assert_eq!(&offer, b"offer\n");
 
         let mut raw = UnixStream::connect(&path).await.unwrap();
         raw.write_all(b"{\"request\":\"reboot\"}\n").await.unwrap();

@@ -4,6 +4,8 @@
 //! The FTP proxying itself is `proxy.rs`; this module wires the services together and answers
 //! the operator's requests.
 
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use anyhow::Context;
 
 use crate::config::{Config, PinholeBackend};
 use crate::control::{self, Answer, ErrorKind, Request, Status};
+use crate::handover;
 use crate::logging::LogHandle;
 use crate::metrics::{self, Gauges, Metrics};
 use crate::notify::{self, Notifier};
@@ -22,10 +25,19 @@ use crate::registry::Registry;
 use crate::reload::{Live, Reloader};
 use crate::upstream;
 
-/// Run the daemon until SIGTERM or SIGINT: load the table, listen, proxy; on the way out
-/// remove every pinhole, keeping the table's chains (see [`nft::flush_pinholes`]). SIGHUP
+/// Run the daemon until SIGTERM or SIGINT, or until it has handed its listeners over to a new
+/// process and its own sessions have ended: load the table, listen, proxy; on the way out
+/// remove its pinholes, keeping the table's chains (see [`nft::flush_pinholes`]). SIGHUP
 /// reloads `source`, the file `config` came from (see [`crate::reload`]).
-pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> anyhow::Result<()> {
+///
+/// With `take_over`, the listening sockets come from the daemon already running (see
+/// [`handover`]), which then stops accepting and lets its sessions finish.
+pub async fn run(
+    config: Config,
+    take_over: bool,
+    source: Option<PathBuf>,
+    log: LogHandle,
+) -> anyhow::Result<()> {
     let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "not notifying the service manager");
         Notifier::disabled()
@@ -33,31 +45,62 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
     config
         .check_host(&upstream::interface_names())
         .map_err(anyhow::Error::msg)?;
-    // Bind first: a second instance started by mistake fails here, before it could replace
-    // the running daemon's table and with it every open pinhole.
+    let mut taken = match take_over {
+        true => {
+            let socket = config.control.socket.clone();
+            let taken = tokio::task::spawn_blocking(move || handover::take(&socket))
+                .await
+                .context("the hand-over task")??;
+            tracing::info!(
+                from = taken.pid,
+                "took over {} listeners from the running daemon",
+                taken.listeners.len()
+            );
+            Some(taken)
+        }
+        false => None,
+    };
+    // Bind first: a second instance started by mistake (without --take-over) fails here,
+    // before it could touch the running daemon's table and with it every open pinhole.
     let mut listeners = Vec::new();
     for addr in &config.proxy.listen {
-        listeners.push(proxy::bind(*addr).with_context(|| format!("listening on {addr}"))?);
+        let listener = match taken
+            .as_mut()
+            .and_then(|t| take_socket(&mut t.listeners, *addr))
+        {
+            Some(fd) => listener_from(fd),
+            None => proxy::bind(*addr),
+        };
+        listeners.push(listener.with_context(|| format!("listening on {addr}"))?);
     }
     // The guard removes the socket file however start-up or the run ends.
     let control = match config.control.enabled {
         true => {
-            let listener = control::bind(&config.control.socket).await?;
-            Some((listener, SocketFile(config.control.socket.clone())))
+            let listener = match taken {
+                Some(_) => control::bind_replacing(&config.control.socket),
+                None => control::bind(&config.control.socket).await,
+            }?;
+            Some((listener, SocketFile::new(config.control.socket.clone())))
         }
         false => None,
     };
     let metrics_listener = match config.metrics.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics.listen = {addr}"))?,
-        ),
+        Some(addr) => {
+            let received = taken
+                .as_mut()
+                .and_then(|t| t.metrics.take())
+                .filter(|m| m.addr == addr);
+            let listener = match received {
+                Some(m) => listener_from(m.fd),
+                None => tokio::net::TcpListener::bind(addr).await,
+            };
+            Some(listener.with_context(|| format!("metrics.listen = {addr}"))?)
+        }
         None => None,
     };
     let nft_path = config.pinholes.nft.clone();
     let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
-    nft::load_table(
+    nft::prepare_table(
         &nft_path,
         config.pinholes.mark(),
         intercept_port,
@@ -95,25 +138,36 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
         pinholes,
     });
     let started = Instant::now();
+    // Copies of the listening sockets, for a hand-over to a successor.
+    let mut offered = Vec::new();
     let mut services = Vec::new();
     for listener in listeners {
         let local = listener
             .local_addr()
             .context("reading a listener's address")?;
         tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
+        offered.push((local, dup(&listener)?));
         services.push(tokio::spawn(proxy::accept_loop(listener, shared.clone())));
     }
+    let (hand_over_tx, mut hand_over_rx) = tokio::sync::mpsc::channel(1);
     let control = control.map(|(listener, socket)| {
-        tracing::info!("control API on {}", socket.0.display());
+        tracing::info!("control API on {}", socket.path.display());
         let for_control = shared.clone();
-        let task = tokio::spawn(control::serve(listener, move |request| {
-            let shared = for_control.clone();
-            async move { answer(&shared, started, request).await }
-        }));
+        let task = tokio::spawn(control::serve(
+            listener,
+            move |request| {
+                let shared = for_control.clone();
+                async move { answer(&shared, started, request).await }
+            },
+            hand_over_tx,
+        ));
         (task, socket)
     });
+    let mut offered_metrics = None;
     if let Some(listener) = metrics_listener {
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        tracing::info!("metrics on http://{local}/metrics");
+        offered_metrics = Some((local, dup(&listener)?));
         let for_metrics = shared.clone();
         services.push(tokio::spawn(metrics::serve(
             listener,
@@ -122,6 +176,18 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
         )));
     }
     services.push(tokio::spawn(crate::heal::guard(shared.clone())));
+    if let Some(taken) = taken {
+        // Accepting already: the old process may stop now.
+        let from = taken.pid;
+        tokio::task::spawn_blocking(move || taken.confirm())
+            .await
+            .context("the hand-over task")?
+            .context("confirming the hand-over")?;
+        tracing::info!(
+            from,
+            "hand-over complete: the previous process accepts no more sessions"
+        );
+    }
 
     let mut signals = Signals::new()?;
     // The table is loaded and every listener bound: systemd may start what depends on us.
@@ -134,25 +200,56 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
         )));
     }
     let reloader = Reloader::new(source, &shared.config, log);
-    signals
-        .next_stop(|| {
-            notifier.send("RELOADING=1");
-            reloader.reload(&shared.live, &shared.registry);
-            notifier.send(&format!("READY=1\n{}", status_line(&shared)));
-        })
-        .await;
+    let reload = || {
+        notifier.send("RELOADING=1");
+        reloader.reload(&shared.live, &shared.registry);
+        notifier.send(&format!("READY=1\n{}", status_line(&shared)));
+    };
+    let handed_over = loop {
+        tokio::select! {
+            () = signals.next_stop(&reload) => break false,
+            Some(stream) = hand_over_rx.recv() => {
+                let offer = handover::Offer {
+                    pid: std::process::id(),
+                    listeners: offered.iter().map(|(addr, _)| *addr).collect(),
+                    metrics: offered_metrics.as_ref().map(|(addr, _)| *addr),
+                };
+                let fds: Vec<_> = offered.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+                let metrics_fd = offered_metrics.as_ref().map(|(_, fd)| fd.as_raw_fd());
+                let given = match stream.into_std() {
+                    Ok(stream) => tokio::task::spawn_blocking(move || {
+                        handover::give(stream, &offer, &fds, metrics_fd)
+                    })
+                    .await
+                    .context("the hand-over task")?,
+                    Err(e) => Err(e.into()),
+                };
+                match given {
+                    Ok(()) => break true,
+                    Err(e) => tracing::warn!(error = %e, "hand-over failed; serving on"),
+                }
+            }
+        }
+    };
     notifier.send("STOPPING=1");
-    // Stop accepting (the listeners close: new clients are refused at once), then give the
+    // Stop accepting (the listeners close here, or live on in the successor), then give the
     // sessions under way their grace period; a second signal cuts it short. The control API
     // stays up meanwhile: the operator can still see, and end, the sessions holding it up.
     for task in &services {
         task.abort();
     }
-    let grace = Duration::from_secs(shared.live.get().limits.shutdown_grace_secs);
+    drop(offered);
+    drop(offered_metrics);
+    let limits = &shared.live.get().limits;
+    let grace = Duration::from_secs(match handed_over {
+        true => limits.handover_grace_secs,
+        false => limits.shutdown_grace_secs,
+    });
     let sessions = shared.registry.count();
     if sessions > 0 {
         tracing::info!(
             sessions,
+            handed_over,
             "stopping: no new sessions; waiting up to {grace:?} for those open"
         );
         tokio::select! {
@@ -168,8 +265,22 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
         drop(socket);
     }
     // Sessions left after the grace period may still ask for pinholes; from now on they are
-    // refused (425), so that none is installed behind the flush.
+    // refused (425), so that none is installed behind the removal.
     shared.pinholes.refuse_new();
+    if handed_over {
+        // The table and its other pinholes belong to the successor now: remove only ours.
+        let ours = shared.pinholes.open_ids();
+        tracing::info!(
+            open_pinholes = ours.len(),
+            "handed over: removing this process's pinholes"
+        );
+        shared
+            .pinholes
+            .close(&ours)
+            .await
+            .context("removing the pinholes")?;
+        return Ok(());
+    }
     tracing::info!(
         open_pinholes = shared.pinholes.open_count(),
         "shutting down: removing every pinhole (the table's chains stay, so that connections \
@@ -186,12 +297,56 @@ pub async fn run(config: Config, source: Option<PathBuf>, log: LogHandle) -> any
     Ok(())
 }
 
-/// The control socket's file, removed when the daemon stops serving it.
-struct SocketFile(PathBuf);
+/// The received socket for `addr`, taken out of `received`.
+fn take_socket(received: &mut Vec<handover::Received>, addr: SocketAddr) -> Option<OwnedFd> {
+    let at = received.iter().position(|r| r.addr == addr)?;
+    Some(received.swap_remove(at).fd)
+}
+
+/// A tokio listener on a listening socket received from the previous process.
+fn listener_from(fd: OwnedFd) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// A second descriptor of a listening socket, to hand over while the first one accepts.
+fn dup(listener: &tokio::net::TcpListener) -> anyhow::Result<OwnedFd> {
+    listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating a listening socket")
+}
+
+/// The control socket's file, removed when the daemon stops serving it, unless a successor
+/// has put its own socket at the same path since (a hand-over).
+struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket this daemon created.
+    identity: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> SocketFile {
+        let identity = identity(&path);
+        SocketFile { path, identity }
+    }
+}
+
+/// A file's device and inode.
+fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
+        if self.identity.is_none() || identity(&self.path) != self.identity {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::debug!(error = %e, "cannot remove the control socket");
         }
     }
@@ -294,6 +449,11 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
             close(shared, vec![id]).await
         }
         Request::FlushPinholes => close(shared, shared.pinholes.open_ids()).await,
+        // The control server hands these connections to the daemon's main loop.
+        Request::HandOver => control::error(
+            ErrorKind::BadRequest,
+            "a hand-over is asked by ftp-alg run --take-over",
+        ),
     }
 }
 

@@ -8,7 +8,10 @@
 //! as `nft monitor` does, so a flush is seen within milliseconds and nothing is polled. A
 //! notification that names `inet ftp_alg` (or a lost notification: the socket overflowed)
 //! triggers a check of the table's structure (its chains with their rule counts, its sets and
-//! maps, as loaded at start-up); only a difference reloads it. If the subscription is refused,
+//! maps, as loaded at start-up); only a difference reloads it, as start-up does
+//! ([`nft::prepare_table`]: a live predecessor's pinholes are kept). A table that was changed
+//! while another live ftp-alg holds pinholes in it (a hand-over to a new version) is left
+//! alone: two processes must not take turns loading their rules. If the subscription is refused,
 //! the check runs every [`POLL_INTERVAL`] instead, and the start-up log says so.
 
 use std::collections::BTreeMap;
@@ -108,9 +111,26 @@ async fn heal(shared: &Shared, baseline: &BTreeMap<String, usize>) {
                 return;
             }
         };
+        // A table shared with another live ftp-alg (during a hand-over, a new version may
+        // bring other rules): the newest process's rules win, and two processes must not take
+        // turns loading theirs. Only a deleted table is loaded again then.
+        if why == "was changed" {
+            match nft::other_live_owners(nft_path).await {
+                Ok(others) if !others.is_empty() => {
+                    tracing::warn!(
+                        ?others,
+                        "table inet {} {why}, and other ftp-alg processes hold pinholes in it (a hand-over): left as it is",
+                        nft::TABLE
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the table's pinhole owners"),
+            }
+        }
         let lost = shared.pinholes.open_count();
         let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
-        match nft::load_table(
+        match nft::prepare_table(
             nft_path,
             config.pinholes.mark(),
             intercept_port,

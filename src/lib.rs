@@ -10,7 +10,8 @@
 //!   backend;
 //! - [`proxy`]: the tokio listeners and connections that carry out each session's actions;
 //!   [`registry`] keeps the live sessions;
-//! - [`daemon`]: start-up and shutdown, with the [`control`] API for the CLI and the
+//! - [`daemon`]: start-up and shutdown, and the [`handover`] of the listeners to a new
+//!   process, with the [`control`] API for the CLI and the
 //!   Prometheus [`metrics`]; every listener retries a failed accept as [`accept`] does;
 //! - [`config`] and [`cli`]: the TOML configuration and the command line ([`manpage`] makes
 //!   ftp-alg.toml(5) from README.md's key table); [`origdst`] reads a
@@ -32,6 +33,7 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod ftp;
+pub mod handover;
 pub mod heal;
 pub mod logging;
 pub mod manpage;

@@ -176,6 +176,7 @@ impl Metrics {
             ),
             ("idle_timeout_seconds", l.idle_timeout_secs),
             ("shutdown_grace_seconds", l.shutdown_grace_secs),
+            ("handover_grace_seconds", l.handover_grace_secs),
         ] {
             let labels = format!("{{limit=\"{name}\"}}");
             sample(&mut out, "ftp_alg_limit", &labels, value);

@@ -26,6 +26,10 @@ use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
 const MIN_DATA_PORT: u16 = 1024;
 /// Client bytes buffered, unprocessed, before the proxy stops reading from the client.
 const MAX_CLIENT_BACKLOG: usize = 64 * 1024;
+/// How much longer than `proxy.max_line` a reply line may be: servers echo a command's argument
+/// in their replies (proftpd's and pure-ftpd's `550 <path>: No such file or directory`), so a
+/// command of the longest length gets a longer reply, which must not end the session.
+const REPLY_ECHO_MARGIN: usize = 1024;
 /// A USER argument is kept for `sessions list` up to this many characters.
 const MAX_USER_CHARS: usize = 64;
 /// Refusals a session logs one by one; past them it logs one in [`REFUSAL_LOG_EVERY`], with the
@@ -375,7 +379,7 @@ impl Session {
         Session {
             ctx,
             from_client: LineBuffer::new(max_line),
-            from_server: LineBuffer::new(max_line),
+            from_server: LineBuffer::new(max_line + REPLY_ECHO_MARGIN),
             replies: ReplyTracker::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -1432,6 +1436,25 @@ pub(super) mod tests {
                 Action::Close(vec![1]),
                 Action::Shutdown
             ]
+        );
+    }
+
+    /// A reply that echoes the longest command a client may send is still a reply; only a
+    /// line past that margin ends the session.
+    #[test]
+    fn a_reply_echoing_the_longest_command_is_not_too_long() {
+        let mut s = greeted(Mode::Gateway);
+        let path = "p".repeat(510);
+        s.handle_client_data(format!("CWD {path}\r\n").as_bytes());
+        drain(&mut s);
+        let echo = format!("550 {path}: No such file or directory\r\n");
+        assert!(echo.len() > 512);
+        s.handle_server_data(echo.as_bytes());
+        assert_eq!(drain(&mut s), vec![Action::ToClient(echo.into_bytes())]);
+        s.handle_server_data(format!("200 {}\r\n", "x".repeat(512 + REPLY_ECHO_MARGIN)).as_bytes());
+        assert_eq!(
+            drain(&mut s)[0],
+            Action::ToClient(Reject::LineTooLong.passive_reply().to_vec())
         );
     }
 

@@ -104,7 +104,7 @@ async fn round_trip(backend: Firewall) {
     let first = pinholes.open(&reverse_passive(3, None)).await.unwrap();
     assert_eq!(first.dial_port, 61000);
 
-    let comment = label(3).to_comment();
+    let comment = label(3).to_comment(std::process::id());
     let [pin] = &json_elements("pin_v4")[..] else {
         panic!("one pin_v4 element: {:?}", json_elements("pin_v4"));
     };

@@ -110,7 +110,7 @@ pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
         dest,
         value,
         timeout_secs: u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX),
-        comment: p.label.to_comment(),
+        comment: p.label.to_comment(std::process::id()),
     };
     let mut out = vec![element(name("pin_v4", "pin_v6"), p.dial, None)];
     if let Some(to) = p.dnat {
@@ -453,8 +453,13 @@ pub(crate) mod tests {
             elements[1].value,
             Some(Value::Endpoint("203.0.113.2:40000".parse().unwrap()))
         );
-        assert!(elements.iter().all(|e| e.timeout_secs == 30
-            && e.comment == "session=3 client=198.18.0.2 server=203.0.113.2"));
+        let comment = format!(
+            "pid={} session=3 client=198.18.0.2 server=203.0.113.2",
+            std::process::id()
+        );
+        assert!(elements
+            .iter()
+            .all(|e| e.timeout_secs == 30 && e.comment == comment));
     }
 
     #[test]

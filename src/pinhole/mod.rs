@@ -70,21 +70,34 @@ pub struct Label {
 }
 
 impl Label {
-    /// The kernel comment form: `session=7 client=198.18.0.2 server=203.0.113.2`.
-    pub fn to_comment(&self) -> String {
+    /// The kernel comment form, led by the process id of the daemon that owns the pinhole
+    /// (two generations share the table during a hand-over, and a daemon starting up sweeps
+    /// only the pinholes of processes that are gone):
+    /// `pid=4242 session=7 client=198.18.0.2 server=203.0.113.2`.
+    pub fn to_comment(&self, owner: u32) -> String {
         format!(
-            "session={} client={} server={}",
+            "pid={owner} session={} client={} server={}",
             self.session, self.client, self.server
         )
     }
 
-    /// Parse [`Label::to_comment`]'s output; `None` for anything else.
+    /// The owner's process id in a comment, if it names one (earlier versions did not).
+    pub fn owner_of(comment: &str) -> Option<u32> {
+        comment
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("pid="))
+            .and_then(|pid| pid.parse().ok())
+    }
+
+    /// Parse [`Label::to_comment`]'s output (with or without the owner); `None` for anything
+    /// else.
     pub fn from_comment(comment: &str) -> Option<Label> {
         let mut session = None;
         let mut client = None;
         let mut server = None;
         for field in comment.split_whitespace() {
             match field.split_once('=')? {
+                ("pid", _) => {}
                 ("session", v) => session = v.parse().ok(),
                 ("client", v) => client = v.parse().ok(),
                 ("server", v) => server = v.parse().ok(),
@@ -478,7 +491,14 @@ mod tests {
             client: "2001:db8:a::2".parse().unwrap(),
             server: "203.0.113.2".parse().unwrap(),
         };
-        assert_eq!(Label::from_comment(&label.to_comment()), Some(label));
+        assert_eq!(Label::from_comment(&label.to_comment(4242)), Some(label));
+        assert_eq!(Label::owner_of(&label.to_comment(4242)), Some(4242));
+        assert_eq!(
+            Label::from_comment("session=42 client=2001:db8:a::2 server=203.0.113.2"),
+            Some(label),
+            "comments without an owner, as earlier versions wrote them"
+        );
+        assert_eq!(Label::owner_of("session=42 client=x server=y"), None);
         assert_eq!(Label::from_comment("hand-made element"), None);
         assert_eq!(Label::from_comment("session=1 client=x server=y"), None);
     }

@@ -31,14 +31,21 @@ pub const RULES: &str = include_str!("../../rules/ftp-alg.nft");
 /// Longest an nft run may take before it is killed and its requests fail.
 const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The definitions `rules/ftp-alg.nft` expects before it.
+fn definitions(mark: CtMark, intercept_port: u16) -> String {
+    format!(
+        "define ALG_MARK = {:#010x}\ndefine ALG_MASK = {:#010x}\ndefine ALG_KEEP = {:#010x}\n\
+         define INTERCEPT_PORT = {intercept_port}\n",
+        mark.value, mark.mask, !mark.mask
+    )
+}
+
 /// The full script that (re)creates the daemon's table: definitions, an atomic replacement of
 /// any previous table (which sweeps its stale pinholes), and the interfaces to intercept.
 pub fn table_script(mark: CtMark, intercept_port: u16, intercept: &[String]) -> String {
     let mut script = format!(
-        "define ALG_MARK = {:#010x}\ndefine ALG_MASK = {:#010x}\ndefine ALG_KEEP = {:#010x}\n\
-         define INTERCEPT_PORT = {intercept_port}\n\
-         table inet {TABLE}\ndelete table inet {TABLE}\n{RULES}\n",
-        mark.value, mark.mask, !mark.mask
+        "{}table inet {TABLE}\ndelete table inet {TABLE}\n{RULES}\n",
+        definitions(mark, intercept_port)
     );
     for iface in intercept {
         script.push_str(&format!(
@@ -46,6 +53,143 @@ pub fn table_script(mark: CtMark, intercept_port: u16, intercept: &[String]) -> 
         ));
     }
     script
+}
+
+/// Get the daemon's table ready for this process.
+///
+/// When no other live process owns a pinhole in it (a first start, a restart after a stop or a
+/// crash), the table is replaced: [`table_script`] sweeps every element a previous run left.
+/// When one does (a predecessor serving its sessions after a hand-over), its pinholes must live
+/// on: every element is kept but those whose owner is gone, and the chains and the intercepted
+/// interfaces are brought up to this configuration in one transaction. If that transaction is
+/// refused (a new version whose sets are defined differently), the table is left as it is, and
+/// a restart once the predecessor has ended applies the new rules.
+pub async fn prepare_table(
+    nft: &Path,
+    mark: CtMark,
+    intercept_port: u16,
+    intercept: &[String],
+) -> Result<(), BackendError> {
+    let raw = match run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await {
+        Ok(raw) => raw,
+        Err(BackendError::Refused { stderr, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            return load_table(nft, mark, intercept_port, intercept).await;
+        }
+        Err(e) => return Err(e),
+    };
+    let me = std::process::id();
+    let listing = TableListing::parse(&raw);
+    let live: Vec<u32> = listing
+        .owners()
+        .into_iter()
+        .filter(|&pid| pid != me && alive_here(pid))
+        .collect();
+    if live.is_empty() {
+        return load_table(nft, mark, intercept_port, intercept).await;
+    }
+    tracing::info!(
+        ?live,
+        "the table holds pinholes of a live predecessor: keeping them"
+    );
+    let mut script = definitions(mark, intercept_port);
+    for chain in &listing.chains {
+        script.push_str(&format!("flush chain inet {TABLE} {chain}\n"));
+    }
+    script.push_str(RULES);
+    script.push_str(&format!("\nflush set inet {TABLE} intercept_ifaces\n"));
+    for iface in intercept {
+        script.push_str(&format!(
+            "add element inet {TABLE} intercept_ifaces {{ \"{iface}\" }}\n"
+        ));
+    }
+    let mut swept = 0;
+    for (set, key, owner) in &listing.elements {
+        if owner.is_none_or(|pid| !live.contains(&pid) && pid != me) {
+            script.push_str(&format!("delete element inet {TABLE} {set} {{ {key} }}\n"));
+            swept += 1;
+        }
+    }
+    match run_script(nft, &script).await {
+        Ok(()) => {
+            tracing::info!(swept, "table rules refreshed; stale pinholes swept");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot refresh the table's rules while a predecessor still uses it; keeping them as they are until a restart");
+            Ok(())
+        }
+    }
+}
+
+/// Whether process `pid` runs, in this network namespace (pids are shared across network
+/// namespaces; a table is not).
+fn alive_here(pid: u32) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    match (ns(&pid.to_string()), ns("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
+/// What [`prepare_table`] reads of a listing of the table.
+#[derive(Debug, Default, PartialEq)]
+struct TableListing {
+    /// The chains, by name.
+    chains: Vec<String>,
+    /// Every pinhole element: its set or map, its key as nft writes it, its owner.
+    elements: Vec<(String, String, Option<u32>)>,
+}
+
+impl TableListing {
+    /// From `nft -j list table` output; what does not parse is left out.
+    fn parse(raw: &str) -> TableListing {
+        let mut listing = TableListing::default();
+        let doc: serde_json::Value = serde_json::from_str(raw).unwrap_or_default();
+        for object in doc["nftables"].as_array().into_iter().flatten() {
+            if let Some(name) = object["chain"]["name"].as_str() {
+                listing.chains.push(name.to_owned());
+            }
+            let Some(set) = object.get("set").or_else(|| object.get("map")) else {
+                continue;
+            };
+            let name = set["name"].as_str().unwrap_or_default();
+            if !PINHOLE_SETS.iter().any(|(_, n)| *n == name) {
+                continue;
+            }
+            for elem in set["elem"].as_array().into_iter().flatten() {
+                let key = elem
+                    .as_array()
+                    .and_then(|pair| pair.first())
+                    .unwrap_or(elem);
+                let inner = &key["elem"];
+                let Some(parts) = inner["val"]["concat"].as_array() else {
+                    continue;
+                };
+                let key: Vec<String> = parts
+                    .iter()
+                    .map(|p| match p {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                let owner = inner["comment"].as_str().and_then(Label::owner_of);
+                listing
+                    .elements
+                    .push((name.to_owned(), key.join(" . "), owner));
+            }
+        }
+        listing
+    }
+
+    /// The owners named by the elements.
+    fn owners(&self) -> Vec<u32> {
+        let mut owners: Vec<u32> = self.elements.iter().filter_map(|e| e.2).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
+    }
 }
 
 /// Run nft with `args`, feeding it `input` on stdin; its stdout on success. nft's stderr is
@@ -152,6 +296,18 @@ async fn table_exists(nft: &Path) -> Result<bool, BackendError> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Other live processes in this network namespace that own pinholes in the daemon's table (a
+/// predecessor serving its sessions after a hand-over, or a successor taking over).
+pub async fn other_live_owners(nft: &Path) -> Result<Vec<u32>, BackendError> {
+    let raw = run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await?;
+    let me = std::process::id();
+    Ok(TableListing::parse(&raw)
+        .owners()
+        .into_iter()
+        .filter(|&pid| pid != me && alive_here(pid))
+        .collect())
 }
 
 /// The daemon's table as its structure: each chain with its number of rules, each set and map.
@@ -480,6 +636,49 @@ mod tests {
     /// The JSON equals what `nft -j` prints for
     /// `add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s comment "..." }`
     /// and the dnat/snat map elements keyed on the arriving and the translated tuple.
+    /// What a table start-up keeps or sweeps: every pinhole element with its key as nft
+    /// writes it and its owner (none for a comment without `pid=`), and the chains to flush.
+    #[test]
+    fn a_table_listing_gives_elements_owners_and_chains() {
+        let raw = r#"{"nftables": [
+            {"metainfo": {"json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "ftp_alg"}},
+            {"set": {"family": "inet", "name": "pin_v4", "table": "ftp_alg", "elem": [
+                {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]},
+                          "timeout": 30, "expires": 20,
+                          "comment": "pid=4242 session=1 client=198.18.0.2 server=203.0.113.2"}}]}},
+            {"map": {"family": "inet", "name": "dnat_v4", "table": "ftp_alg", "elem": [
+                [{"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61001]},
+                           "comment": "session=2 client=198.18.0.2 server=203.0.113.2"}},
+                 {"concat": ["203.0.113.2", 40000]}]]}},
+            {"set": {"family": "inet", "name": "intercept_ifaces", "table": "ftp_alg",
+                     "elem": ["lan0"]}},
+            {"chain": {"family": "inet", "table": "ftp_alg", "name": "pinhole_prerouting"}}
+        ]}"#;
+        let listing = TableListing::parse(raw);
+        assert_eq!(
+            listing,
+            TableListing {
+                chains: vec!["pinhole_prerouting".into()],
+                elements: vec![
+                    (
+                        "pin_v4".into(),
+                        "198.18.0.2 . 198.18.0.1 . 61000".into(),
+                        Some(4242)
+                    ),
+                    (
+                        "dnat_v4".into(),
+                        "198.18.0.2 . 198.18.0.1 . 61001".into(),
+                        None
+                    ),
+                ],
+            }
+        );
+        assert_eq!(listing.owners(), vec![4242]);
+        assert!(!alive_here(u32::MAX), "no such process");
+        assert!(alive_here(std::process::id()));
+    }
+
     #[test]
     fn install_json_matches_nft_schema() {
         let elements: Vec<_> = elements(&pinhole())
@@ -488,19 +687,23 @@ mod tests {
             .map(json_element)
             .collect();
         let json = without_nulls(serde_json::to_value(&elements).unwrap());
+        let comment = format!(
+            "pid={} session=3 client=198.18.0.2 server=203.0.113.2",
+            std::process::id()
+        );
         assert_eq!(
             json,
             serde_json::json!([
                 {"family": "inet", "table": "ftp_alg", "name": "pin_v4", "elem": [
                     {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30,
-                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}}]},
+                              "comment": comment}}]},
                 {"family": "inet", "table": "ftp_alg", "name": "dnat_v4", "elem": [[
                     {"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61000]}, "timeout": 30,
-                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}},
+                              "comment": comment}},
                     {"concat": ["203.0.113.2", 40000]}]]},
                 {"family": "inet", "table": "ftp_alg", "name": "snat_v4", "elem": [[
                     {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", 40000]}, "timeout": 30,
-                              "comment": "session=3 client=198.18.0.2 server=203.0.113.2"}},
+                              "comment": comment}},
                     "203.0.113.1"]]},
             ])
         );

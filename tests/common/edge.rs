@@ -736,7 +736,7 @@ impl PyClient {
 
     /// `body` in the server's namespace, dialling vsftpd directly: what a client gets without
     /// ftp-alg.
-    fn in_server(lab: &mut Lab, body: &str) -> PyClient {
+    pub(super) fn in_server(lab: &mut Lab, body: &str) -> PyClient {
         let host = lab.addrs().server.to_string();
         let args = PyClient::args(lab, body, &host);
         let cmd = lab.exec(

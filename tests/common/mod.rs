@@ -894,7 +894,9 @@ impl ServerLog {
                 (PURE_FTPD_LOG, Self::pure_ftpd_line)
             }
         };
-        let text = fs::read_to_string(lab.dir.join(file)).unwrap_or_default();
+        // Lossy: a server logs the bytes of a command as it got them, not always UTF-8.
+        let text =
+            String::from_utf8_lossy(&fs::read(lab.dir.join(file)).unwrap_or_default()).into_owned();
         ServerLog {
             events: text.lines().filter_map(parse).flatten().collect(),
         }
@@ -1893,7 +1895,8 @@ impl Lab {
                 || name == "raw-client.stderr"
                 || (name.starts_with("client-") && name.ends_with(".txt"));
             if shown {
-                let text = fs::read_to_string(&path).unwrap_or_default();
+                let text =
+                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default()).into_owned();
                 eprintln!("==== {name}\n{text}");
             }
         }
@@ -2101,6 +2104,8 @@ fn parse_host_port(s: &str) -> SocketAddr {
 pub mod edge;
 pub mod faults;
 pub mod guides;
+pub mod handover;
+pub mod hostile;
 pub mod operate;
 pub mod service;
 pub mod sniff;

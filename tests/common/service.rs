@@ -17,12 +17,14 @@ const WATCHDOG_USEC: &str = "400000";
 
 /// A gateway lab with vsftpd whose daemon is not started yet.
 fn lab() -> Lab {
-    Lab::prepared(
-        Topology::Gateway(Family::V4),
-        Server::Vsftpd,
-        Setup::AlgStopped,
-        |_| String::new(),
-    )
+    lab_in(Topology::Gateway(Family::V4))
+}
+
+/// A lab of `topology` with vsftpd whose daemon is not started yet.
+fn lab_in(topology: Topology) -> Lab {
+    Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |_| {
+        String::new()
+    })
 }
 
 /// A datagram socket in the test directory, read with a timeout.
@@ -266,7 +268,10 @@ ftp.quit()
 /// counted as lost, and a new passive download through it works. Then one of its chains is
 /// flushed: that is noticed and repaired as well.
 pub fn a_flushed_table_is_loaded_again() {
-    let mut lab = lab();
+    // Reverse mode: the held session's control connection is not translated. A gateway's
+    // redirected one can be cut by the flush itself, if a packet of it (a delayed ACK) crosses
+    // G while no NAT chain is registered: that is the flush's doing, not the daemon's.
+    let mut lab = lab_in(Topology::Reverse(Family::V4));
     lab.start_alg();
     let mut held = PyClient::in_client(&mut lab, PASV_HELD);
     held.replies_until("announced");
