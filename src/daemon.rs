@@ -191,7 +191,13 @@ pub async fn run(
 
     let mut signals = Signals::new()?;
     // The table is loaded and every listener bound: systemd may start what depends on us.
-    notifier.send(&format!("READY=1\n{}", status_line(&shared)));
+    // After a take-over this process is the service's main process now (the unit needs
+    // NotifyAccess=all for systemd to take that from it).
+    let main_pid = match take_over {
+        true => format!("MAINPID={}\n", std::process::id()),
+        false => String::new(),
+    };
+    notifier.send(&format!("{main_pid}READY=1\n{}", status_line(&shared)));
     if notifier.enabled() {
         let for_status = shared.clone();
         services.push(tokio::spawn(notify::heartbeat(

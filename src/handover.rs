@@ -157,6 +157,41 @@ pub fn give(
     }
 }
 
+/// The path of this process's executable file. After a package upgrade has replaced the file,
+/// the kernel names the old one `PATH (deleted)`; the path then holds the new binary.
+fn executable() -> io::Result<(std::path::PathBuf, bool)> {
+    let link = std::fs::read_link("/proc/self/exe")?;
+    let text = link.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) => Ok((std::path::PathBuf::from(path), true)),
+        None => Ok((link.clone(), false)),
+    }
+}
+
+/// Whether the executable file this process runs has been replaced since it started (an
+/// upgrade): then a reload hands over to the new binary.
+pub fn binary_replaced() -> bool {
+    executable().is_ok_and(|(_, replaced)| replaced)
+}
+
+/// Start the executable file (the new binary after an upgrade) as `run --config CONFIG
+/// --take-over`: it takes this process's listeners over. It shares this process's standard
+/// output and error (the journal under systemd) and environment (`NOTIFY_SOCKET`, with which it
+/// tells systemd it is the service's main process now). Its id.
+pub fn spawn_successor(config: &Path) -> io::Result<u32> {
+    let (exe, _) = executable()?;
+    let child = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--take-over")
+        // systemd's watchdog names the main process; the successor is about to become it.
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    Ok(child.id())
+}
+
 /// `sendmsg` of `data` with `fds` as SCM_RIGHTS.
 fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {

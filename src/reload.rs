@@ -157,6 +157,22 @@ impl Reloader {
             }
         };
         let outcome = self.apply(new, live, registry);
+        let upgraded = crate::handover::binary_replaced();
+        if !outcome.need_restart.is_empty() || upgraded {
+            // What a reload cannot apply, a new process can: it takes the listeners over and
+            // this one serves its sessions to their end.
+            match crate::handover::spawn_successor(path) {
+                Ok(pid) => tracing::warn!(
+                    successor = pid,
+                    keys = %outcome.need_restart.join(", "),
+                    upgraded,
+                    "SIGHUP: handing over to a new process for changes a reload cannot apply"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: cannot start a new process to take over")
+                }
+            }
+        }
         if outcome.applied.is_empty() && outcome.need_restart.is_empty() {
             tracing::info!(file = %path.display(), "SIGHUP: configuration reloaded; nothing changed");
             return;
@@ -172,7 +188,7 @@ impl Reloader {
             tracing::warn!(
                 file = %path.display(),
                 keys = %outcome.need_restart.join(", "),
-                "SIGHUP: these changed keys need a restart of ftp-alg; their running values stay in force"
+                "SIGHUP: these changed keys need a new process; this one keeps their running values until it has handed over"
             );
         }
     }

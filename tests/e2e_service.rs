@@ -42,3 +42,8 @@ fn full_ct_mark_overwrites_the_other_bits() {
 fn journald_filters_by_priority_and_session() {
     service::journald_filters_by_priority_and_session();
 }
+
+#[test]
+fn sighup_hands_over_what_it_cannot_apply() {
+    service::sighup_hands_over_what_it_cannot_apply();
+}

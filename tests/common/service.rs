@@ -190,8 +190,8 @@ fn uploader(lab: &mut Lab, name: &str) -> PyClient {
 }
 
 /// SIGHUP: `policy.read_only` turned on reaches a session that starts afterwards (its STOR gets
-/// 550) and not the one already open (its STOR is stored); a changed `pinholes.port_min` is
-/// named as needing a restart; a file that does not parse is logged and changes nothing.
+/// 550) and not the one already open (its STOR is stored); a file that does not parse is logged
+/// and changes nothing. (A key a reload cannot apply: `sighup_hands_over_what_it_cannot_apply`.)
 pub fn sighup_reloads_policy_for_new_sessions() {
     let mut lab = lab();
     lab.start_alg();
@@ -200,24 +200,13 @@ pub fn sighup_reloads_policy_for_new_sessions() {
 
     let mut old = uploader(&mut lab, "old.bin");
     old.replies_until("logged in");
-    fs::write(
-        &conf,
-        merge_toml(
-            &original,
-            "[policy]\nread_only = true\n[pinholes]\nport_min = 61100\n",
-        ),
-    )
-    .expect("rewrite the configuration");
+    fs::write(&conf, merge_toml(&original, "[policy]\nread_only = true\n"))
+        .expect("rewrite the configuration");
     signal_alg(&lab, "HUP");
     let applied = wait_for_log(&lab, "SIGHUP: configuration reloaded", 1, WITHIN);
     assert!(
         applied[0].contains("policy.read_only"),
         "the applied keys: {applied:?}"
-    );
-    let restart = wait_for_log(&lab, "need a restart", 1, WITHIN);
-    assert!(
-        restart[0].contains("pinholes.port_min") && !restart[0].contains("policy"),
-        "the keys needing a restart: {restart:?}"
     );
 
     let mut new = uploader(&mut lab, "new.bin");
@@ -250,6 +239,111 @@ pub fn sighup_reloads_policy_for_new_sessions() {
         replies.iter().any(|r| r.starts_with("550")),
         "still read-only after a broken file: {replies:#?}"
     );
+}
+
+/// Stops the successor a reload started, by pid, also when the test fails.
+struct Successor(Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A session that lists the directory after a checkpoint.
+const LIST_AFTER_CHECKPOINT: &str = r#"
+ftp = RecordingFTP()
+ftp.connect(HOST, 21, timeout=10)
+ftp.login()
+checkpoint("logged in")
+ftp.retrlines("LIST", lambda line: None)
+ftp.quit()
+"#;
+
+/// SIGHUP after a change a reload cannot apply (here the port range): the daemon starts a new
+/// process, which takes its listeners over and tells systemd it is the main process now
+/// (`MAINPID=`, then `READY=1`); a new session is served by it, with a port of the new range,
+/// while the session open before goes on in the old process, which exits 0 once it has ended.
+pub fn sighup_hands_over_what_it_cannot_apply() {
+    let mut lab = lab();
+    let (socket, path) = datagram_socket(&lab, "notify.sock");
+    lab.alg_env = vec![("NOTIFY_SOCKET".into(), path.to_string_lossy().into_owned())];
+    let (child, _, _) = lab.spawn_alg();
+    let old_pid = child.id();
+    lab.alg = Some(child);
+    notifications_until(&socket, WITHIN, "READY=1", |t| t.contains("READY=1"));
+    let conf = lab.dir.join("ftp-alg.toml");
+    let original = fs::read_to_string(&conf).expect("the daemon's configuration");
+
+    let mut open = PyClient::in_client(&mut lab, LIST_AFTER_CHECKPOINT);
+    open.replies_until("logged in");
+    fs::write(
+        &conf,
+        merge_toml(
+            &original,
+            "[pinholes]\nport_min = 63000\nport_max = 63009\n",
+        ),
+    )
+    .expect("rewrite the configuration");
+    signal_alg(&lab, "HUP");
+    let mut successor = Successor(None);
+    let seen = notifications_until(&socket, WITHIN, "MAINPID=", |t| t.contains("MAINPID="));
+    let announced = seen.last().expect("MAINPID=");
+    let new_pid: u32 = announced
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {announced:?}"));
+    successor.0 = Some(new_pid);
+    assert_ne!(new_pid, old_pid, "the main process must be a new one");
+    assert!(
+        announced.lines().any(|l| l == "READY=1"),
+        "MAINPID= comes with READY=1: {announced:?}"
+    );
+    let handing = wait_for_log(&lab, "handing over to a new process", 1, WITHIN);
+    assert!(
+        handing[0].contains("pinholes.port_max") && handing[0].contains("pinholes.port_min"),
+        "the keys that need a new process: {handing:?}"
+    );
+
+    // A new session: served by the new process, whose pinholes use the new range.
+    let run = lab.client_session(Client::Curl, DataMode::Port, &[Op::Download]);
+    assert!(
+        run.status.success(),
+        "a new session after the hand-over:\n{}",
+        run.transcript
+    );
+    let log = fs::read_to_string(lab.dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rewrote active announcement") && l.contains(":6300")),
+        "the new session's PORT names a port of the new range"
+    );
+
+    // The session opened before: still served, by the old process, which then leaves.
+    open.resume();
+    let replies = open.finish();
+    assert!(
+        replies.iter().any(|r| r.starts_with("226")),
+        "the session open during the hand-over: {replies:#?}"
+    );
+    let status = lab
+        .wait_alg(WITHIN)
+        .expect("the old process exits once its last session has ended");
+    assert_eq!(status.code(), Some(0), "the old process's exit status");
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    successor.0 = None;
+    let deadline = Instant::now() + WITHIN;
+    while Path::new(&format!("/proc/{new_pid}")).exists() {
+        assert!(Instant::now() < deadline, "the new process did not stop");
+        sleep(Duration::from_millis(50));
+    }
 }
 
 /// Holds a passive announcement open (a pinhole waits for it) at a checkpoint.
