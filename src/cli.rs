@@ -379,11 +379,12 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     }
     let ph = &config.pinholes;
     println!(
-        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x}, \
-         backend {}",
+        "  pinholes: ports {}-{} (shared by every peer), timeout {} s, wait for a port {} ms, \
+         a server's port avoided for {} s, ct mark {:#010x}, backend {}",
         ph.port_min,
         ph.port_max,
         ph.timeout_secs,
+        ph.port_wait_ms,
         ph.reuse_delay_secs,
         ph.ct_mark,
         toml_word(&ph.backend)
@@ -391,7 +392,9 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     let l = &config.limits;
     println!(
         "  limits:   {} sessions, {} per client, idle timeout {} s",
-        l.max_sessions, l.max_sessions_per_client, l.idle_timeout_secs
+        l.max_sessions,
+        l.max_sessions_per_client.min(l.max_sessions),
+        l.idle_timeout_secs
     );
     let policy = &config.policy;
     println!(

@@ -80,13 +80,19 @@ pub(crate) struct Change {
     pub element: Element,
 }
 
-/// A way to apply changes to the kernel.
+/// A way to apply changes to the kernel, and to ask it what it holds.
 pub(crate) trait Transaction: Send + 'static {
     /// Apply `changes`, in order, in one kernel transaction: all or none.
     fn commit(
         &mut self,
         changes: &[Change],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Whether each of `elements` is in the kernel now (its value, if any, is not compared).
+    fn present(
+        &mut self,
+        elements: &[Element],
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
 }
 
 /// The set and map elements that make up one pinhole.
@@ -142,6 +148,19 @@ struct Job {
     done: oneshot::Sender<Result<(), BackendError>>,
 }
 
+/// A question for the worker: which of these pinholes still wait for their connection?
+struct Query {
+    pinholes: Vec<Pinhole>,
+    done: oneshot::Sender<Result<Vec<bool>, BackendError>>,
+}
+
+/// What the worker is asked to do, in the order asked: a query is answered after every change
+/// queued before it has been applied.
+enum Request {
+    Change(Job),
+    Query(Query),
+}
+
 /// The firewall backend the daemon uses: a handle to the worker task that batches requests
 /// into transactions of one kernel interface (see [`super::netlink::backend`] and
 /// [`super::nft::backend`]).
@@ -150,7 +169,7 @@ struct Job {
 /// first polled, so they reach the kernel in call order even when a caller does not wait.
 #[derive(Clone)]
 pub struct Firewall {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Request>,
 }
 
 impl Firewall {
@@ -172,7 +191,10 @@ impl Firewall {
         pinholes: Vec<Pinhole>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        let queued = self.jobs.send(Job { op, pinholes, done }).is_ok();
+        let queued = self
+            .jobs
+            .send(Request::Change(Job { op, pinholes, done }))
+            .is_ok();
         async move {
             if !queued {
                 return Err(BackendError::WorkerGone);
@@ -196,53 +218,116 @@ impl Backend for Firewall {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
         self.submit(Op::Remove, pinholes)
     }
+
+    fn waiting(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send + use<> {
+        let (done, result) = oneshot::channel();
+        let queued = self
+            .jobs
+            .send(Request::Query(Query { pinholes, done }))
+            .is_ok();
+        async move {
+            if !queued {
+                return Err(BackendError::WorkerGone);
+            }
+            result.await.map_err(|_| BackendError::WorkerGone)?
+        }
+    }
 }
 
 /// A set or map element as the kernel identifies it: the set's name and the key.
 type ElementKey = (&'static str, IpAddr, SocketAddr);
 
+/// How many open pinholes use one element, and the value it holds in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owned {
+    count: usize,
+    /// A map element's value as last written: the kernel refuses (EBUSY) to add an element
+    /// whose key is there with another value, so an add before a delete must say this one.
+    value: Option<Value>,
+}
+
 /// Applies queued jobs, and counts how many open pinholes use each element: two pinholes can
-/// share one (two sessions of one client reaching the same server port, or a server that
-/// announces the same passive port twice), and closing one must not remove the other's.
+/// share one (two sessions of one client reaching the same server port, a server that
+/// announces the same passive port twice, or a shared public port handed to the same client
+/// again once its earlier pinhole's connection has arrived), and closing one must not remove
+/// the other's.
 struct Worker<T> {
     transaction: T,
-    owners: HashMap<ElementKey, usize>,
-    /// What the batch being applied changed in `owners`, in order: (element, its count
+    owners: HashMap<ElementKey, Owned>,
+    /// What the batch being applied changed in `owners`, in order: (element, what it was
     /// before). A refused batch is undone from it, at the cost of the batch's size, not of
     /// every element open.
-    undo: Vec<(ElementKey, usize)>,
+    undo: Vec<(ElementKey, Option<Owned>)>,
 }
 
 impl<T: Transaction> Worker<T> {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         while let Some(first) = rx.recv().await {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
+            let mut jobs = Vec::new();
+            let mut query = None;
+            match first {
+                Request::Change(job) => jobs.push(job),
+                Request::Query(q) => query = Some(q),
+            }
+            while query.is_none() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(Request::Change(job)) => jobs.push(job),
+                    Ok(Request::Query(q)) => query = Some(q),
                     Err(_) => break,
                 }
             }
-            let result = self.apply(&jobs).await;
-            if result.is_err() && jobs.len() > 1 {
-                self.undo();
-                tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
-                for job in jobs {
-                    let result = self.apply(std::slice::from_ref(&job)).await;
-                    if result.is_err() && job.op == Op::Install {
-                        self.undo();
-                    }
-                    let _ = job.done.send(result);
-                }
-                continue;
+            if !jobs.is_empty() {
+                self.run_jobs(jobs).await;
             }
-            if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
-                self.undo();
-            }
-            for job in jobs {
+            if let Some(query) = query {
+                let result = self.waiting(&query.pinholes).await;
                 // A requester that went away no longer needs the answer.
-                let _ = job.done.send(result.clone());
+                let _ = query.done.send(result);
             }
+        }
+    }
+
+    /// Which of `pinholes` still have their pin element in the kernel (their connection has
+    /// not arrived and they have not timed out).
+    async fn waiting(&mut self, pinholes: &[Pinhole]) -> Result<Vec<bool>, BackendError> {
+        let mut pins = Vec::with_capacity(pinholes.len());
+        for pinhole in pinholes {
+            // The first element of a pinhole is its pin element.
+            if let Some(pin) = elements(pinhole)?.into_iter().next() {
+                pins.push(pin);
+            }
+        }
+        if pins.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.transaction.present(&pins).await
+    }
+
+    /// Apply `jobs` in one transaction if the kernel takes them, else one by one, and answer
+    /// each.
+    async fn run_jobs(&mut self, jobs: Vec<Job>) {
+        let result = self.apply(&jobs).await;
+        if result.is_err() && jobs.len() > 1 {
+            self.undo();
+            tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
+            for job in jobs {
+                let result = self.apply(std::slice::from_ref(&job)).await;
+                if result.is_err() && job.op == Op::Install {
+                    self.undo();
+                }
+                let _ = job.done.send(result);
+            }
+            return;
+        }
+        if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
+            self.undo();
+        }
+        for job in jobs {
+            // A requester that went away no longer needs the answer.
+            let _ = job.done.send(result.clone());
         }
     }
 
@@ -266,21 +351,27 @@ impl<T: Transaction> Worker<T> {
 
     /// Put back the owner counts that the last [`Worker::apply`] changed.
     fn undo(&mut self) {
-        for (key, count) in self.undo.drain(..).rev() {
-            if count == 0 {
-                self.owners.remove(&key);
-            } else {
-                self.owners.insert(key, count);
-            }
+        for (key, before) in self.undo.drain(..).rev() {
+            match before {
+                None => self.owners.remove(&key),
+                Some(owned) => self.owners.insert(key, owned),
+            };
         }
     }
 
     /// Add one element's changes to `changes`, if the kernel needs any.
     fn stage(&mut self, op: Op, element: Element, changes: &mut Vec<Change>) {
         let key = (element.set, element.source, element.dest);
-        let count = self.owners.get(&key).copied().unwrap_or(0);
-        self.undo.push((key, count));
-        let mut push = |verb| {
+        let before = self.owners.get(&key).cloned();
+        self.undo.push((key, before.clone()));
+        // The element as the kernel holds it now (the value last written for this key).
+        let current = Element {
+            value: before
+                .as_ref()
+                .map_or_else(|| element.value.clone(), |o| o.value.clone()),
+            ..element.clone()
+        };
+        let mut push = |verb, element: &Element| {
             changes.push(Change {
                 verb,
                 element: element.clone(),
@@ -288,18 +379,27 @@ impl<T: Transaction> Worker<T> {
         };
         match op {
             Op::Install => {
-                let owners = self.owners.entry(key).or_insert(0);
-                if *owners > 0 {
-                    // Already there for another pinhole: replace it, so that the timeout and
-                    // the label are the new pinhole's.
-                    push(Verb::Add);
-                    push(Verb::Delete);
+                let count = before.map_or(0, |o| o.count);
+                if count > 0 {
+                    // Already there for another pinhole: replace it, so that the timeout, the
+                    // label and a map's value are the new pinhole's. The add (of what is there,
+                    // a no-op unless the kernel has dropped it) lets the delete succeed either
+                    // way; nft's `add element` alone would not replace a map's value, and one
+                    // with another value than the kernel's is refused with EBUSY.
+                    push(Verb::Add, &current);
+                    push(Verb::Delete, &current);
                 }
-                push(Verb::Add);
-                *owners += 1;
+                push(Verb::Add, &element);
+                self.owners.insert(
+                    key,
+                    Owned {
+                        count: count + 1,
+                        value: element.value.clone(),
+                    },
+                );
             }
             Op::Remove => match self.owners.get_mut(&key) {
-                Some(owners) if *owners > 1 => *owners -= 1,
+                Some(owned) if owned.count > 1 => owned.count -= 1,
                 _ => {
                     self.owners.remove(&key);
                     // The element may be gone already: the packet path deletes a pin element
@@ -311,8 +411,8 @@ impl<T: Transaction> Worker<T> {
                     // every other request batched in. A `destroy` that ignores a missing
                     // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
                     // runs 6.1) and is not in nft 1.0.6.
-                    push(Verb::Add);
-                    push(Verb::Delete);
+                    push(Verb::Add, &current);
+                    push(Verb::Delete, &current);
                 }
             },
         }
@@ -355,6 +455,13 @@ pub(crate) mod tests {
             } else {
                 Ok(())
             })
+        }
+
+        fn present(
+            &mut self,
+            elements: &[Element],
+        ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send {
+            std::future::ready(Ok(vec![true; elements.len()]))
         }
     }
 
@@ -406,6 +513,57 @@ pub(crate) mod tests {
             per_set(&["add", "delete"])
         );
         assert!(worker.owners.is_empty());
+    }
+
+    /// A shared public port handed to the same client again, for another server port: the
+    /// dnat element is replaced by delete-then-add, and every add before a delete names the
+    /// value the kernel holds (else it answers EBUSY).
+    #[test]
+    fn a_new_target_on_the_same_key_replaces_the_map_value() {
+        let mut worker = worker();
+        let first = pinhole();
+        let mut second = pinhole();
+        second.dnat = Some("203.0.113.2:40001".parse().unwrap());
+        let dnat_changes = |worker: &mut Worker<Refuses>, op, p: &Pinhole| {
+            let mut changes = Vec::new();
+            for element in elements(p).unwrap() {
+                worker.stage(op, element, &mut changes);
+            }
+            changes
+                .into_iter()
+                .filter(|c| c.element.set == "dnat_v4")
+                .map(|c| (c.verb, c.element.value))
+                .collect::<Vec<_>>()
+        };
+        let to = |port: u16| {
+            Some(Value::Endpoint(SocketAddr::new(
+                "203.0.113.2".parse().unwrap(),
+                port,
+            )))
+        };
+        dnat_changes(&mut worker, Op::Install, &first);
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Install, &second),
+            [
+                (Verb::Add, to(40000)),
+                (Verb::Delete, to(40000)),
+                (Verb::Add, to(40001))
+            ]
+        );
+        // The older pinhole closes first: the element stays, with the newer value.
+        assert!(dnat_changes(&mut worker, Op::Remove, &first).is_empty());
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Remove, &second),
+            [(Verb::Add, to(40001)), (Verb::Delete, to(40001))]
+        );
+        // Also when the newer one closes first and the older one last.
+        dnat_changes(&mut worker, Op::Install, &first);
+        dnat_changes(&mut worker, Op::Install, &second);
+        assert!(dnat_changes(&mut worker, Op::Remove, &second).is_empty());
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Remove, &first),
+            [(Verb::Add, to(40001)), (Verb::Delete, to(40001))]
+        );
     }
 
     #[test]

@@ -365,6 +365,42 @@ impl Transaction for Nft {
                 .map(drop)
         }
     }
+
+    /// `nft get element` once per element: it fails with ENOENT's message when the element is
+    /// not there.
+    fn present(
+        &mut self,
+        elements: &[Element],
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send {
+        let program = self.program.clone();
+        let asks: Vec<(&'static str, String)> =
+            elements.iter().map(|e| (e.set, key_text(e))).collect();
+        async move {
+            let mut found = Vec::with_capacity(asks.len());
+            for (set, key) in asks {
+                match run_nft(&program, &["get", "element", "inet", TABLE, set, &key], "").await {
+                    Ok(_) => found.push(true),
+                    Err(BackendError::Refused { stderr, .. })
+                        if stderr.contains("No such file or directory") =>
+                    {
+                        found.push(false)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// The nft text of an element's key, `{ 198.18.0.2 . 198.18.0.1 . 61000 }`.
+fn key_text(element: &Element) -> String {
+    format!(
+        "{{ {} . {} . {} }}",
+        element.source,
+        element.dest.ip(),
+        element.dest.port()
+    )
 }
 
 /// `element` in nft's JSON schema: the key with its timeout and comment, and for a map
