@@ -52,7 +52,8 @@ impl Admission {
 /// Why a pinhole could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinholeFailure {
-    /// No free port in `pinholes.port_min..=port_max` for that source.
+    /// Every port of `pinholes.port_min..=port_max` still waited for a connection from that
+    /// source after `pinholes.port_wait_ms`.
     PortsExhausted,
     /// The firewall backend refused or failed.
     Firewall,

@@ -338,6 +338,52 @@ fn nft_shares_one_port() {
     in_namespace(|| async { shared_port(nft::backend("nft".into())).await });
 }
 
+/// One client given one port for transfer after transfer, as fast as netlink goes: the packet
+/// path only marks a used pin element dead, and dead copies of one key must not pile up until
+/// the kernel refuses the next add (the pin sets' `gc-interval` sees to that).
+#[test]
+fn netlink_reuses_one_key_quickly() {
+    in_namespace(|| async {
+        for args in [
+            ["addr", "add", "198.18.0.1/32", "dev", "lo"],
+            ["addr", "add", "198.18.0.2/32", "dev", "lo"],
+        ] {
+            let status = Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        let status = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
+        assert!(status.success());
+        let pinholes = Pinholes::new(
+            netlink::backend().unwrap(),
+            PortPool::new(61000, 61000, TIMEOUT, Duration::ZERO),
+            TIMEOUT,
+        )
+        .with_port_wait(Duration::from_secs(1));
+        let mut request = reverse_passive(30, None);
+        // No translation: the connection is refused locally once it has used the pinhole.
+        (request.dnat, request.snat) = (None, None);
+        for i in 0..1500 {
+            let opened = pinholes
+                .open(&request)
+                .await
+                .unwrap_or_else(|e| panic!("transfer {i}: {e}"));
+            assert_eq!(opened.dial_port, 61000);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("198.18.0.2:0".parse().unwrap()).unwrap();
+            let refused = socket.connect("198.18.0.1:61000".parse().unwrap()).await;
+            assert!(refused.is_err(), "nothing listens on 61000");
+            pinholes
+                .close(&[opened.id])
+                .await
+                .unwrap_or_else(|e| panic!("transfer {i}: {e}"));
+        }
+        assert!(listed().await.is_empty());
+    });
+}
+
 /// The kernel's refusal reaches the caller with what was refused and why, and the socket
 /// serves the next request once the cause is gone.
 #[test]

@@ -10,7 +10,7 @@
 //! to the kernel: [`super::netlink`] over a netlink socket, [`super::nft`] through the nft
 //! program. A transport keeps no state of its own about elements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -244,8 +244,9 @@ type ElementKey = (&'static str, IpAddr, SocketAddr);
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Owned {
     count: usize,
-    /// A map element's value as last written: the kernel refuses (EBUSY) to add an element
-    /// whose key is there with another value, so an add before a delete must say this one.
+    /// A map element's value as last written: the kernel refuses to add an element
+    /// whose key is there with another value (EEXIST, even without NLM_F_EXCL), so an add
+    /// before a delete must say this one.
     value: Option<Value>,
 }
 
@@ -331,22 +332,65 @@ impl<T: Transaction> Worker<T> {
         }
     }
 
-    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
-    /// that fails is forgotten all the same: its elements expire by their kernel timeout.
+    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. An element
+    /// whose last owner is removed is forgotten once the removal succeeds; if it fails, the
+    /// element may still be in the kernel (until its timeout) and is kept with no owner, so
+    /// that a later install of the same key replaces it rather than colliding with its value.
     async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
         self.undo.clear();
+        let mut live = self.live_pins(jobs).await?;
         let mut changes = Vec::new();
         for job in jobs {
             for pinhole in &job.pinholes {
                 for element in elements(pinhole)? {
-                    self.stage(job.op, element, &mut changes);
+                    self.stage(job.op, element, &mut changes, &mut live);
                 }
             }
         }
         if changes.is_empty() {
             return Ok(());
         }
-        self.transaction.commit(&changes).await
+        self.transaction.commit(&changes).await?;
+        for (key, _) in &self.undo {
+            if self.owners.get(key).is_some_and(|o| o.count == 0) {
+                self.owners.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Which pin elements that `jobs` would delete or replace are in the kernel now.
+    ///
+    /// A pin element is deleted by the packet path when its connection arrives, and that
+    /// delete only marks it dead: it stays in its hash chain until the set's garbage
+    /// collection. Adding the key again to delete it safely (as map elements are, see
+    /// [`Worker::stage`]) would put one more copy in that chain, and a port handed to the same
+    /// peer again and again fills it until the kernel refuses (EBUSY). So the kernel is asked
+    /// first, and only a live pin element is deleted. One that is used between the question
+    /// and the transaction makes the delete fail with ENOENT; the one-by-one retry asks again.
+    async fn live_pins(&mut self, jobs: &[Job]) -> Result<HashSet<ElementKey>, BackendError> {
+        let mut pins = Vec::new();
+        let mut seen = HashSet::new();
+        for job in jobs {
+            for pinhole in &job.pinholes {
+                if let Some(pin) = elements(pinhole)?.into_iter().next() {
+                    let key = (pin.set, pin.source, pin.dest);
+                    if self.owners.contains_key(&key) && seen.insert(key) {
+                        pins.push(pin);
+                    }
+                }
+            }
+        }
+        if pins.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let present = self.transaction.present(&pins).await?;
+        Ok(pins
+            .iter()
+            .zip(present)
+            .filter(|(_, present)| *present)
+            .map(|(pin, _)| (pin.set, pin.source, pin.dest))
+            .collect())
     }
 
     /// Put back the owner counts that the last [`Worker::apply`] changed.
@@ -359,8 +403,16 @@ impl<T: Transaction> Worker<T> {
         }
     }
 
-    /// Add one element's changes to `changes`, if the kernel needs any.
-    fn stage(&mut self, op: Op, element: Element, changes: &mut Vec<Change>) {
+    /// Add one element's changes to `changes`, if the kernel needs any. `live` holds the pin
+    /// elements known to be in the kernel (see [`Worker::live_pins`]), as this batch leaves
+    /// them so far.
+    fn stage(
+        &mut self,
+        op: Op,
+        element: Element,
+        changes: &mut Vec<Change>,
+        live: &mut HashSet<ElementKey>,
+    ) {
         let key = (element.set, element.source, element.dest);
         let before = self.owners.get(&key).cloned();
         self.undo.push((key, before.clone()));
@@ -377,15 +429,35 @@ impl<T: Transaction> Worker<T> {
                 element: element.clone(),
             })
         };
+        // A pin element (a set element, no value) is deleted only when it is live, never added
+        // to be deleted (see `live_pins`).
+        let pin = element.value.is_none();
         match op {
+            Op::Install if pin => {
+                if live.contains(&key) {
+                    // Replace it, so that its timeout and label are the new pinhole's.
+                    push(Verb::Delete, &current);
+                }
+                push(Verb::Add, &element);
+                live.insert(key);
+                let count = before.as_ref().map_or(0, |o| o.count);
+                self.owners.insert(
+                    key,
+                    Owned {
+                        count: count + 1,
+                        value: None,
+                    },
+                );
+            }
             Op::Install => {
-                let count = before.map_or(0, |o| o.count);
-                if count > 0 {
+                let count = before.as_ref().map_or(0, |o| o.count);
+                // An entry with no owner is one whose removal failed: it may be there.
+                if before.is_some() {
                     // Already there for another pinhole: replace it, so that the timeout, the
                     // label and a map's value are the new pinhole's. The add (of what is there,
                     // a no-op unless the kernel has dropped it) lets the delete succeed either
                     // way; nft's `add element` alone would not replace a map's value, and one
-                    // with another value than the kernel's is refused with EBUSY.
+                    // with another value than the kernel's is refused with EEXIST.
                     push(Verb::Add, &current);
                     push(Verb::Delete, &current);
                 }
@@ -401,7 +473,14 @@ impl<T: Transaction> Worker<T> {
             Op::Remove => match self.owners.get_mut(&key) {
                 Some(owned) if owned.count > 1 => owned.count -= 1,
                 _ => {
-                    self.owners.remove(&key);
+                    // Kept, with no owner, until the removal is known to have succeeded.
+                    self.owners.insert(
+                        key,
+                        Owned {
+                            count: 0,
+                            value: current.value.clone(),
+                        },
+                    );
                     // The element may be gone already: the packet path deletes a pin element
                     // when its connection arrives, and the kernel drops an element when its
                     // timeout runs out. So it is added first (a no-op when it exists), and the
@@ -411,8 +490,12 @@ impl<T: Transaction> Worker<T> {
                     // every other request batched in. A `destroy` that ignores a missing
                     // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
                     // runs 6.1) and is not in nft 1.0.6.
-                    push(Verb::Add, &current);
-                    push(Verb::Delete, &current);
+                    if !pin {
+                        push(Verb::Add, &current);
+                        push(Verb::Delete, &current);
+                    } else if live.remove(&key) {
+                        push(Verb::Delete, &current);
+                    }
                 }
             },
         }
@@ -473,12 +556,20 @@ pub(crate) mod tests {
         }
     }
 
-    /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
-    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+    /// Stage `op` of `pinhole` as `apply` does when the kernel has every pin element the
+    /// worker knows of (`Refuses::present`), and return its changes.
+    fn stage_all(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<Change> {
+        let mut live: HashSet<ElementKey> = worker.owners.keys().copied().collect();
         let mut changes = Vec::new();
         for element in elements(pinhole).unwrap() {
-            worker.stage(op, element, &mut changes);
+            worker.stage(op, element, &mut changes, &mut live);
         }
+        changes
+    }
+
+    /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
+    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+        let changes = stage_all(worker, op, pinhole);
         changes
             .iter()
             .map(|c| {
@@ -495,29 +586,89 @@ pub(crate) mod tests {
     fn shared_elements_stay_until_their_last_owner_closes() {
         let mut worker = worker();
         let p = pinhole();
-        let per_set = |verbs: &[&str]| -> Vec<String> {
-            ["pin_v4", "dnat_v4", "snat_v4"]
-                .iter()
-                .flat_map(|set| verbs.iter().map(move |v| format!("{v} {set}")))
-                .collect()
+        // The pin element first, then the dnat and snat map elements.
+        let sets = |pin: &[&str], maps: &[&str]| -> Vec<String> {
+            let each = |set: &'static str, verbs: &[&str]| -> Vec<String> {
+                verbs.iter().map(|v| format!("{v} {set}")).collect()
+            };
+            [
+                each("pin_v4", pin),
+                each("dnat_v4", maps),
+                each("snat_v4", maps),
+            ]
+            .concat()
         };
-        assert_eq!(staged(&mut worker, Op::Install, &p), per_set(&["add"]));
-        // A second owner replaces each element, refreshing its timeout and label.
         assert_eq!(
             staged(&mut worker, Op::Install, &p),
-            per_set(&["add", "delete", "add"])
+            sets(&["add"], &["add"])
+        );
+        // A second owner replaces each element, refreshing its timeout and label: a live pin
+        // element is deleted and added; a map element is added (what the kernel holds, so that
+        // the delete cannot fail), deleted and added.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            sets(&["delete", "add"], &["add", "delete", "add"])
         );
         assert!(staged(&mut worker, Op::Remove, &p).is_empty());
         assert_eq!(
             staged(&mut worker, Op::Remove, &p),
-            per_set(&["add", "delete"])
+            sets(&["delete"], &["add", "delete"])
         );
+        // Kept with no owner until the removal is known to have succeeded...
+        assert!(worker.owners.values().all(|o| o.count == 0));
+        // ...so that installing the key again replaces whatever may be left of it.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            sets(&["delete", "add"], &["add", "delete", "add"])
+        );
+    }
+
+    /// A used pin element (the packet path has deleted it) is neither deleted nor added to be
+    /// deleted: only its map elements are removed.
+    #[test]
+    fn a_used_pin_element_is_left_to_the_kernel() {
+        let mut worker = worker();
+        let p = pinhole();
+        let mut changes = Vec::new();
+        let mut used = HashSet::new();
+        for element in elements(&p).unwrap() {
+            worker.stage(Op::Install, element, &mut Vec::new(), &mut used);
+        }
+        used.clear();
+        for element in elements(&p).unwrap() {
+            worker.stage(Op::Remove, element, &mut changes, &mut used);
+        }
+        let sets: Vec<_> = changes.iter().map(|c| c.element.set).collect();
+        assert_eq!(sets, ["dnat_v4", "dnat_v4", "snat_v4", "snat_v4"]);
+    }
+
+    #[test]
+    fn a_removal_that_succeeds_forgets_its_elements() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let job = |op| Job {
+            op,
+            pinholes: vec![pinhole()],
+            done: oneshot::channel().0,
+        };
+        let mut worker = worker();
+        runtime.block_on(worker.apply(&[job(Op::Install)])).unwrap();
+        runtime.block_on(worker.apply(&[job(Op::Remove)])).unwrap();
         assert!(worker.owners.is_empty());
+        runtime.block_on(worker.apply(&[job(Op::Install)])).unwrap();
+        worker.transaction.0 = true;
+        assert!(runtime.block_on(worker.apply(&[job(Op::Remove)])).is_err());
+        assert_eq!(
+            worker.owners.len(),
+            3,
+            "a failed removal keeps what it knows"
+        );
     }
 
     /// A shared public port handed to the same client again, for another server port: the
     /// dnat element is replaced by delete-then-add, and every add before a delete names the
-    /// value the kernel holds (else it answers EBUSY).
+    /// value the kernel holds (else it answers EEXIST).
     #[test]
     fn a_new_target_on_the_same_key_replaces_the_map_value() {
         let mut worker = worker();
@@ -525,11 +676,7 @@ pub(crate) mod tests {
         let mut second = pinhole();
         second.dnat = Some("203.0.113.2:40001".parse().unwrap());
         let dnat_changes = |worker: &mut Worker<Refuses>, op, p: &Pinhole| {
-            let mut changes = Vec::new();
-            for element in elements(p).unwrap() {
-                worker.stage(op, element, &mut changes);
-            }
-            changes
+            stage_all(worker, op, p)
                 .into_iter()
                 .filter(|c| c.element.set == "dnat_v4")
                 .map(|c| (c.verb, c.element.value))

@@ -2077,4 +2077,5 @@ fn parse_host_port(s: &str) -> SocketAddr {
 pub mod edge;
 pub mod faults;
 pub mod operate;
+pub mod ports;
 pub mod sniff;

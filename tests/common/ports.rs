@@ -1,0 +1,299 @@
+//! Shared public data ports, end to end (issue 11): reverse and sidecar mode with one public
+//! data port (`port_min = port_max`) or the harness's range, real vsftpd and proftpd, real lftp
+//! and curl. A 500-file `lftp mirror` in passive and in active mode, 50 parallel downloads from
+//! one client address, 200 client addresses downloading at once; every byte checked, the
+//! server's own log showing the data command used, the daemon's log showing which ports were
+//! announced, and no pinhole left.
+//!
+//! Files are small (1 KiB) and the client writes them to tmpfs (/dev/shm): on these machines a
+//! file creation on disk costs about a millisecond, which would hide the network path.
+
+use super::*;
+
+/// The one public data port of the one-port cases.
+pub const ONE_PORT: u16 = 61000;
+/// Files in the mirrored directory, and each one's length.
+const MIRROR_FILES: usize = 500;
+const SMALL_LEN: usize = 1024;
+const MIRROR_DIR: &str = "many500";
+/// The file every parallel client downloads.
+const SMALL_FILE: &str = "small.bin";
+/// Parallel sessions from one client address.
+const PARALLEL: usize = 50;
+/// Client addresses at once: 198.18.0.10 to 198.18.0.209, secondary addresses of C's lan.
+const ADDRESSES: usize = 200;
+/// Bound on a whole batch of parallel clients.
+const BATCH_LIMIT: Duration = Duration::from_secs(60);
+
+/// Which public data ports the daemon hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// `port_min = port_max`.
+    One,
+    /// The harness's range ([`PINHOLE_PORTS`]).
+    Range,
+}
+
+/// A directory in /dev/shm for what the clients write, removed when the test passes.
+struct Shm(PathBuf);
+
+impl Shm {
+    fn new(lab: &Lab) -> Shm {
+        let dir = Path::new("/dev/shm").join(format!("ftp-alg-e2e-{}", lab.prefix));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create a directory in /dev/shm");
+        Shm(dir)
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The content of mirrored file `i`: 1 KiB, different for each file.
+fn mirror_file(i: usize) -> Vec<u8> {
+    pseudo_random(SMALL_LEN, ((i as u64) + 1) << 1)
+}
+
+fn small_file() -> Vec<u8> {
+    pseudo_random(SMALL_LEN * 4 + 7, 0x5eed << 1)
+}
+
+/// A lab for `topology` and `server`, serving the mirrored directory and the small file, with
+/// the daemon handing out `ports`.
+fn lab(topology: Topology, server: Server, ports: Ports) -> Lab {
+    let mut lab = Lab::prepared(topology, server, Setup::Alg, |lab| {
+        let dir = lab.ftp_root().join(MIRROR_DIR);
+        fs::create_dir(&dir).expect("create the mirrored directory");
+        for i in 0..MIRROR_FILES {
+            fs::write(dir.join(format!("f{i:03}")), mirror_file(i)).expect("write a small file");
+        }
+        fs::write(lab.ftp_root().join(SMALL_FILE), small_file()).expect("write the small file");
+        String::new()
+    });
+    if ports == Ports::One {
+        // The daemon the lab started uses the harness's range: restart it with one port.
+        assert!(
+            lab.stop_alg("TERM", Duration::from_secs(10)).is_some(),
+            "the daemon did not stop"
+        );
+        lab.alg_config = format!("[pinholes]\nport_min = {ONE_PORT}\nport_max = {ONE_PORT}\n");
+        lab.start_alg();
+    }
+    lab
+}
+
+/// Every port the daemon announced (its debug log's `announce=ADDR:PORT`), by port.
+fn announced_ports(lab: &Lab) -> BTreeSet<u16> {
+    let log = fs::read_to_string(lab.dir.join("daemon.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| l.split_once("announce=")?.1.split_whitespace().next())
+        .filter_map(|endpoint| endpoint.parse::<SocketAddr>().ok())
+        .map(|endpoint| endpoint.port())
+        .collect()
+}
+
+/// Asserts that the daemon announced only ports of `ports`, and at least one.
+fn assert_announced(lab: &Lab, ports: Ports) {
+    let announced = announced_ports(lab);
+    assert!(!announced.is_empty(), "the daemon logged no announcement");
+    match ports {
+        Ports::One => assert_eq!(announced, BTreeSet::from([ONE_PORT]), "announced ports"),
+        Ports::Range => assert!(
+            announced.iter().all(|p| PINHOLE_PORTS.contains(p)),
+            "announced ports outside the range: {announced:?}"
+        ),
+    }
+}
+
+/// Waits (bounded) until the daemon holds no pinhole: the sessions are over.
+fn wait_no_pinholes(lab: &Lab) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = lab.pinholes();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pinholes left 5 s after the clients finished: {left:#?}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// lftp mirrors the 500-file directory in one session, in passive (PASV) or active (PORT)
+/// mode: each file arrives intact, the server received that data command once per transfer
+/// (lftp falls back silently, so the server's log is what counts), and no pinhole is left.
+pub fn mirror(topology: Topology, server: Server, ports: Ports, passive: bool) {
+    let mut lab = lab(topology, server, ports);
+    let shm = Shm::new(&lab);
+    let target = shm.0.join("mirror");
+    let (user, password) = server.login();
+    let script = format!(
+        "set cmd:fail-exit yes\nset net:timeout 5\nset net:max-retries 1\n\
+         set net:reconnect-interval-base 1\nset net:reconnect-interval-max 1\n\
+         set ftp:ssl-allow no\nset xfer:clobber on\nset ftp:passive-mode {passive}\n\
+         set ftp:prefer-epsv no\nset ftp:use-site-utime no\nset ftp:use-site-utime2 no\n\
+         set ftp:use-mdtm no\n\
+         open -u {user},{password} ftp://{}\nmirror {MIRROR_DIR} {}\nbye\n",
+        lab.addrs().dial.ip(),
+        target.display()
+    );
+    let path = lab.dir.join("mirror.lftp");
+    fs::write(&path, script).expect("write the lftp script");
+    let path = path.to_string_lossy().into_owned();
+    let args = ["lftp", "-f", &path];
+    let cmd = lab.client_command(&args);
+    let run = lab.run_bounded(cmd, &args);
+    assert!(
+        run.status.success(),
+        "lftp mirror failed\n{}",
+        run.transcript
+    );
+    for i in 0..MIRROR_FILES {
+        let name = format!("f{i:03}");
+        assert_same_bytes(&name, &lab.read(&target.join(&name)), &mirror_file(i));
+    }
+    let log = ServerLog::read(&lab);
+    let verb = if passive { "PASV" } else { "PORT" };
+    let verbs = log.data_verbs();
+    assert!(
+        verbs.iter().all(|v| v == verb),
+        "the server received other data commands than {verb}"
+    );
+    assert!(
+        verbs.len() > MIRROR_FILES,
+        "a {verb} per transfer (the listing and {MIRROR_FILES} files): {}",
+        verbs.len()
+    );
+    let retrs = log
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("RETR "))
+        .count();
+    assert_eq!(retrs, MIRROR_FILES, "downloads the server served");
+    assert_announced(&lab, ports);
+    wait_no_pinholes(&lab);
+}
+
+/// One curl download of [`SMALL_FILE`] per entry of `sources` (a client address to bind, or
+/// `None` for C's own), all started at once from one shell in the client namespace; each must
+/// exit 0 with the file intact. Passive mode (PASV): the client dials the shared public port.
+fn parallel_downloads(lab: &mut Lab, sources: &[Option<String>]) {
+    let shm = Shm::new(lab);
+    let (user, password) = lab.server.login();
+    let url = format!("ftp://{}/{SMALL_FILE}", lab.addrs().dial.ip());
+    let mut script = String::from("set -u\n");
+    for (n, source) in sources.iter().enumerate() {
+        let interface = source
+            .as_ref()
+            .map(|s| format!("--interface {s} "))
+            .unwrap_or_default();
+        script.push_str(&format!(
+            "( curl -q --silent --show-error --noproxy '*' --max-time 30 --connect-timeout 5 \
+             --disable-epsv --user {user}:{password} {interface}-o {dir}/out.{n} {url} \
+             2>{dir}/err.{n}; echo $? >{dir}/rc.{n} ) &\n",
+            dir = shm.0.display()
+        ));
+    }
+    script.push_str("wait\n");
+    let path = lab.dir.join("parallel.sh");
+    fs::write(&path, script).expect("write the client script");
+    let path = path.to_string_lossy().into_owned();
+    let args = ["sh", &path];
+    let mut cmd = lab.client_command(&args);
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the client script");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > BATCH_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} parallel clients still running after {BATCH_LIMIT:?}",
+                sources.len()
+            );
+        }
+        sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the client script failed: {status}");
+    let want = small_file();
+    let mut failed = Vec::new();
+    for (n, source) in sources.iter().enumerate() {
+        let rc = fs::read_to_string(shm.0.join(format!("rc.{n}"))).unwrap_or_default();
+        let got = fs::read(shm.0.join(format!("out.{n}"))).unwrap_or_default();
+        if rc.trim() != "0" || got != want {
+            let err = fs::read_to_string(shm.0.join(format!("err.{n}"))).unwrap_or_default();
+            failed.push(format!(
+                "client {n} ({source:?}): exit {}, {} of {} bytes: {}",
+                rc.trim(),
+                got.len(),
+                want.len(),
+                err.trim()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} downloads failed after {:?}:\n{}",
+        failed.len(),
+        sources.len(),
+        started.elapsed(),
+        failed.join("\n")
+    );
+}
+
+/// 50 curl downloads at once from the client's one address, through the shared port(s).
+pub fn parallel_from_one_address(topology: Topology, server: Server, ports: Ports) {
+    let mut lab = lab(topology, server, ports);
+    parallel_downloads(&mut lab, &vec![None; PARALLEL]);
+    let retrs = ServerLog::read(&lab)
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("RETR "))
+        .count();
+    assert_eq!(retrs, PARALLEL, "downloads the server served");
+    assert_announced(&lab, ports);
+    wait_no_pinholes(&lab);
+}
+
+/// 200 client addresses (secondary addresses of the client's interface) download at once.
+pub fn many_client_addresses(topology: Topology, server: Server, ports: Ports) {
+    let mut lab = lab(topology, server, ports);
+    let sources: Vec<Option<String>> = (0..ADDRESSES)
+        .map(|i| Some(format!("198.18.0.{}", 10 + i)))
+        .collect();
+    // One `ip -batch` for all 200 addresses.
+    let batch: String = sources
+        .iter()
+        .flatten()
+        .map(|a| format!("addr add {a}/24 dev eth0\n"))
+        .collect();
+    let batch_path = lab.dir.join("addresses.ip");
+    fs::write(&batch_path, batch).expect("write the address batch");
+    lab.ip(&[
+        "-n",
+        &lab.client_ns(),
+        "-batch",
+        &batch_path.to_string_lossy(),
+    ]);
+    parallel_downloads(&mut lab, &sources);
+    let retrs = ServerLog::read(&lab)
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("RETR "))
+        .count();
+    assert_eq!(retrs, ADDRESSES, "downloads the server served");
+    assert_announced(&lab, ports);
+    wait_no_pinholes(&lab);
+}
