@@ -24,7 +24,7 @@ macro_rules! cases {
     };
     (@ports $Topology:ident, $Server:ident, $ports:ident: $Ports:ident) => {
         mod $ports {
-            use crate::common::ports::{self, Ports};
+            use crate::common::ports::{self, Mirror, Ports};
             use crate::common::{Family, Server, Topology};
 
             const TOPOLOGY: Topology = Topology::$Topology(Family::V4);
@@ -33,12 +33,12 @@ macro_rules! cases {
 
             #[test]
             fn mirror_passive() {
-                ports::mirror(TOPOLOGY, SERVER, PORTS, true);
+                ports::mirror(TOPOLOGY, SERVER, PORTS, Mirror::Passive);
             }
 
             #[test]
             fn mirror_active() {
-                ports::mirror(TOPOLOGY, SERVER, PORTS, false);
+                ports::mirror(TOPOLOGY, SERVER, PORTS, Mirror::Active);
             }
 
             #[test]
@@ -57,4 +57,34 @@ macro_rules! cases {
 cases! {
     reverse: Reverse;
     sidecar: Sidecar;
+}
+
+/// The whole 4-tuple repeats (vsftpd dials every data connection from port 20 to the one
+/// port): with TCP timestamps, as Linux sends them, the server's kernel takes over its own
+/// TIME_WAIT socket, and conntrack reopens its entry (`scripts/time-wait-experiment`).
+mod from_port_20 {
+    use crate::common::ports::{self, Mirror, Ports};
+    use crate::common::{Family, Server, Topology};
+
+    #[test]
+    fn reverse_vsftpd_one_port_mirror_active() {
+        let topology = Topology::Reverse(Family::V4);
+        ports::mirror(
+            topology,
+            Server::Vsftpd,
+            Ports::One,
+            Mirror::ActiveFromPort20,
+        );
+    }
+
+    #[test]
+    fn sidecar_vsftpd_one_port_mirror_active() {
+        let topology = Topology::Sidecar(Family::V4);
+        ports::mirror(
+            topology,
+            Server::Vsftpd,
+            Ports::One,
+            Mirror::ActiveFromPort20,
+        );
+    }
 }

@@ -76,6 +76,11 @@ fn small_file() -> Vec<u8> {
 /// A lab for `topology` and `server`, serving the mirrored directory and the small file, with
 /// the daemon handing out `ports`.
 fn lab(topology: Topology, server: Server, ports: Ports) -> Lab {
+    lab_with(topology, server, ports, "")
+}
+
+/// [`lab`], with `vsftpd_options` at the end of vsftpd.conf.
+fn lab_with(topology: Topology, server: Server, ports: Ports, vsftpd_options: &str) -> Lab {
     let mut lab = Lab::prepared(topology, server, Setup::Alg, |lab| {
         let dir = lab.ftp_root().join(MIRROR_DIR);
         fs::create_dir(&dir).expect("create the mirrored directory");
@@ -88,7 +93,7 @@ fn lab(topology: Topology, server: Server, ports: Ports) -> Lab {
         // session with 421) caps all clients together: an operator lifts it, and so does this.
         // 200 sessions at once may each wait in PASV: vsftpd answers `500 OOPS` when its
         // passive range has no free port (the harness's has 101; proftpd falls back to any).
-        "max_per_ip=0\nmax_clients=0\npasv_min_port=40000\npasv_max_port=40999\n".to_owned()
+        format!("max_per_ip=0\nmax_clients=0\npasv_min_port=40000\npasv_max_port=40999\n{vsftpd_options}")
     });
     if ports == Ports::One {
         // The daemon the lab started uses the harness's range: restart it with one port.
@@ -146,8 +151,16 @@ fn wait_no_pinholes(lab: &Lab) {
 /// lftp mirrors the 500-file directory in one session, in passive (PASV) or active (PORT)
 /// mode: each file arrives intact, the server received that data command once per transfer
 /// (lftp falls back silently, so the server's log is what counts), and no pinhole is left.
-pub fn mirror(topology: Topology, server: Server, ports: Ports, passive: bool) {
-    let mut lab = lab(topology, server, ports);
+pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
+    let passive = mode == Mirror::Passive;
+    let options = match mode {
+        Mirror::ActiveFromPort20 => {
+            assert_eq!(server, Server::Vsftpd, "connect_from_port_20 is vsftpd's");
+            "connect_from_port_20=YES\n"
+        }
+        Mirror::Passive | Mirror::Active => "",
+    };
+    let mut lab = lab_with(topology, server, ports, options);
     let shm = Shm::new(&lab);
     let target = shm.0.join("mirror");
     let (user, password) = server.login();
@@ -195,7 +208,64 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, passive: bool) {
         .count();
     assert_eq!(retrs, MIRROR_FILES, "downloads the server served");
     assert_announced(&lab, ports);
+    if !passive {
+        assert_active_sources(&lab, mode);
+    }
     wait_no_pinholes(&lab);
+}
+
+/// How [`mirror`] sets up its data connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mirror {
+    /// PASV.
+    Passive,
+    /// PORT; the server dials from the port it normally uses: vsftpd (by default) and
+    /// proftpd 1.3.8 (as the harness runs it, switched to user nobody) from an ephemeral one.
+    Active,
+    /// PORT, vsftpd with `connect_from_port_20=YES`: every data connection from port 20.
+    ActiveFromPort20,
+}
+
+/// The ports the server's data connections came from, read from its own sockets in TIME_WAIT
+/// (the server closes a download's data connection first, so it holds TIME_WAIT).
+fn server_data_source_ports(lab: &Lab) -> BTreeSet<u16> {
+    let out = must(lab.exec(
+        &lab.server_ns(),
+        &[
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+            "( dport >= :61000 and dport <= :61999 )",
+        ],
+    ));
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|local| local.rsplit_once(':')?.1.parse().ok())
+        .collect()
+}
+
+/// The TIME_WAIT case the port pool is about (`scripts/time-wait-experiment`): a server that
+/// dials from a fixed port repeats the whole 4-tuple on every transfer to one port. vsftpd
+/// with `connect_from_port_20` dials from port 20; vsftpd by default and proftpd from
+/// ephemeral ports. The mirror above worked in each case; this shows which case it was.
+fn assert_active_sources(lab: &Lab, mode: Mirror) {
+    let sources = server_data_source_ports(lab);
+    let fixed = match mode {
+        Mirror::ActiveFromPort20 => Some(20),
+        Mirror::Active | Mirror::Passive => None,
+    };
+    match fixed {
+        Some(port) => assert_eq!(
+            sources,
+            BTreeSet::from([port]),
+            "the server's data connections should all come from port {port}"
+        ),
+        None => assert!(
+            sources.len() > 1,
+            "the server's data connections should come from many ports: {sources:?}"
+        ),
+    }
 }
 
 /// One curl download of [`SMALL_FILE`] per entry of `sources` (a client address to bind, or
