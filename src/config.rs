@@ -205,8 +205,8 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Act on PORT/EPRT and on 227/229 before the server has accepted a login (230). Off by
-    /// default: before login nobody is accountable, every announcement takes a port from the
-    /// pool for two minutes, and no server transfers anything before login anyway.
+    /// default: before login nobody is accountable, every announcement holds a port for its
+    /// peer until it is used or times out, and no server transfers anything before login anyway.
     #[serde(default)]
     pub data_before_login: bool,
     /// What to do with a PORT/EPRT that names another host than the client.
