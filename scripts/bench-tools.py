@@ -458,6 +458,14 @@ def table(results, markdown=None):
                 verdicts.append((title + ", one port", met))
             out.append([title, label, fmt(m, "s"), ratio, target, met,
                         spread((key, setup), "s")])
+        # The same ratio round by round (the two setups ran one after the other), then its
+        # median: less exposed to load that drifts over the run than the ratio of medians.
+        one, rng = by_round.get((key, "one port"), {}), by_round.get((key, "range"), {})
+        paired = [one[r] / rng[r] for r in sorted(set(one) & set(rng)) if rng[r]]
+        if paired:
+            out.append([title, "one port / range, per round", "%.3f" % statistics.median(paired),
+                        "-", "(info)", "", "n=%d, %.3f – %.3f" % (len(paired), min(paired),
+                                                                   max(paired))])
 
     widths = [max(len(r[i]) for r in out) for i in range(len(header))]
     text = []

@@ -481,15 +481,15 @@ impl<T: Transaction> Worker<T> {
                             value: current.value.clone(),
                         },
                     );
-                    // The element may be gone already: the packet path deletes a pin element
-                    // when its connection arrives, and the kernel drops an element when its
+                    // A map element may be gone already: the kernel drops an element when its
                     // timeout runs out. So it is added first (a no-op when it exists), and the
                     // delete then succeeds either way. Deleting it alone and ignoring ENOENT
                     // would not do, even over netlink, where the errno of each message is
                     // seen: the kernel aborts the whole batch at a failed message, and with it
                     // every other request batched in. A `destroy` that ignores a missing
                     // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
-                    // runs 6.1) and is not in nft 1.0.6.
+                    // runs 6.1) and is not in nft 1.0.6. A pin element, which the packet path
+                    // deletes, is deleted only if the kernel still has it (`live_pins`).
                     if !pin {
                         push(Verb::Add, &current);
                         push(Verb::Delete, &current);
