@@ -179,6 +179,11 @@ impl Metrics {
                 "Pinholes whose kernel timeout ran out before the daemon removed them.",
                 p.expired,
             ),
+            (
+                "ftp_alg_port_waits_total",
+                "Announcements that waited for a port: every port already waited for a connection from the same peer.",
+                p.waited,
+            ),
         ] {
             family(&mut out, name, "counter", help);
             sample(&mut out, name, "", value);
@@ -404,6 +409,7 @@ mod tests {
                 opened: 5,
                 closed: 3,
                 expired: 1,
+                waited: 2,
             },
         });
         for line in [
@@ -414,6 +420,7 @@ mod tests {
             "ftp_alg_pinholes_opened_total 5",
             "ftp_alg_pinholes_closed_total 3",
             "ftp_alg_pinholes_expired_total 1",
+            "ftp_alg_port_waits_total 2",
             "ftp_alg_rewrites_total{kind=\"epsv\"} 1",
             "ftp_alg_rewrites_total{kind=\"port\"} 0",
             "ftp_alg_refusals_total{reason=\"third_party_address\"} 1",

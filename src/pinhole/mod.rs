@@ -311,6 +311,9 @@ pub struct PinholeStats {
     pub closed: u64,
     /// Removed by the daemon after their kernel timeout had already run out.
     pub expired: u64,
+    /// Announcements that found every port already waiting for the same peer and waited for
+    /// one (whether they got it or not): how often a load asks for more ports.
+    pub waited: u64,
 }
 
 /// One open pinhole in the registry.
@@ -376,12 +379,17 @@ impl<B: Backend> Pinholes<B> {
     pub async fn open(&self, request: &PinholeRequest) -> Result<Opened, OpenError> {
         let deadline = Instant::now() + self.port_wait;
         let mut pause = FIRST_PORT_POLL;
+        let mut counted = false;
         loop {
             // Armed before looking, so that a close in between is not missed.
             let released = self.released.notified();
             let Some((id, pinhole, pooled)) = self.reserve(request)? else {
                 if self.reclaim_used(request.source).await? > 0 {
                     continue;
+                }
+                if !counted {
+                    counted = true;
+                    self.lock().stats.waited += 1;
                 }
                 let now = Instant::now();
                 if now >= deadline {
@@ -738,6 +746,7 @@ mod tests {
             *rec.asked.lock().unwrap() > 1,
             "the kernel was asked again while waiting"
         );
+        assert_eq!(pinholes.stats().waited, 1, "one announcement waited");
     }
 
     #[test]
