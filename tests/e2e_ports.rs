@@ -88,3 +88,22 @@ mod from_port_20 {
         );
     }
 }
+
+/// One port with the nft program as the pinhole backend: it learns which pinholes were used
+/// from `nft -j list set` instead of netlink gets.
+mod nft_backend {
+    use crate::common::ports::{self, Mirror, Ports};
+    use crate::common::{Family, Server, Topology};
+
+    #[test]
+    fn reverse_vsftpd_one_port_mirror_passive() {
+        let topology = Topology::Reverse(Family::V4);
+        ports::mirror(topology, Server::Vsftpd, Ports::OneWithNft, Mirror::Passive);
+    }
+
+    #[test]
+    fn reverse_vsftpd_one_port_parallel_from_one_address() {
+        let topology = Topology::Reverse(Family::V4);
+        ports::parallel_from_one_address(topology, Server::Vsftpd, Ports::OneWithNft);
+    }
+}

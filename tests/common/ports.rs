@@ -43,6 +43,9 @@ pub enum Ports {
     One,
     /// The harness's range ([`PINHOLE_PORTS`]).
     Range,
+    /// One port, with pinholes installed by the nft program (`pinholes.backend = "nft"`),
+    /// which learns whether a pinhole was used from `nft -j list set`.
+    OneWithNft,
 }
 
 /// A directory in /dev/shm for what the clients write, removed when the test passes.
@@ -96,14 +99,19 @@ fn lab_with(topology: Topology, server: Server, ports: Ports, vsftpd_options: &s
         // passive range has no free port (the harness's has 101; proftpd falls back to any).
         format!("max_per_ip=0\nmax_clients=0\npasv_min_port=40000\npasv_max_port=40999\n{vsftpd_options}")
     });
-    if ports == Ports::One {
+    if ports != Ports::Range {
         // The daemon the lab started uses the harness's range: restart it with one port.
         assert!(
             lab.stop_alg("TERM", Duration::from_secs(10)).is_some(),
             "the daemon did not stop"
         );
+        let backend = if ports == Ports::OneWithNft {
+            "backend = \"nft\"\n"
+        } else {
+            ""
+        };
         lab.alg_config = format!(
-            "[pinholes]\nport_min = {ONE_PORT}\nport_max = {ONE_PORT}\nport_wait_ms = {ONE_PORT_WAIT_MS}\n"
+            "[pinholes]\nport_min = {ONE_PORT}\nport_max = {ONE_PORT}\nport_wait_ms = {ONE_PORT_WAIT_MS}\n{backend}"
         );
         lab.start_alg();
     }
@@ -125,7 +133,9 @@ fn assert_announced(lab: &Lab, ports: Ports) {
     let announced = announced_ports(lab);
     assert!(!announced.is_empty(), "the daemon logged no announcement");
     match ports {
-        Ports::One => assert_eq!(announced, BTreeSet::from([ONE_PORT]), "announced ports"),
+        Ports::One | Ports::OneWithNft => {
+            assert_eq!(announced, BTreeSet::from([ONE_PORT]), "announced ports")
+        }
         Ports::Range => assert!(
             announced.iter().all(|p| PINHOLE_PORTS.contains(p)),
             "announced ports outside the range: {announced:?}"
