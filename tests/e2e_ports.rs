@@ -90,7 +90,7 @@ mod from_port_20 {
 }
 
 /// One port with the nft program as the pinhole backend: it learns which pinholes were used
-/// from `nft -j list set` instead of netlink gets.
+/// from `nft -j list set` instead of netlink gets. Smaller loads: an nft process per step.
 mod nft_backend {
     use crate::common::ports::{self, Mirror, Ports};
     use crate::common::{Family, Server, Topology};

@@ -266,27 +266,71 @@ struct Worker<T> {
 
 impl<T: Transaction> Worker<T> {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
-        while let Some(first) = rx.recv().await {
+        // A change read while collecting queries, kept for the next round.
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(request) => request,
+                None => match rx.recv().await {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
             let mut jobs = Vec::new();
-            let mut query = None;
+            let mut queries = Vec::new();
             match first {
                 Request::Change(job) => jobs.push(job),
-                Request::Query(q) => query = Some(q),
+                Request::Query(q) => queries.push(q),
             }
-            while query.is_none() && jobs.len() < MAX_BATCH {
+            while queries.is_empty() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(Request::Change(job)) => jobs.push(job),
-                    Ok(Request::Query(q)) => query = Some(q),
+                    Ok(Request::Query(q)) => queries.push(q),
                     Err(_) => break,
+                }
+            }
+            // Every query queued right behind the first is answered by the same look at the
+            // kernel: announcements waiting for a port all ask at once, and with the nft
+            // backend each look is a process.
+            if !queries.is_empty() {
+                while let Ok(request) = rx.try_recv() {
+                    match request {
+                        Request::Query(q) => queries.push(q),
+                        change => {
+                            next = Some(change);
+                            break;
+                        }
+                    }
                 }
             }
             if !jobs.is_empty() {
                 self.run_jobs(jobs).await;
             }
-            if let Some(query) = query {
-                let result = self.waiting(&query.pinholes).await;
-                // A requester that went away no longer needs the answer.
-                let _ = query.done.send(result);
+            if !queries.is_empty() {
+                self.answer(queries).await;
+            }
+        }
+    }
+
+    /// Answer `queries` with one look at the kernel.
+    async fn answer(&mut self, queries: Vec<Query>) {
+        let all: Vec<Pinhole> = queries
+            .iter()
+            .flat_map(|q| q.pinholes.iter().cloned())
+            .collect();
+        // A requester that went away no longer needs the answer.
+        match self.waiting(&all).await {
+            Ok(found) => {
+                let mut found = found.into_iter();
+                for q in queries {
+                    let part = found.by_ref().take(q.pinholes.len()).collect();
+                    let _ = q.done.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for q in queries {
+                    let _ = q.done.send(Err(e.clone()));
+                }
             }
         }
     }

@@ -27,6 +27,12 @@ const MIRROR_DIR: &str = "many500";
 const SMALL_FILE: &str = "small.bin";
 /// Parallel sessions from one client address.
 const PARALLEL: usize = 50;
+/// With `backend = "nft"` every pinhole costs three nft processes (install, the look at which
+/// pin elements are live, removal), tens of milliseconds each when the suite loads both cores:
+/// those cases mirror the first 50 files ([`NFT_MIRROR_GLOB`]) and run 10 sessions at once.
+const NFT_MIRROR_FILES: usize = 50;
+const NFT_MIRROR_GLOB: &str = "f0[0-4]?";
+const NFT_PARALLEL: usize = 10;
 /// Client addresses at once: 198.18.0.10 to 198.18.0.209, secondary addresses of C's lan.
 const ADDRESSES: usize = 200;
 /// Between two of the 200 clients' starts.
@@ -95,10 +101,17 @@ fn lab_with(topology: Topology, server: Server, ports: Ports, vsftpd_options: &s
         // In reverse and sidecar mode every session reaches the server from ftp-alg's own
         // address, so the server's per-address limit (Debian's vsftpd refuses the 51st
         // session with 421) caps all clients together: an operator lifts it, and so does this.
-        // 200 sessions at once may each wait in PASV: vsftpd answers `500 OOPS` when its
-        // passive range has no free port (the harness's has 101; proftpd falls back to any).
-        format!("max_per_ip=0\nmax_clients=0\npasv_min_port=40000\npasv_max_port=40999\n{vsftpd_options}")
+        // Many sessions at once may each wait in PASV: vsftpd answers `500 OOPS` when its
+        // passive range has no free port (see [`WIDE_PASSIVE_PORTS`]).
+        format!(
+            "max_per_ip=0\nmax_clients=0\npasv_min_port={}\npasv_max_port={}\n{vsftpd_options}",
+            WIDE_PASSIVE_PORTS.start(),
+            WIDE_PASSIVE_PORTS.end()
+        )
     });
+    if server == Server::Proftpd {
+        widen_proftpd_passive_ports(&mut lab);
+    }
     if ports != Ports::Range {
         // The daemon the lab started uses the harness's range: restart it with one port.
         assert!(
@@ -116,6 +129,60 @@ fn lab_with(topology: Topology, server: Server, ports: Ports, vsftpd_options: &s
         lab.start_alg();
     }
     lab
+}
+
+/// The server's passive range for the parallel cases: one passive listener per session
+/// that has sent PASV and not yet had its data connection. Sessions of one address that take
+/// one public port in turn keep theirs open while they wait, so 50 of them at once in the
+/// harness's 101 ports made proftpd answer `425 PASV: Address already in use`: a server
+/// behind shared ports wants a passive range as wide as its concurrent sessions (it is never
+/// published, so width costs nothing).
+const WIDE_PASSIVE_PORTS: RangeInclusive<u16> = 40000..=40999;
+
+/// Restarts the harness's proftpd with [`WIDE_PASSIVE_PORTS`] (vsftpd gets them through its
+/// configuration's overrides, see [`lab_with`]).
+fn widen_proftpd_passive_ports(lab: &mut Lab) {
+    if let Some(mut proftpd) = lab.server_process.take() {
+        let _ = proftpd.kill();
+        let _ = proftpd.wait();
+    }
+    let conf = lab.dir.join("proftpd.conf");
+    let harness = format!("PassivePorts {} {}", PASV_PORTS.start(), PASV_PORTS.end());
+    let text = fs::read_to_string(&conf).expect("read proftpd.conf");
+    assert!(text.contains(&harness), "proftpd.conf has no `{harness}`");
+    let wide = format!(
+        "PassivePorts {} {}",
+        WIDE_PASSIVE_PORTS.start(),
+        WIDE_PASSIVE_PORTS.end()
+    );
+    fs::write(&conf, text.replace(&harness, &wide)).expect("write proftpd.conf");
+    let out = lab.dir.join("proftpd-wide.out");
+    let mut child = lab
+        .exec(
+            &lab.server_ns(),
+            &[
+                &installed("usr/sbin/proftpd"),
+                "-n",
+                "-c",
+                &conf.to_string_lossy(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(create(&out))
+        .stderr(create(&out))
+        .spawn()
+        .expect("spawn proftpd");
+    let ready = lab.wait_ready(
+        &mut child,
+        &lab.server_ns(),
+        lab.addrs().server_port,
+        &out,
+        || true,
+    );
+    lab.server_process = Some(child);
+    if let Err(e) = ready {
+        panic!("proftpd {e}");
+    }
 }
 
 /// Every port the daemon announced (its debug log's `announce=ADDR:PORT`), by port.
@@ -174,6 +241,10 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
     let mut lab = lab_with(topology, server, ports, options);
     let shm = Shm::new(&lab);
     let target = shm.0.join("mirror");
+    let (files, include) = match ports {
+        Ports::OneWithNft => (NFT_MIRROR_FILES, format!("-I '{NFT_MIRROR_GLOB}' ")),
+        Ports::One | Ports::Range => (MIRROR_FILES, String::new()),
+    };
     let (user, password) = server.login();
     let script = format!(
         "set cmd:fail-exit yes\nset net:timeout 5\nset net:max-retries 1\n\
@@ -181,7 +252,7 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
          set ftp:ssl-allow no\nset xfer:clobber on\nset ftp:passive-mode {passive}\n\
          set ftp:prefer-epsv no\nset ftp:use-site-utime no\nset ftp:use-site-utime2 no\n\
          set ftp:use-mdtm no\n\
-         open -u {user},{password} ftp://{}\nmirror {MIRROR_DIR} {}\nbye\n",
+         open -u {user},{password} ftp://{}\nmirror {include}{MIRROR_DIR} {}\nbye\n",
         lab.addrs().dial.ip(),
         target.display()
     );
@@ -196,7 +267,7 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
         "lftp mirror failed\n{}",
         run.transcript
     );
-    for i in 0..MIRROR_FILES {
+    for i in 0..files {
         let name = format!("f{i:03}");
         assert_same_bytes(&name, &lab.read(&target.join(&name)), &mirror_file(i));
     }
@@ -208,8 +279,8 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
         "the server received other data commands than {verb}"
     );
     assert!(
-        verbs.len() > MIRROR_FILES,
-        "a {verb} per transfer (the listing and {MIRROR_FILES} files): {}",
+        verbs.len() > files,
+        "a {verb} per transfer (the listing and {files} files): {}",
         verbs.len()
     );
     let retrs = log
@@ -217,7 +288,7 @@ pub fn mirror(topology: Topology, server: Server, ports: Ports, mode: Mirror) {
         .iter()
         .filter(|c| c.starts_with("RETR "))
         .count();
-    assert_eq!(retrs, MIRROR_FILES, "downloads the server served");
+    assert_eq!(retrs, files, "downloads the server served");
     assert_announced(&lab, ports);
     if !passive {
         assert_active_sources(&lab, mode);
@@ -358,13 +429,17 @@ fn parallel_downloads(lab: &mut Lab, sources: &[Option<String>], stagger: Durati
 /// 50 curl downloads at once from the client's one address, through the shared port(s).
 pub fn parallel_from_one_address(topology: Topology, server: Server, ports: Ports) {
     let mut lab = lab(topology, server, ports);
-    parallel_downloads(&mut lab, &vec![None; PARALLEL], Duration::ZERO);
+    let sessions = match ports {
+        Ports::OneWithNft => NFT_PARALLEL,
+        Ports::One | Ports::Range => PARALLEL,
+    };
+    parallel_downloads(&mut lab, &vec![None; sessions], Duration::ZERO);
     let retrs = ServerLog::read(&lab)
         .commands()
         .iter()
         .filter(|c| c.starts_with("RETR "))
         .count();
-    assert_eq!(retrs, PARALLEL, "downloads the server served");
+    assert_eq!(retrs, sessions, "downloads the server served");
     assert_announced(&lab, ports);
     wait_no_pinholes(&lab);
 }
