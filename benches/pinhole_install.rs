@@ -94,7 +94,7 @@ async fn measure(
     nft::load_table(nft_path, 0xf7a0.into(), 2121, &[]).await?;
     let pinholes = Arc::new(Pinholes::new(
         backend()?,
-        PortPool::new(1024, 65535, Duration::ZERO),
+        PortPool::new(1024, 65535, Duration::from_secs(30), Duration::ZERO),
         Duration::from_secs(600),
     ));
 

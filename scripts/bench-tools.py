@@ -440,6 +440,33 @@ def table(results, markdown=None):
                     "ftp-alg", fmt(m, "KiB"), "-", target, met,
                     spread((key, "ftp-alg"), "KiB")])
 
+    # Shared ports: ftp-alg in reverse mode with one data port against the default range.
+    for key, title in [("ports_pasv", "{files} x 1 KiB, lftp mirror, passive, reverse mode"),
+                       ("ports_port", "{files} x 1 KiB, lftp mirror, active, reverse mode")]:
+        if not any(k == key for k, _ in rows):
+            continue
+        title = title.format(**meta)
+        wide = median((key, "range"))
+        for setup, label in [("one port", "ftp-alg, one port"),
+                             ("range", "ftp-alg, 61000-64999")]:
+            m = median((key, setup))
+            ratio = "%.3f vs range" % (m / wide) if m is not None and wide else "-"
+            target = met = ""
+            if setup == "one port":
+                target = "≤ 1.05 × range"
+                met = "yes" if m is not None and wide and m <= 1.05 * wide else "no"
+                verdicts.append((title + ", one port", met))
+            out.append([title, label, fmt(m, "s"), ratio, target, met,
+                        spread((key, setup), "s")])
+        # The same ratio round by round (the two setups ran one after the other), then its
+        # median: less exposed to load that drifts over the run than the ratio of medians.
+        one, rng = by_round.get((key, "one port"), {}), by_round.get((key, "range"), {})
+        paired = [one[r] / rng[r] for r in sorted(set(one) & set(rng)) if rng[r]]
+        if paired:
+            out.append([title, "one port / range, per round", "%.3f" % statistics.median(paired),
+                        "-", "(info)", "", "n=%d, %.3f – %.3f" % (len(paired), min(paired),
+                                                                   max(paired))])
+
     widths = [max(len(r[i]) for r in out) for i in range(len(header))]
     text = []
     for i, r in enumerate(out):

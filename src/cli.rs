@@ -418,11 +418,12 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     }
     let ph = &config.pinholes;
     println!(
-        "  pinholes: ports {}-{}, timeout {} s, port reuse after {} s, ct mark {:#010x} \
-         (mask {:#010x}), backend {}",
+        "  pinholes: ports {}-{} (shared by every peer), timeout {} s, wait for a port {} ms, \
+         a server's port avoided for {} s, ct mark {:#010x} (mask {:#010x}), backend {}",
         ph.port_min,
         ph.port_max,
         ph.timeout_secs,
+        ph.port_wait_ms,
         ph.reuse_delay_secs,
         ph.ct_mark,
         ph.ct_mark_mask,
@@ -431,7 +432,10 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     let l = &config.limits;
     println!(
         "  limits:   {} sessions, {} per client (IPv6: per /{}), idle timeout {} s",
-        l.max_sessions, l.max_sessions_per_client, l.client_prefix_v6, l.idle_timeout_secs
+        l.max_sessions,
+        l.max_sessions_per_client.min(l.max_sessions),
+        l.client_prefix_v6,
+        l.idle_timeout_secs
     );
     let policy = &config.policy;
     println!(

@@ -120,16 +120,22 @@ pub async fn run(
         PortPool::new(
             config.pinholes.port_min,
             config.pinholes.port_max,
+            config.pinhole_timeout(),
             Duration::from_secs(config.pinholes.reuse_delay_secs),
         ),
         config.pinhole_timeout(),
-    );
+    )
+    .with_port_wait(Duration::from_millis(config.pinholes.port_wait_ms));
     let shared = Arc::new(Shared {
         live: Live::new(&config),
         registry: Arc::new(
             Registry::new(
                 config.limits.max_sessions,
-                config.limits.max_sessions_per_client,
+                // A per-client limit above the total is capped by it.
+                config
+                    .limits
+                    .max_sessions_per_client
+                    .min(config.limits.max_sessions),
             )
             .counting_ipv6_per(config.limits.client_prefix_v6),
         ),

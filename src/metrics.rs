@@ -53,7 +53,8 @@ impl Admission {
 /// Why a pinhole could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinholeFailure {
-    /// No free port in `pinholes.port_min..=port_max` for that source.
+    /// Every port of `pinholes.port_min..=port_max` still waited for a connection from that
+    /// source after `pinholes.port_wait_ms`.
     PortsExhausted,
     /// The firewall backend refused or failed.
     Firewall,
@@ -195,7 +196,7 @@ impl Metrics {
             &mut out,
             "ftp_alg_ports_free",
             "gauge",
-            "Data ports of the pool not handed out now (a released port may still be quarantined for its last source).",
+            "Data ports of the pool on which no peer's pinhole waits now (ports are shared: a port with a waiting pinhole is still free for every other peer).",
         );
         sample(
             &mut out,
@@ -244,6 +245,11 @@ impl Metrics {
                 "ftp_alg_pinholes_expired_total",
                 "Pinholes whose kernel timeout ran out before the daemon removed them.",
                 p.expired,
+            ),
+            (
+                "ftp_alg_port_waits_total",
+                "Announcements that waited for a port: every port already waited for a connection from the same peer.",
+                p.waited,
             ),
         ] {
             family(&mut out, name, "counter", help);
@@ -483,6 +489,7 @@ mod tests {
                 opened: 5,
                 closed: 3,
                 expired: 1,
+                waited: 2,
             },
             limits: LimitsConfig::default(),
             pool: (61000, 61009),
@@ -494,7 +501,7 @@ mod tests {
                 env!("CARGO_PKG_VERSION")
             ),
             "ftp_alg_limit{limit=\"max_sessions\"} 1000",
-            "ftp_alg_limit{limit=\"max_sessions_per_client\"} 16",
+            "ftp_alg_limit{limit=\"max_sessions_per_client\"} 256",
             "ftp_alg_limit{limit=\"idle_timeout_seconds\"} 900",
             "ftp_alg_ports{pool=\"61000-61009\"} 10",
             "ftp_alg_ports_free{pool=\"61000-61009\"} 7",
@@ -505,6 +512,7 @@ mod tests {
             "ftp_alg_pinholes_opened_total 5",
             "ftp_alg_pinholes_closed_total 3",
             "ftp_alg_pinholes_expired_total 1",
+            "ftp_alg_port_waits_total 2",
             "ftp_alg_rewrites_total{kind=\"epsv\"} 1",
             "ftp_alg_rewrites_total{kind=\"port\"} 0",
             "ftp_alg_refusals_total{reason=\"third_party_address\"} 1",

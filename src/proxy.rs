@@ -21,7 +21,7 @@ use crate::config::{Config, Mode};
 use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
 use crate::pinhole::{Firewall, OpenError, Pinholes};
-use crate::registry::{Admitted, Entry, Registry};
+use crate::registry::{Admitted, Entry, LimitReached, Registry};
 use crate::session::{Action, Event, Session, SessionContext, Side};
 use crate::upstream;
 
@@ -74,16 +74,22 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Err(limit) => {
                 shared.metrics.refused_session(Admission::SessionLimit);
                 tracing::warn!(client = %peer, reason = "limit_reached", limit = limit.key(), "refused session");
-                tokio::spawn(refuse_session(stream));
+                tokio::spawn(refuse_session(stream, limit));
             }
         }
     }
 }
 
-async fn refuse_session(mut client: TcpStream) {
-    let _ = client
-        .write_all(b"421 Too many connections; try again later.\r\n")
-        .await;
+/// Answer a session over a limit with 421 and the limit's reason: clients show the reply's
+/// text (when they show anything: curl reports a timeout), and it is the user's only clue.
+async fn refuse_session(mut client: TcpStream, limit: LimitReached) {
+    let reply: &[u8] = match limit {
+        LimitReached::Total => b"421 Too many connections to this server; try again later.\r\n",
+        LimitReached::PerClient => {
+            b"421 Too many connections from your address; close some and try again.\r\n"
+        }
+    };
+    let _ = client.write_all(reply).await;
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ftp_alg::pinhole::{
-    netlink, nft, Firewall, Label, PinholeEntry, PinholeRequest, PinholeState, Pinholes,
+    netlink, nft, Firewall, Label, OpenError, PinholeEntry, PinholeRequest, PinholeState, Pinholes,
 };
 use ftp_alg::ports::PortPool;
 
@@ -75,7 +75,7 @@ fn reverse_passive(session: u64, port: Option<u16>) -> PinholeRequest {
 fn pinholes(backend: Firewall) -> Pinholes<Firewall> {
     Pinholes::new(
         backend,
-        PortPool::new(61000, 61009, Duration::ZERO),
+        PortPool::new(61000, 61009, Duration::from_secs(30), Duration::ZERO),
         TIMEOUT,
     )
 }
@@ -224,6 +224,164 @@ fn netlink_pinholes_read_back_through_nft() {
 #[test]
 fn nft_pinholes_read_back_through_nft() {
     in_namespace(|| async { round_trip(nft::backend("nft".into())).await });
+}
+
+/// Reverse mode, passive, from `client`, to the server's passive port `server_port`: the
+/// request a session makes for each 227.
+fn passive_from(client: &str, server_port: u16) -> PinholeRequest {
+    let mut request = reverse_passive(20, None);
+    request.source = client.parse().unwrap();
+    request.label.client = request.source;
+    request.dnat = Some(SocketAddr::new("203.0.113.2".parse().unwrap(), server_port));
+    request
+}
+
+/// The value of the dnat_v4 element keyed `source . 198.18.0.1 . 61000`, as nft prints it.
+fn dnat_target(source: &str) -> Option<serde_json::Value> {
+    json_elements("dnat_v4")
+        .into_iter()
+        .find(|e| e[0]["elem"]["val"]["concat"][0] == source)
+        .map(|e| e[1].clone())
+}
+
+/// What a connection's first packet does to its pinhole: the kernel deletes the pin element.
+fn connection_arrives(source: &str) {
+    nft(&[
+        "delete",
+        "element",
+        "inet",
+        "ftp_alg",
+        "pin_v4",
+        &format!("{{ {source} . 198.18.0.1 . 61000 }}"),
+    ]);
+}
+
+/// One public port: it waits for two clients at once; the same client gets it again once its
+/// first pinhole has been used (learnt from the kernel), and the translation of the new
+/// pinhole replaces the old one's map value (the kernel refuses a plain add of another value);
+/// a pinhole that is never used holds the port for its client until the wait runs out.
+async fn shared_port(backend: Firewall) {
+    let pinholes = Pinholes::new(
+        backend,
+        PortPool::new(61000, 61000, TIMEOUT, Duration::from_secs(120)),
+        TIMEOUT,
+    )
+    .with_port_wait(Duration::from_millis(300));
+    let a = pinholes
+        .open(&passive_from("198.18.0.2", 40000))
+        .await
+        .unwrap();
+    let other = pinholes
+        .open(&passive_from("198.18.0.3", 40007))
+        .await
+        .unwrap();
+    assert_eq!((a.dial_port, other.dial_port), (61000, 61000));
+    assert_eq!(
+        json_elements("pin_v4").len(),
+        2,
+        "one port waits for two clients"
+    );
+
+    // The same client again, for another server port: it waits until A's connection arrives.
+    let again = passive_from("198.18.0.2", 40001);
+    let (b, ()) = tokio::join!(pinholes.open(&again), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        connection_arrives("198.18.0.2");
+    });
+    let b = b.unwrap();
+    assert_eq!(b.dial_port, 61000);
+    assert_eq!(
+        dnat_target("198.18.0.2"),
+        Some(serde_json::json!({"concat": ["203.0.113.2", 40001]})),
+        "the new pinhole's translation replaced the old one's"
+    );
+    let snat_keys: Vec<_> = json_elements("snat_v4")
+        .iter()
+        .map(|e| e[0]["elem"]["val"]["concat"][2].clone())
+        .collect();
+    assert!(
+        snat_keys.contains(&40000.into()) && snat_keys.contains(&40001.into()),
+        "{snat_keys:?}"
+    );
+    // A's transfer ends first: B's translation stays; then B's.
+    pinholes.close(&[a.id]).await.unwrap();
+    assert_eq!(
+        dnat_target("198.18.0.2"),
+        Some(serde_json::json!({"concat": ["203.0.113.2", 40001]}))
+    );
+    pinholes.close(&[b.id]).await.unwrap();
+    assert_eq!(dnat_target("198.18.0.2"), None);
+
+    // A pinhole never used: the next announcement for that client waits, then is refused.
+    let c = pinholes
+        .open(&passive_from("198.18.0.2", 40002))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = pinholes.open(&passive_from("198.18.0.2", 40003)).await;
+    assert!(
+        matches!(refused, Err(OpenError::PortsExhausted)),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    pinholes.close(&[c.id, other.id]).await.unwrap();
+    assert!(listed().await.is_empty(), "{:#?}", listed().await);
+}
+
+#[test]
+fn netlink_shares_one_port() {
+    in_namespace(|| async { shared_port(netlink::backend().unwrap()).await });
+}
+
+#[test]
+fn nft_shares_one_port() {
+    in_namespace(|| async { shared_port(nft::backend("nft".into())).await });
+}
+
+/// One client given one port for transfer after transfer, as fast as netlink goes: the packet
+/// path only marks a used pin element dead, and dead copies of one key must not pile up until
+/// the kernel refuses the next add (the pin sets' `gc-interval` sees to that).
+#[test]
+fn netlink_reuses_one_key_quickly() {
+    in_namespace(|| async {
+        for args in [
+            ["addr", "add", "198.18.0.1/32", "dev", "lo"],
+            ["addr", "add", "198.18.0.2/32", "dev", "lo"],
+        ] {
+            let status = Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        let status = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
+        assert!(status.success());
+        let pinholes = Pinholes::new(
+            netlink::backend().unwrap(),
+            PortPool::new(61000, 61000, TIMEOUT, Duration::ZERO),
+            TIMEOUT,
+        )
+        .with_port_wait(Duration::from_secs(1));
+        let mut request = reverse_passive(30, None);
+        // No translation: the connection is refused locally once it has used the pinhole.
+        (request.dnat, request.snat) = (None, None);
+        for i in 0..1500 {
+            let opened = pinholes
+                .open(&request)
+                .await
+                .unwrap_or_else(|e| panic!("transfer {i}: {e}"));
+            assert_eq!(opened.dial_port, 61000);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("198.18.0.2:0".parse().unwrap()).unwrap();
+            let refused = socket.connect("198.18.0.1:61000".parse().unwrap()).await;
+            assert!(refused.is_err(), "nothing listens on 61000");
+            pinholes
+                .close(&[opened.id])
+                .await
+                .unwrap_or_else(|e| panic!("transfer {i}: {e}"));
+        }
+        assert!(listed().await.is_empty());
+    });
 }
 
 /// The kernel's refusal reaches the caller with what was refused and why, and the socket

@@ -10,7 +10,7 @@
 //! to the kernel: [`super::netlink`] over a netlink socket, [`super::nft`] through the nft
 //! program. A transport keeps no state of its own about elements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -80,13 +80,19 @@ pub(crate) struct Change {
     pub element: Element,
 }
 
-/// A way to apply changes to the kernel.
+/// A way to apply changes to the kernel, and to ask it what it holds.
 pub(crate) trait Transaction: Send + 'static {
     /// Apply `changes`, in order, in one kernel transaction: all or none.
     fn commit(
         &mut self,
         changes: &[Change],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Whether each of `elements` is in the kernel now (its value, if any, is not compared).
+    fn present(
+        &mut self,
+        elements: &[Element],
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
 }
 
 /// The set and map elements that make up one pinhole.
@@ -142,6 +148,19 @@ struct Job {
     done: oneshot::Sender<Result<(), BackendError>>,
 }
 
+/// A question for the worker: which of these pinholes still wait for their connection?
+struct Query {
+    pinholes: Vec<Pinhole>,
+    done: oneshot::Sender<Result<Vec<bool>, BackendError>>,
+}
+
+/// What the worker is asked to do, in the order asked: a query is answered after every change
+/// queued before it has been applied.
+enum Request {
+    Change(Job),
+    Query(Query),
+}
+
 /// The firewall backend the daemon uses: a handle to the worker task that batches requests
 /// into transactions of one kernel interface (see [`super::netlink::backend`] and
 /// [`super::nft::backend`]).
@@ -150,7 +169,7 @@ struct Job {
 /// first polled, so they reach the kernel in call order even when a caller does not wait.
 #[derive(Clone)]
 pub struct Firewall {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Request>,
 }
 
 impl Firewall {
@@ -172,7 +191,10 @@ impl Firewall {
         pinholes: Vec<Pinhole>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let (done, result) = oneshot::channel();
-        let queued = self.jobs.send(Job { op, pinholes, done }).is_ok();
+        let queued = self
+            .jobs
+            .send(Request::Change(Job { op, pinholes, done }))
+            .is_ok();
         async move {
             if !queued {
                 return Err(BackendError::WorkerGone);
@@ -196,123 +218,328 @@ impl Backend for Firewall {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
         self.submit(Op::Remove, pinholes)
     }
+
+    fn waiting(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send + use<> {
+        let (done, result) = oneshot::channel();
+        let queued = self
+            .jobs
+            .send(Request::Query(Query { pinholes, done }))
+            .is_ok();
+        async move {
+            if !queued {
+                return Err(BackendError::WorkerGone);
+            }
+            result.await.map_err(|_| BackendError::WorkerGone)?
+        }
+    }
 }
 
 /// A set or map element as the kernel identifies it: the set's name and the key.
 type ElementKey = (&'static str, IpAddr, SocketAddr);
 
+/// How many open pinholes use one element, and the value it holds in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owned {
+    count: usize,
+    /// A map element's value as last written: the kernel refuses to add an element
+    /// whose key is there with another value (EEXIST, even without NLM_F_EXCL), so an add
+    /// before a delete must say this one.
+    value: Option<Value>,
+}
+
 /// Applies queued jobs, and counts how many open pinholes use each element: two pinholes can
-/// share one (two sessions of one client reaching the same server port, or a server that
-/// announces the same passive port twice), and closing one must not remove the other's.
+/// share one (two sessions of one client reaching the same server port, a server that
+/// announces the same passive port twice, or a shared public port handed to the same client
+/// again once its earlier pinhole's connection has arrived), and closing one must not remove
+/// the other's.
 struct Worker<T> {
     transaction: T,
-    owners: HashMap<ElementKey, usize>,
-    /// What the batch being applied changed in `owners`, in order: (element, its count
+    owners: HashMap<ElementKey, Owned>,
+    /// What the batch being applied changed in `owners`, in order: (element, what it was
     /// before). A refused batch is undone from it, at the cost of the batch's size, not of
     /// every element open.
-    undo: Vec<(ElementKey, usize)>,
+    undo: Vec<(ElementKey, Option<Owned>)>,
 }
 
 impl<T: Transaction> Worker<T> {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        // A change read while collecting queries, kept for the next round.
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(request) => request,
+                None => match rx.recv().await {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut jobs = Vec::new();
+            let mut queries = Vec::new();
+            match first {
+                Request::Change(job) => jobs.push(job),
+                Request::Query(q) => queries.push(q),
+            }
+            while queries.is_empty() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(Request::Change(job)) => jobs.push(job),
+                    Ok(Request::Query(q)) => queries.push(q),
                     Err(_) => break,
                 }
             }
-            let result = self.apply(&jobs).await;
-            if result.is_err() && jobs.len() > 1 {
-                self.undo();
-                tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
-                for job in jobs {
-                    let result = self.apply(std::slice::from_ref(&job)).await;
-                    if result.is_err() && job.op == Op::Install {
-                        self.undo();
+            // Every query queued right behind the first is answered by the same look at the
+            // kernel: announcements waiting for a port all ask at once, and with the nft
+            // backend each look is a process.
+            if !queries.is_empty() {
+                while let Ok(request) = rx.try_recv() {
+                    match request {
+                        Request::Query(q) => queries.push(q),
+                        change => {
+                            next = Some(change);
+                            break;
+                        }
                     }
-                    let _ = job.done.send(result);
                 }
-                continue;
             }
-            if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
-                self.undo();
+            if !jobs.is_empty() {
+                self.run_jobs(jobs).await;
             }
-            for job in jobs {
-                // A requester that went away no longer needs the answer.
-                let _ = job.done.send(result.clone());
+            if !queries.is_empty() {
+                self.answer(queries).await;
             }
         }
     }
 
-    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. A removal
-    /// that fails is forgotten all the same: its elements expire by their kernel timeout.
+    /// Answer `queries` with one look at the kernel.
+    async fn answer(&mut self, queries: Vec<Query>) {
+        let all: Vec<Pinhole> = queries
+            .iter()
+            .flat_map(|q| q.pinholes.iter().cloned())
+            .collect();
+        // A requester that went away no longer needs the answer.
+        match self.waiting(&all).await {
+            Ok(found) => {
+                let mut found = found.into_iter();
+                for q in queries {
+                    let part = found.by_ref().take(q.pinholes.len()).collect();
+                    let _ = q.done.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for q in queries {
+                    let _ = q.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Which of `pinholes` still have their pin element in the kernel (their connection has
+    /// not arrived and they have not timed out).
+    async fn waiting(&mut self, pinholes: &[Pinhole]) -> Result<Vec<bool>, BackendError> {
+        let mut pins = Vec::with_capacity(pinholes.len());
+        for pinhole in pinholes {
+            // The first element of a pinhole is its pin element.
+            if let Some(pin) = elements(pinhole)?.into_iter().next() {
+                pins.push(pin);
+            }
+        }
+        if pins.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.transaction.present(&pins).await
+    }
+
+    /// Apply `jobs` in one transaction if the kernel takes them, else one by one, and answer
+    /// each.
+    async fn run_jobs(&mut self, jobs: Vec<Job>) {
+        let result = self.apply(&jobs).await;
+        if result.is_err() && jobs.len() > 1 {
+            self.undo();
+            tracing::debug!(jobs = jobs.len(), "batch refused; retrying one by one");
+            for job in jobs {
+                let result = self.apply(std::slice::from_ref(&job)).await;
+                if result.is_err() && job.op == Op::Install {
+                    self.undo();
+                }
+                let _ = job.done.send(result);
+            }
+            return;
+        }
+        if result.is_err() && jobs.iter().any(|j| j.op == Op::Install) {
+            self.undo();
+        }
+        for job in jobs {
+            // A requester that went away no longer needs the answer.
+            let _ = job.done.send(result.clone());
+        }
+    }
+
+    /// One transaction for all `jobs`; owner counts are updated as if it succeeds. An element
+    /// whose last owner is removed is forgotten once the removal succeeds; if it fails, the
+    /// element may still be in the kernel (until its timeout) and is kept with no owner, so
+    /// that a later install of the same key replaces it rather than colliding with its value.
     async fn apply(&mut self, jobs: &[Job]) -> Result<(), BackendError> {
         self.undo.clear();
+        let mut live = self.live_pins(jobs).await?;
         let mut changes = Vec::new();
         for job in jobs {
             for pinhole in &job.pinholes {
                 for element in elements(pinhole)? {
-                    self.stage(job.op, element, &mut changes);
+                    self.stage(job.op, element, &mut changes, &mut live);
                 }
             }
         }
         if changes.is_empty() {
             return Ok(());
         }
-        self.transaction.commit(&changes).await
+        self.transaction.commit(&changes).await?;
+        for (key, _) in &self.undo {
+            if self.owners.get(key).is_some_and(|o| o.count == 0) {
+                self.owners.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Which pin elements that `jobs` would delete or replace are in the kernel now.
+    ///
+    /// A pin element is deleted by the packet path when its connection arrives, and that
+    /// delete only marks it dead: it stays in its hash chain until the set's garbage
+    /// collection. Adding the key again to delete it safely (as map elements are, see
+    /// [`Worker::stage`]) would put one more copy in that chain, and a port handed to the same
+    /// peer again and again fills it until the kernel refuses (EBUSY). So the kernel is asked
+    /// first, and only a live pin element is deleted. One that is used between the question
+    /// and the transaction makes the delete fail with ENOENT; the one-by-one retry asks again.
+    async fn live_pins(&mut self, jobs: &[Job]) -> Result<HashSet<ElementKey>, BackendError> {
+        let mut pins = Vec::new();
+        let mut seen = HashSet::new();
+        for job in jobs {
+            for pinhole in &job.pinholes {
+                if let Some(pin) = elements(pinhole)?.into_iter().next() {
+                    let key = (pin.set, pin.source, pin.dest);
+                    if self.owners.contains_key(&key) && seen.insert(key) {
+                        pins.push(pin);
+                    }
+                }
+            }
+        }
+        if pins.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let present = self.transaction.present(&pins).await?;
+        Ok(pins
+            .iter()
+            .zip(present)
+            .filter(|(_, present)| *present)
+            .map(|(pin, _)| (pin.set, pin.source, pin.dest))
+            .collect())
     }
 
     /// Put back the owner counts that the last [`Worker::apply`] changed.
     fn undo(&mut self) {
-        for (key, count) in self.undo.drain(..).rev() {
-            if count == 0 {
-                self.owners.remove(&key);
-            } else {
-                self.owners.insert(key, count);
-            }
+        for (key, before) in self.undo.drain(..).rev() {
+            match before {
+                None => self.owners.remove(&key),
+                Some(owned) => self.owners.insert(key, owned),
+            };
         }
     }
 
-    /// Add one element's changes to `changes`, if the kernel needs any.
-    fn stage(&mut self, op: Op, element: Element, changes: &mut Vec<Change>) {
+    /// Add one element's changes to `changes`, if the kernel needs any. `live` holds the pin
+    /// elements known to be in the kernel (see [`Worker::live_pins`]), as this batch leaves
+    /// them so far.
+    fn stage(
+        &mut self,
+        op: Op,
+        element: Element,
+        changes: &mut Vec<Change>,
+        live: &mut HashSet<ElementKey>,
+    ) {
         let key = (element.set, element.source, element.dest);
-        let count = self.owners.get(&key).copied().unwrap_or(0);
-        self.undo.push((key, count));
-        let mut push = |verb| {
+        let before = self.owners.get(&key).cloned();
+        self.undo.push((key, before.clone()));
+        // The element as the kernel holds it now (the value last written for this key).
+        let current = Element {
+            value: before
+                .as_ref()
+                .map_or_else(|| element.value.clone(), |o| o.value.clone()),
+            ..element.clone()
+        };
+        let mut push = |verb, element: &Element| {
             changes.push(Change {
                 verb,
                 element: element.clone(),
             })
         };
+        // A pin element (a set element, no value) is deleted only when it is live, never added
+        // to be deleted (see `live_pins`).
+        let pin = element.value.is_none();
         match op {
-            Op::Install => {
-                let owners = self.owners.entry(key).or_insert(0);
-                if *owners > 0 {
-                    // Already there for another pinhole: replace it, so that the timeout and
-                    // the label are the new pinhole's.
-                    push(Verb::Add);
-                    push(Verb::Delete);
+            Op::Install if pin => {
+                if live.contains(&key) {
+                    // Replace it, so that its timeout and label are the new pinhole's.
+                    push(Verb::Delete, &current);
                 }
-                push(Verb::Add);
-                *owners += 1;
+                push(Verb::Add, &element);
+                live.insert(key);
+                let count = before.as_ref().map_or(0, |o| o.count);
+                self.owners.insert(
+                    key,
+                    Owned {
+                        count: count + 1,
+                        value: None,
+                    },
+                );
+            }
+            Op::Install => {
+                let count = before.as_ref().map_or(0, |o| o.count);
+                // An entry with no owner is one whose removal failed: it may be there.
+                if before.is_some() {
+                    // Already there for another pinhole: replace it, so that the timeout, the
+                    // label and a map's value are the new pinhole's. The add (of what is there,
+                    // a no-op unless the kernel has dropped it) lets the delete succeed either
+                    // way; nft's `add element` alone would not replace a map's value, and one
+                    // with another value than the kernel's is refused with EEXIST.
+                    push(Verb::Add, &current);
+                    push(Verb::Delete, &current);
+                }
+                push(Verb::Add, &element);
+                self.owners.insert(
+                    key,
+                    Owned {
+                        count: count + 1,
+                        value: element.value.clone(),
+                    },
+                );
             }
             Op::Remove => match self.owners.get_mut(&key) {
-                Some(owners) if *owners > 1 => *owners -= 1,
+                Some(owned) if owned.count > 1 => owned.count -= 1,
                 _ => {
-                    self.owners.remove(&key);
-                    // The element may be gone already: the packet path deletes a pin element
-                    // when its connection arrives, and the kernel drops an element when its
+                    // Kept, with no owner, until the removal is known to have succeeded.
+                    self.owners.insert(
+                        key,
+                        Owned {
+                            count: 0,
+                            value: current.value.clone(),
+                        },
+                    );
+                    // A map element may be gone already: the kernel drops an element when its
                     // timeout runs out. So it is added first (a no-op when it exists), and the
                     // delete then succeeds either way. Deleting it alone and ignoring ENOENT
                     // would not do, even over netlink, where the errno of each message is
                     // seen: the kernel aborts the whole batch at a failed message, and with it
                     // every other request batched in. A `destroy` that ignores a missing
                     // element exists only from Linux 6.3 (NFT_MSG_DESTROYSETELEM; Debian 12
-                    // runs 6.1) and is not in nft 1.0.6.
-                    push(Verb::Add);
-                    push(Verb::Delete);
+                    // runs 6.1) and is not in nft 1.0.6. A pin element, which the packet path
+                    // deletes, is deleted only if the kernel still has it (`live_pins`).
+                    if !pin {
+                        push(Verb::Add, &current);
+                        push(Verb::Delete, &current);
+                    } else if live.remove(&key) {
+                        push(Verb::Delete, &current);
+                    }
                 }
             },
         }
@@ -356,6 +583,13 @@ pub(crate) mod tests {
                 Ok(())
             })
         }
+
+        fn present(
+            &mut self,
+            elements: &[Element],
+        ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send {
+            std::future::ready(Ok(vec![true; elements.len()]))
+        }
     }
 
     fn worker() -> Worker<Refuses> {
@@ -366,12 +600,20 @@ pub(crate) mod tests {
         }
     }
 
-    /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
-    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+    /// Stage `op` of `pinhole` as `apply` does when the kernel has every pin element the
+    /// worker knows of (`Refuses::present`), and return its changes.
+    fn stage_all(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<Change> {
+        let mut live: HashSet<ElementKey> = worker.owners.keys().copied().collect();
         let mut changes = Vec::new();
         for element in elements(pinhole).unwrap() {
-            worker.stage(op, element, &mut changes);
+            worker.stage(op, element, &mut changes, &mut live);
         }
+        changes
+    }
+
+    /// Stage one op of `pinhole` and return its changes, e.g. `["add pin_v4", ...]`.
+    fn staged(worker: &mut Worker<Refuses>, op: Op, pinhole: &Pinhole) -> Vec<String> {
+        let changes = stage_all(worker, op, pinhole);
         changes
             .iter()
             .map(|c| {
@@ -388,24 +630,131 @@ pub(crate) mod tests {
     fn shared_elements_stay_until_their_last_owner_closes() {
         let mut worker = worker();
         let p = pinhole();
-        let per_set = |verbs: &[&str]| -> Vec<String> {
-            ["pin_v4", "dnat_v4", "snat_v4"]
-                .iter()
-                .flat_map(|set| verbs.iter().map(move |v| format!("{v} {set}")))
-                .collect()
+        // The pin element first, then the dnat and snat map elements.
+        let sets = |pin: &[&str], maps: &[&str]| -> Vec<String> {
+            let each = |set: &'static str, verbs: &[&str]| -> Vec<String> {
+                verbs.iter().map(|v| format!("{v} {set}")).collect()
+            };
+            [
+                each("pin_v4", pin),
+                each("dnat_v4", maps),
+                each("snat_v4", maps),
+            ]
+            .concat()
         };
-        assert_eq!(staged(&mut worker, Op::Install, &p), per_set(&["add"]));
-        // A second owner replaces each element, refreshing its timeout and label.
         assert_eq!(
             staged(&mut worker, Op::Install, &p),
-            per_set(&["add", "delete", "add"])
+            sets(&["add"], &["add"])
+        );
+        // A second owner replaces each element, refreshing its timeout and label: a live pin
+        // element is deleted and added; a map element is added (what the kernel holds, so that
+        // the delete cannot fail), deleted and added.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            sets(&["delete", "add"], &["add", "delete", "add"])
         );
         assert!(staged(&mut worker, Op::Remove, &p).is_empty());
         assert_eq!(
             staged(&mut worker, Op::Remove, &p),
-            per_set(&["add", "delete"])
+            sets(&["delete"], &["add", "delete"])
         );
+        // Kept with no owner until the removal is known to have succeeded...
+        assert!(worker.owners.values().all(|o| o.count == 0));
+        // ...so that installing the key again replaces whatever may be left of it.
+        assert_eq!(
+            staged(&mut worker, Op::Install, &p),
+            sets(&["delete", "add"], &["add", "delete", "add"])
+        );
+    }
+
+    /// A used pin element (the packet path has deleted it) is neither deleted nor added to be
+    /// deleted: only its map elements are removed.
+    #[test]
+    fn a_used_pin_element_is_left_to_the_kernel() {
+        let mut worker = worker();
+        let p = pinhole();
+        let mut changes = Vec::new();
+        let mut used = HashSet::new();
+        for element in elements(&p).unwrap() {
+            worker.stage(Op::Install, element, &mut Vec::new(), &mut used);
+        }
+        used.clear();
+        for element in elements(&p).unwrap() {
+            worker.stage(Op::Remove, element, &mut changes, &mut used);
+        }
+        let sets: Vec<_> = changes.iter().map(|c| c.element.set).collect();
+        assert_eq!(sets, ["dnat_v4", "dnat_v4", "snat_v4", "snat_v4"]);
+    }
+
+    #[test]
+    fn a_removal_that_succeeds_forgets_its_elements() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let job = |op| Job {
+            op,
+            pinholes: vec![pinhole()],
+            done: oneshot::channel().0,
+        };
+        let mut worker = worker();
+        runtime.block_on(worker.apply(&[job(Op::Install)])).unwrap();
+        runtime.block_on(worker.apply(&[job(Op::Remove)])).unwrap();
         assert!(worker.owners.is_empty());
+        runtime.block_on(worker.apply(&[job(Op::Install)])).unwrap();
+        worker.transaction.0 = true;
+        assert!(runtime.block_on(worker.apply(&[job(Op::Remove)])).is_err());
+        assert_eq!(
+            worker.owners.len(),
+            3,
+            "a failed removal keeps what it knows"
+        );
+    }
+
+    /// A shared public port handed to the same client again, for another server port: the
+    /// dnat element is replaced by delete-then-add, and every add before a delete names the
+    /// value the kernel holds (else it answers EEXIST).
+    #[test]
+    fn a_new_target_on_the_same_key_replaces_the_map_value() {
+        let mut worker = worker();
+        let first = pinhole();
+        let mut second = pinhole();
+        second.dnat = Some("203.0.113.2:40001".parse().unwrap());
+        let dnat_changes = |worker: &mut Worker<Refuses>, op, p: &Pinhole| {
+            stage_all(worker, op, p)
+                .into_iter()
+                .filter(|c| c.element.set == "dnat_v4")
+                .map(|c| (c.verb, c.element.value))
+                .collect::<Vec<_>>()
+        };
+        let to = |port: u16| {
+            Some(Value::Endpoint(SocketAddr::new(
+                "203.0.113.2".parse().unwrap(),
+                port,
+            )))
+        };
+        dnat_changes(&mut worker, Op::Install, &first);
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Install, &second),
+            [
+                (Verb::Add, to(40000)),
+                (Verb::Delete, to(40000)),
+                (Verb::Add, to(40001))
+            ]
+        );
+        // The older pinhole closes first: the element stays, with the newer value.
+        assert!(dnat_changes(&mut worker, Op::Remove, &first).is_empty());
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Remove, &second),
+            [(Verb::Add, to(40001)), (Verb::Delete, to(40001))]
+        );
+        // Also when the newer one closes first and the older one last.
+        dnat_changes(&mut worker, Op::Install, &first);
+        dnat_changes(&mut worker, Op::Install, &second);
+        assert!(dnat_changes(&mut worker, Op::Remove, &second).is_empty());
+        assert_eq!(
+            dnat_changes(&mut worker, Op::Remove, &first),
+            [(Verb::Add, to(40001)), (Verb::Delete, to(40001))]
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ mod uapi {
     pub const NFPROTO_INET: u8 = 1;
 
     pub const NFT_MSG_NEWSETELEM: u16 = 12;
+    pub const NFT_MSG_GETSETELEM: u16 = 13;
     pub const NFT_MSG_DELSETELEM: u16 = 14;
     pub const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
     pub const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -253,6 +254,47 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Read the answers to the gets numbered from `first`, one per element: an acknowledgement
+    /// (after the element itself, which is not read) when the element is there, ENOENT when it
+    /// is not.
+    async fn gather(
+        &mut self,
+        first: u32,
+        elements: &[Element],
+    ) -> Result<Vec<bool>, BackendError> {
+        let mut found: Vec<Option<bool>> = vec![None; elements.len()];
+        let mut left = elements.len();
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        while left > 0 {
+            let n = tokio::time::timeout_at(deadline, self.receive())
+                .await
+                .map_err(|_| BackendError::Netlink {
+                    action: "waiting for the kernel's answer to a get".to_owned(),
+                    errno: libc::ETIMEDOUT,
+                })??;
+            for (seq, errno) in answers(&self.answer[..n]) {
+                let index = seq.wrapping_sub(first) as usize;
+                let Some(slot) = found.get_mut(index).filter(|slot| slot.is_none()) else {
+                    continue;
+                };
+                *slot = Some(match errno {
+                    0 => true,
+                    libc::ENOENT => false,
+                    errno => {
+                        return Err(BackendError::Netlink {
+                            action: format!("get element inet {TABLE} {}", elements[index]),
+                            errno,
+                        })
+                    }
+                });
+                left -= 1;
+            }
+        }
+        Ok(found.into_iter().map(|f| f == Some(true)).collect())
+    }
+}
+
 impl Transaction for Netlink {
     fn commit(
         &mut self,
@@ -271,6 +313,47 @@ impl Transaction for Netlink {
             self.settle(begin, changes).await
         }
     }
+
+    /// One `NFT_MSG_GETSETELEM` per element, all in one datagram. Gets are not batched
+    /// messages: the kernel answers each in turn, during the send call.
+    fn present(
+        &mut self,
+        elements: &[Element],
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send {
+        let first = self.next_seq;
+        let used = u32::try_from(elements.len()).unwrap_or(u32::MAX);
+        self.next_seq = first.wrapping_add(used);
+        let request = encode_gets(elements, first);
+        async move {
+            if elements.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.send(&request?).await?;
+            self.gather(first, elements).await
+        }
+    }
+}
+
+/// A get of each element (its key only), numbered from `first`, each asking for an
+/// acknowledgement so that a found element is answered too.
+fn encode_gets(elements: &[Element], first: u32) -> Result<Vec<u8>, BackendError> {
+    let mut w = Writer::default();
+    let kind = (uapi::NFNL_SUBSYS_NFTABLES << 8) | uapi::NFT_MSG_GETSETELEM;
+    for (i, e) in elements.iter().enumerate() {
+        let seq = first.wrapping_add(u32::try_from(i).unwrap_or(u32::MAX));
+        w.message(kind, uapi::NLM_F_ACK, seq, uapi::NFPROTO_INET, 0, |w| {
+            w.string(uapi::NFTA_SET_ELEM_LIST_TABLE, TABLE)?;
+            w.string(uapi::NFTA_SET_ELEM_LIST_SET, e.set)?;
+            w.nest(uapi::NFTA_SET_ELEM_LIST_ELEMENTS, |w| {
+                w.nest(uapi::NFTA_LIST_ELEM, |w| {
+                    w.nest(uapi::NFTA_SET_ELEM_KEY, |w| {
+                        w.attr(uapi::NFTA_DATA_VALUE, &key(e))
+                    })
+                })
+            })
+        })?;
+    }
+    Ok(w.buf)
 }
 
 /// What a change does, as the nft command that would do it.

@@ -948,7 +948,7 @@ pub fn session_limits_and_idle_timeout() {
         &[
             "220 (vsFTPd 3.0.3)",
             "230",
-            "421 Too many connections; try again later.",
+            "421 Too many connections from your address; close some and try again.",
             "200",
             "227",
             "150",

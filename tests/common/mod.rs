@@ -2107,5 +2107,6 @@ pub mod guides;
 pub mod handover;
 pub mod hostile;
 pub mod operate;
+pub mod ports;
 pub mod service;
 pub mod sniff;
