@@ -42,6 +42,8 @@ pub mod notify;
 pub mod origdst;
 pub mod pinhole;
 pub mod ports;
+#[cfg(test)]
+mod proptest_reach;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
