@@ -7,7 +7,8 @@
 
 use std::cell::Cell;
 
-use proptest::strategy::Strategy;
+use proptest::prelude::*;
+use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// Runs `property` on cases from `strategy` (`PROPTEST_CASES` of them, 256 by default). The
@@ -41,4 +42,54 @@ pub(crate) fn check<S: Strategy>(
         reached > 0 && reached * 100 >= cases * min_percent,
         "only {reached} of {cases} generated cases reached {what} (at least {min_percent} % must)"
     );
+}
+
+/// One edit of a well-formed input, as a careless sender or an attacker might make it: none
+/// (half the time), or one character replaced, inserted or removed. Near misses are built as
+/// structured values and then edited, so that they sit right at the parser's edges; random
+/// strings from a near alphabet almost never come close enough to parse.
+#[derive(Debug, Clone)]
+pub(crate) enum Edit {
+    None,
+    Replace(Index, char),
+    Insert(Index, char),
+    Remove(Index),
+}
+
+impl Edit {
+    /// `text` with the edit made (at a character boundary).
+    pub(crate) fn apply(&self, text: &str) -> String {
+        let mut chars: Vec<char> = text.chars().collect();
+        let at = |i: &Index, len: usize| (len > 0).then(|| i.index(len));
+        match self {
+            Edit::None => {}
+            Edit::Replace(i, c) => {
+                if let Some(at) = at(i, chars.len()) {
+                    chars[at] = *c;
+                }
+            }
+            Edit::Insert(i, c) => chars.insert(i.index(chars.len() + 1), *c),
+            Edit::Remove(i) => {
+                if let Some(at) = at(i, chars.len()) {
+                    chars.remove(at);
+                }
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    pub(crate) fn is_none(&self) -> bool {
+        matches!(self, Edit::None)
+    }
+}
+
+/// An [`Edit`], with characters from the alphabet of host-port and EPRT arguments.
+pub(crate) fn edit() -> impl Strategy<Value = Edit> {
+    let c = || prop::sample::select("0123456789,.|!:+- \tafx\u{ff}".chars().collect::<Vec<_>>());
+    prop_oneof![
+        3 => Just(Edit::None),
+        1 => (any::<Index>(), c()).prop_map(|(i, c)| Edit::Replace(i, c)),
+        1 => (any::<Index>(), c()).prop_map(|(i, c)| Edit::Insert(i, c)),
+        1 => any::<Index>().prop_map(Edit::Remove),
+    ]
 }
