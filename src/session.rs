@@ -1961,10 +1961,11 @@ mod hostile {
         }
     }
 
-    fn assert_code(mode: Mode, line: &[u8], code: &[u8]) {
+    /// Asserts that ftp-alg answers `line` with exactly the three-digit `code` and no pinhole.
+    fn assert_code(mode: Mode, line: &[u8], code: &[u8; 3]) {
         let reply = refusal(mode, line);
         assert!(
-            reply.starts_with(code),
+            reply.starts_with(code) && reply.get(3) == Some(&b' '),
             "{:?} answered {:?}",
             String::from_utf8_lossy(line),
             String::from_utf8_lossy(&reply)
@@ -2072,7 +2073,7 @@ mod hostile {
         ];
         assert_eq!(lines.len(), 40);
         for line in lines {
-            assert_code(Mode::Gateway, line, b"5");
+            assert_code(Mode::Gateway, line, b"501");
         }
     }
 

@@ -461,7 +461,10 @@ mod tests {
         // Byte by byte too.
         let mut t = table();
         let pieces: Vec<&[u8]> = line.chunks(1).collect();
-        assert_eq!(feed(&mut t, SERVER, CLIENT, &pieces).len(), 1);
+        assert_eq!(
+            feed(&mut t, SERVER, CLIENT, &pieces),
+            [announced(CLIENT, SERVER, Kind::Pasv, "203.0.113.2:40001")]
+        );
     }
 
     #[test]
@@ -777,7 +780,13 @@ mod tests {
             }
             pieces.push(&stream[start..]);
             let got = feed(&mut table(), CLIENT, SERVER, &pieces);
-            prop_assert_eq!(got.len(), 2);
+            prop_assert_eq!(
+                got,
+                [
+                    announced(CLIENT, SERVER, Kind::Port, "198.18.0.2:50001"),
+                    announced(CLIENT, SERVER, Kind::Eprt, "198.18.0.2:50002"),
+                ]
+            );
         }
     }
 }
