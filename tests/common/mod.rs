@@ -27,6 +27,9 @@ const ALG: &str = env!("CARGO_BIN_EXE_ftp-alg");
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/gateway-policy.nft");
 /// The one line of the shipped policy that lets ftp-alg's pinholes through.
 const MARK_RULE: &str = "ct mark 0x0000f7a0 accept";
+/// The comment of the counted rules that take the place of [`MARK_RULE`] on the data path
+/// (see [`Setup`]).
+const DATA_PATH: &str = "e2e data path";
 
 const C4: &str = "198.18.0.2";
 const G_LAN4: &str = "198.18.0.1";
@@ -71,6 +74,11 @@ const RAW_CLIENT_PORT: u16 = 50001;
 
 /// The harness kills a client that runs longer; the clients' own timeouts are much shorter.
 const CLIENT_LIMIT: Duration = Duration::from_secs(40);
+/// curl's `--connect-timeout`: a dropped data connection fails after this. curl counts it
+/// from the start of the operation, through the control connection and the login to the
+/// data connection, so it leaves room for a slow login on a loaded machine: with 3 s, a
+/// negative control once timed out before it sent the data connection's SYN at all.
+const CURL_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 /// A client whose data connection is blocked must give up within this.
 const BLOCKED_LIMIT: Duration = Duration::from_secs(20);
 /// How long the pinhole list may take to empty after a session ends.
@@ -172,11 +180,14 @@ impl DataMode {
 /// What G runs and lets through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
-    /// The shipped policy and the daemon.
+    /// The shipped policy and the daemon; the `ct mark` line on the data connections' path
+    /// also counts what it accepts.
     Alg,
-    /// The daemon, but the policy lacks the `ct mark` line on the data connections' path.
+    /// The daemon, but the `ct mark` line on the data connections' path drops what it matches,
+    /// and counts it.
     AlgWithoutMarkRule,
-    /// No daemon; the policy forwards tcp/21 so the control connection works without it.
+    /// No daemon; the policy forwards tcp/21 so the control connection works without it, and
+    /// drops, counted, every other new connection it forwards.
     AlgStopped,
 }
 
@@ -317,6 +328,15 @@ impl Scenario {
             &lab.read(&lab.upload_source_path()),
         );
 
+        // Every data connection (a listing, a download, an upload) was let through by the
+        // `ct mark` line: a pinhole was installed, and used.
+        let marked = lab.data_path_packets();
+        assert!(
+            marked >= 3,
+            "{self:?}: the policy's ct mark line let {marked} connections through, not one per \
+             data operation: did the data bypass the pinholes?"
+        );
+
         let log = ServerLog::read(&lab);
         let verbs = log.data_verbs();
         assert_eq!(
@@ -333,15 +353,16 @@ impl Scenario {
         log.assert_control_from(lab.addrs().server_sees);
     }
 
-    /// The same download with the daemon running but the policy's `ct mark` accept line
-    /// removed from the data connections' path: the control connection works, the data
-    /// connection does not.
+    /// The same download with the daemon running but the policy's `ct mark` line on the data
+    /// connections' path turned into a counted drop: the control connection works, and the
+    /// data connection, marked by its pinhole, is dropped there.
     pub fn blocked_without_mark_rule(self) {
         self.blocked(Setup::AlgWithoutMarkRule);
     }
 
     /// Gateway only: no daemon, tcp/21 forwarded by the policy so that the client talks to the
-    /// server directly: the control connection works, the data connection does not.
+    /// server directly: the control connection works, and the data connection is dropped by a
+    /// counted rule in front of the forward chain's policy.
     pub fn blocked_when_alg_stopped(self) {
         assert!(
             matches!(self.topology, Topology::Gateway(_)),
@@ -350,8 +371,22 @@ impl Scenario {
         self.blocked(Setup::AlgStopped);
     }
 
+    /// The download fails, and the firewall's drop is why: the counted rule dropped the data
+    /// connection, and the client failed the way a dropped connection fails (curl's connect
+    /// timed out, or the server's did and it answered 425). Curl cells only: exit code 28 is
+    /// curl's "timeout".
     fn blocked(self, setup: Setup) {
+        assert_eq!(
+            self.client,
+            Client::Curl,
+            "{self:?}: negative controls run with curl"
+        );
         let mut lab = self.lab(setup);
+        assert_eq!(
+            lab.data_path_packets(),
+            0,
+            "{self:?}: counted before any transfer"
+        );
         let run = lab.client_session(self.client, self.mode, &[Op::Download]);
         assert!(
             !run.status.success(),
@@ -387,6 +422,31 @@ impl Scenario {
             !log.responses().iter().any(|r| r.starts_with("226")),
             "{self:?} {setup:?}: the server completed a transfer"
         );
+        let dropped = lab.data_path_packets();
+        assert!(
+            dropped > 0,
+            "{self:?} {setup:?}: the firewall dropped no data connection, so something else \
+             failed\n{}",
+            run.transcript
+        );
+        if self.mode.passive() {
+            // A timeout is 28; curl 7.88 reports a timed-out EPSV data connection over IPv6 as
+            // 8, "Failed to connect". A refused or unreachable port fails at once instead.
+            let timed_out = matches!(run.status.code(), Some(28) | Some(8));
+            assert!(
+                timed_out && run.elapsed >= CURL_CONNECT_TIMEOUT,
+                "{self:?} {setup:?}: curl should time out connecting to the dropped data port\n{}",
+                run.transcript
+            );
+        } else {
+            assert!(
+                log.responses().iter().any(|r| r.starts_with("425")),
+                "{self:?} {setup:?}: the server should answer 425 when its data connection is \
+                 dropped: {:?}\n{}",
+                log.responses(),
+                run.transcript
+            );
+        }
         if setup == Setup::AlgStopped {
             log.assert_control_from(lab.addrs().client);
         } else {
@@ -1226,8 +1286,10 @@ impl Lab {
         must(self.exec(&self.gateway_ns(), &[&["nft"], args].concat()));
     }
 
-    /// Deletes the shipped `ct mark` accept rule from `chain`.
-    fn delete_mark_rule(&self, chain: &str) {
+    /// Replaces the shipped `ct mark` accept rule of `chain` by the same match, counted, with
+    /// `verdict` (and [`DATA_PATH`] for a comment), so that the test can tell how many
+    /// connections the pinholes marked on the data path.
+    fn count_mark_rule(&self, chain: &str, verdict: &str) {
         let listing = must(self.exec(
             &self.gateway_ns(),
             &["nft", "-a", "list", "chain", "inet", "gateway", chain],
@@ -1238,9 +1300,30 @@ impl Lab {
             .and_then(|l| l.rsplit_once("# handle "))
             .map(|(_, h)| h.trim().to_owned())
             .unwrap_or_else(|| panic!("no `{MARK_RULE}` rule in chain {chain}:\n{listing}"));
+        let rule = format!("ct mark 0x0000f7a0 counter {verdict} comment \"{DATA_PATH}\"");
         self.nft(&[
-            "delete", "rule", "inet", "gateway", chain, "handle", &handle,
+            "replace", "rule", "inet", "gateway", chain, "handle", &handle, &rule,
         ]);
+    }
+
+    /// The packets counted so far by G's [`DATA_PATH`] rules. Only a connection's first
+    /// packet reaches them (the policy accepts established ones before), so this is about the
+    /// number of data connections that met them, counting retransmitted SYNs.
+    fn data_path_packets(&self) -> u64 {
+        let text = must(self.exec(
+            &self.gateway_ns(),
+            &["nft", "-j", "list", "table", "inet", "gateway"],
+        ));
+        let json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("nft -j printed {text:?}: {e}"));
+        let rules = json["nftables"].as_array().into_iter().flatten();
+        rules
+            .filter_map(|o| o.get("rule"))
+            .filter(|r| r["comment"] == DATA_PATH)
+            .flat_map(|r| r["expr"].as_array().into_iter().flatten())
+            .filter_map(|e| e.get("counter"))
+            .map(|c| c["packets"].as_u64().unwrap_or(0))
+            .sum()
     }
 
     /// The shipped default-deny policy, plus what the topology needs, minus what `setup` takes
@@ -1270,19 +1353,31 @@ impl Lab {
             }
             self.nft(&["chain inet gateway output { policy drop; }"]);
         }
+        // The chains a data connection's first packet crosses in G.
+        let data_chains: &[&str] = match self.topology {
+            Topology::Gateway(_) | Topology::Reverse(_) => &["forward"],
+            Topology::Sidecar(_) => &["input", "output"],
+        };
         match setup {
-            Setup::Alg => {}
-            Setup::AlgWithoutMarkRule => match self.topology {
-                Topology::Gateway(_) | Topology::Reverse(_) => self.delete_mark_rule("forward"),
-                Topology::Sidecar(_) => {
-                    self.delete_mark_rule("input");
-                    self.delete_mark_rule("output");
+            Setup::Alg => {
+                for chain in data_chains {
+                    self.count_mark_rule(chain, "accept");
                 }
-            },
+            }
+            Setup::AlgWithoutMarkRule => {
+                for chain in data_chains {
+                    self.count_mark_rule(chain, "drop");
+                }
+            }
             Setup::AlgStopped => {
                 self.nft(&[
                     "add", "rule", "inet", "gateway", "forward", "tcp", "dport", "21", "accept",
                 ]);
+                // Every other new connection, the data connections among them, is dropped by
+                // the chain's policy; this rule drops them first, and counts them.
+                let rule =
+                    format!("ct state new tcp dport != 21 counter drop comment \"{DATA_PATH}\"");
+                self.nft(&["add rule inet gateway forward", &rule]);
             }
         }
     }
@@ -1710,9 +1805,9 @@ impl Lab {
                     "--noproxy",
                     "*",
                     "--max-time",
-                    "10",
+                    "15",
                     "--connect-timeout",
-                    "3",
+                    &CURL_CONNECT_TIMEOUT.as_secs().to_string(),
                     "--user",
                     &format!("{user}:{password}"),
                 ]
