@@ -148,11 +148,11 @@ pub enum Client {
 /// How the data connection is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataMode {
-    /// PASV; the client dials the address announced in the 227 reply.
+    /// PASV; the client dials the address announced in the 227 reply. Through ftp-alg that
+    /// address is always the client's control peer (the server's in gateway mode, the one the
+    /// client dialled in reverse mode), so a client that ignores it (curl's and ftplib's
+    /// default) dials the same endpoint: the matrix has no separate cell for that.
     Pasv,
-    /// PASV; the client ignores the 227 address and dials its control peer (the default of
-    /// curl and ftplib).
-    PasvSkipIp,
     /// EPSV.
     Epsv,
     /// PORT (active).
@@ -165,7 +165,7 @@ impl DataMode {
     /// The command the server must receive for this mode.
     fn verb(self) -> &'static str {
         match self {
-            DataMode::Pasv | DataMode::PasvSkipIp => "PASV",
+            DataMode::Pasv => "PASV",
             DataMode::Epsv => "EPSV",
             DataMode::Port => "PORT",
             DataMode::Eprt => "EPRT",
@@ -173,7 +173,7 @@ impl DataMode {
     }
 
     fn passive(self) -> bool {
-        matches!(self, DataMode::Pasv | DataMode::PasvSkipIp | DataMode::Epsv)
+        matches!(self, DataMode::Pasv | DataMode::Epsv)
     }
 }
 
@@ -235,16 +235,13 @@ macro_rules! scenarios {
     (@V4 $topology:ident, $server:ident, $negatives:tt) => {
         $crate::common::scenarios!(@cells $topology(V4), $server;
             lftp_pasv: Lftp, Pasv, [];
-            lftp_pasv_skip_ip: Lftp, PasvSkipIp, [];
             lftp_epsv: Lftp, Epsv, [];
             lftp_port: Lftp, Port, [];
             curl_pasv: Curl, Pasv, $negatives;
-            curl_pasv_skip_ip: Curl, PasvSkipIp, $negatives;
             curl_epsv: Curl, Epsv, $negatives;
             curl_port: Curl, Port, $negatives;
             curl_eprt: Curl, Eprt, $negatives;
             ftplib_pasv: Ftplib, Pasv, [];
-            ftplib_pasv_skip_ip: Ftplib, PasvSkipIp, [];
             ftplib_epsv: Ftplib, Epsv, [];
             ftplib_port: Ftplib, Port, [];
             ftplib_eprt: Ftplib, Eprt, [];
@@ -476,7 +473,7 @@ impl Client {
     /// the cells that [`scenarios!`] leaves out of the matrix.
     fn unsupported(self, mode: DataMode, family: Family) -> Option<&'static str> {
         match (self, mode, family) {
-            (_, DataMode::Pasv | DataMode::PasvSkipIp | DataMode::Port, Family::V6) => {
+            (_, DataMode::Pasv | DataMode::Port, Family::V6) => {
                 Some("the 227 reply to PASV and the PORT command carry IPv4 addresses only")
             }
             (Client::Lftp, DataMode::Eprt, Family::V4) => {
@@ -733,7 +730,7 @@ impl RawSession {
 /// EPSV and EPRT over IPv6; the two overrides make it send EPSV and EPRT over IPv4 too.
 const FTPLIB_CLIENT: &str = r#"
 """usage: HOST PORT USER PASSWORD MODE (LIST | RETR REMOTE LOCAL | STOR LOCAL REMOTE)...
-MODE: pasv (dial the 227 address), pasv-skip-ip (dial the control peer), epsv, port, eprt"""
+MODE: pasv (dial the 227 address), epsv, port, eprt"""
 import ftplib, sys
 
 host, port, user, password, mode, *ops = sys.argv[1:]
@@ -753,7 +750,7 @@ ftp = Client(timeout=5)
 ftp.trust_server_pasv_ipv4_address = mode == "pasv"
 ftp.connect(host, int(port))
 ftp.login(user, password)
-ftp.set_pasv(mode in ("pasv", "pasv-skip-ip", "epsv"))
+ftp.set_pasv(mode in ("pasv", "epsv"))
 args = iter(ops)
 for op in args:
     if op == "LIST":
@@ -1768,16 +1765,13 @@ impl Lab {
                     "set ftp:use-site-utime no",
                     "set ftp:use-site-utime2 no",
                     "set ftp:fix-pasv-address no",
+                    "set ftp:ignore-pasv-address no",
                     "set xfer:clobber on",
                 ]
                 .map(String::from)
                 .to_vec();
                 script.push(format!("set ftp:passive-mode {}", mode.passive()));
                 script.push(format!("set ftp:prefer-epsv {}", mode == DataMode::Epsv));
-                script.push(format!(
-                    "set ftp:ignore-pasv-address {}",
-                    mode == DataMode::PasvSkipIp
-                ));
                 script.push(format!("open -u {user},{password} ftp://{host}"));
                 for op in ops {
                     script.push(match op {
@@ -1816,7 +1810,6 @@ impl Lab {
                 args.extend(
                     match mode {
                         DataMode::Pasv => &["--disable-epsv", "--no-ftp-skip-pasv-ip"][..],
-                        DataMode::PasvSkipIp => &["--disable-epsv", "--ftp-skip-pasv-ip"],
                         DataMode::Epsv => &["--ftp-pasv"],
                         DataMode::Port => &["--ftp-port", "-", "--disable-eprt"],
                         DataMode::Eprt => &["--ftp-port", "-"],
@@ -1848,7 +1841,6 @@ impl Lab {
                 fs::write(&script, FTPLIB_CLIENT).expect("write the ftplib client");
                 let mode = match mode {
                     DataMode::Pasv => "pasv",
-                    DataMode::PasvSkipIp => "pasv-skip-ip",
                     DataMode::Epsv => "epsv",
                     DataMode::Port => "port",
                     DataMode::Eprt => "eprt",
