@@ -81,8 +81,10 @@ const CLIENT_LIMIT: Duration = Duration::from_secs(40);
 const CURL_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 /// A client whose data connection is blocked must give up within this.
 const BLOCKED_LIMIT: Duration = Duration::from_secs(20);
-/// How long the pinhole list may take to empty after a session ends.
-const PINHOLES_GONE_WITHIN: Duration = Duration::from_secs(2);
+/// How long the pinhole list may take to empty after a session ends: a third of the pinholes'
+/// kernel timeout, so that an empty list still shows the daemon removed them, with room for a
+/// loaded machine.
+const PINHOLES_GONE_WITHIN: Duration = Duration::from_secs(PINHOLE_TIMEOUT_SECS / 3);
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
@@ -1940,19 +1942,18 @@ impl Lab {
             .unwrap_or_else(|e| panic!("pinholes list --json printed {text:?}: {e}"))
     }
 
+    /// Waits until the kernel holds none of the daemon's pinholes, failing after
+    /// [`PINHOLES_GONE_WITHIN`].
     fn assert_no_pinholes_left(&self) {
-        let deadline = Instant::now() + PINHOLES_GONE_WITHIN;
-        loop {
-            let left = self.pinholes();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pinholes still open {PINHOLES_GONE_WITHIN:?} after the session ended: {left:#?}"
-            );
-            sleep(Duration::from_millis(100));
-        }
+        let mut left = Vec::new();
+        let gone = wait_for(PINHOLES_GONE_WITHIN, || {
+            left = self.pinholes();
+            left.is_empty().then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "pinholes still open {PINHOLES_GONE_WITHIN:?} after the session ended: {left:#?}"
+        );
     }
 
     fn dump_diagnostics(&self) {
@@ -2095,6 +2096,22 @@ fn find_tool(tool: &str) -> Option<PathBuf> {
 }
 
 /// Runs `cmd` and returns its stdout; panics with its stderr unless it succeeds.
+/// Calls `check` until it yields a value, every 50 ms, for at most `within`: tests wait for
+/// the state they need, with a bound, instead of sleeping and sampling it once. `None` if it
+/// never came.
+fn wait_for<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
 fn must(mut cmd: Command) -> String {
     let out = cmd
         .output()

@@ -161,14 +161,10 @@ pub fn operator_cli_against_a_running_daemon() {
     assert_eq!(killed.trim(), format!("session {session_id} is ending"));
     client.resume();
     assert_replies("after the kill", &client.finish(), &[KILLED, "(closed)"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while json(&lab, &["sessions", "list", "--json"]) != serde_json::json!([]) {
-        assert!(
-            Instant::now() < deadline,
-            "the killed session is still listed"
-        );
-        sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_for(Duration::from_secs(10), || no_sessions(&lab)).is_some(),
+        "the killed session is still listed 10 s later"
+    );
     let again = run(lab.alg_cli(&["sessions", "kill", &session_id.to_string()]));
     assert_exit(&again, 4, "no session");
 
@@ -204,8 +200,8 @@ fn assert_json_logs_without_secrets(lab: &Lab, session_id: u64) {
 }
 
 /// A client that floods commands and never reads: once its receive window is full the
-/// daemon's writes to it block (the test sees the daemon's send queue to it fill up). The
-/// operator can still end it: `sessions kill` removes it within seconds.
+/// daemon's writes to it block (the test waits until it sees the daemon's send queue to it
+/// stay filled). The operator can still end it: `sessions kill` removes it within seconds.
 pub fn a_client_that_does_not_read_can_still_be_killed() {
     let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::Alg);
     let mut client = PyClient::in_client(&mut lab, NOT_READING);
@@ -215,48 +211,46 @@ pub fn a_client_that_does_not_read_can_still_be_killed() {
         Some([session]) => session["id"].as_u64().expect("an id"),
         _ => panic!("one session: {sessions:#}"),
     };
-    let queued = must(lab.exec(
-        &lab.gateway_ns(),
-        &["ss", "-tnH", "state", "established", "( sport = :2121 )"],
-    ));
-    let send_q: u64 = queued
-        .split_whitespace()
-        .nth(1)
-        .and_then(|q| q.parse().ok())
-        .unwrap_or_else(|| panic!("ss printed {queued:?}"));
+    let mut queued = String::new();
+    let stuck = wait_for(Duration::from_secs(10), || {
+        queued = must(lab.exec(
+            &lab.gateway_ns(),
+            &["ss", "-tnH", "state", "established", "( sport = :2121 )"],
+        ));
+        let send_q: u64 = queued
+            .split_whitespace()
+            .nth(1)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or_else(|| panic!("ss printed {queued:?}"));
+        (send_q > 0).then_some(send_q)
+    });
     assert!(
-        send_q > 0,
-        "the daemon's writes to the client must be stuck: {queued}"
+        stuck.is_some(),
+        "the daemon's writes to the client must be stuck within 10 s: {queued}"
     );
 
     must(lab.alg_cli(&["sessions", "kill", &id.to_string()]));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while json(&lab, &["sessions", "list", "--json"]) != serde_json::json!([]) {
-        assert!(
-            Instant::now() < deadline,
-            "a session blocked writing to its client survived `sessions kill`"
-        );
-        sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_for(Duration::from_secs(10), || no_sessions(&lab)).is_some(),
+        "a session blocked writing to its client survived `sessions kill` by 10 s"
+    );
     client.resume();
     assert_replies("after the kill", &client.finish(), &["(closed)"]);
 }
 
 /// Connects with a small receive buffer, reads nothing, and sends NOOPs until its own writes
-/// block; after the checkpoint it drains what it was sent until the daemon closes.
+/// block for a second (the daemon has stopped reading it: its replies cannot be written);
+/// after the checkpoint it drains what it was sent until the daemon closes.
 const NOT_READING: &str = r#"
-import threading, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 s.connect((HOST, 21))
-def flood():
-    try:
-        while True:
-            s.sendall(b"NOOP\r\n" * 1000)
-    except OSError:
-        pass
-threading.Thread(target=flood, daemon=True).start()
-time.sleep(3)
+s.settimeout(1)
+try:
+    while True:
+        s.sendall(b"NOOP\r\n" * 1000)
+except socket.timeout:
+    pass
 checkpoint("wedged")
 s.settimeout(10)
 try:
@@ -368,6 +362,11 @@ fn assert_exit(out: &Output, code: i32, says: &str) {
 }
 
 /// `ftp-alg ARGS` in G, parsed as JSON.
+/// `Some` once `sessions list` shows no session.
+fn no_sessions(lab: &Lab) -> Option<()> {
+    (json(lab, &["sessions", "list", "--json"]) == serde_json::json!([])).then_some(())
+}
+
 fn json(lab: &Lab, args: &[&str]) -> Value {
     let text = must(lab.alg_cli(args));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed {text:?}: {e}"))
