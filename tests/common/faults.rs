@@ -22,6 +22,10 @@ const SHORT_TIMEOUT_SECS: u64 = 3;
 const DEAD_PORT: u16 = 2199;
 /// `proxy.connect_timeout_secs` of the unreachable-upstream test.
 const CONNECT_TIMEOUT_SECS: u64 = 2;
+/// How long a daemon may take to exit after SIGTERM once nothing holds it (its grace period
+/// over or its last session ended): a bound for a loaded machine, not a measurement; the
+/// grace periods it must be told from are 20 s.
+const STOPS_WITHIN: Duration = Duration::from_secs(10);
 /// The SIGTERM tests that are not about the grace period keep it short.
 const SHORT_GRACE: &str = "[limits]\nshutdown_grace_secs = 1\n";
 /// What the nft wrapper says on stderr when it refuses a pinhole transaction.
@@ -238,17 +242,20 @@ pub fn upstream_unreachable() {
         &[refused, CLOSED, refused, CLOSED],
     );
 
+    // Each 421 is timed against the connect timeout alone: the refused one comes before it
+    // could run out, the dropped ones not before it has. Any later is still the timeout's
+    // doing (the kernel would retry a SYN for a minute), however loaded the machine.
+    let timeout = CONNECT_TIMEOUT_SECS as f64;
     let refused_within = took(&lab, "refused");
     assert!(
-        refused_within < 1.0,
+        refused_within < timeout,
         "a refused upstream must be answered at once, not after {refused_within} s"
     );
-    let timeout = CONNECT_TIMEOUT_SECS as f64;
     for name in ["dropped", "again"] {
         let t = took(&lab, name);
         assert!(
-            (timeout..timeout + 1.0).contains(&t),
-            "{name}: 421 after {t} s, expected after the {timeout} s connect timeout"
+            t >= timeout,
+            "{name}: 421 after {t} s, before the {timeout} s connect timeout"
         );
     }
     let unreachable = daemon_log_lines(&lab, "upstream server unreachable");
@@ -265,9 +272,11 @@ pub fn upstream_unreachable() {
 }
 
 /// Many control connections to an upstream that refuses, then many at once to one that drops
-/// SYNs, so each waits out the connect timeout: every one is answered 421, and the daemon holds
-/// exactly the file descriptors and threads it held before the first one. A leaked socket, or a
-/// session task that never ends (it holds its client's socket), would show as a larger count.
+/// SYNs, so each waits out the connect timeout: every one is answered 421, and the daemon gets
+/// back to exactly the file descriptors it held before the first one, with no session left.
+/// A leaked socket, or a session task that never ends (it holds its client's socket and its
+/// place among the daemon's sessions), would keep either count up. Threads are not counted:
+/// the daemon's single-threaded runtime runs every task on one thread, so they cannot leak.
 pub fn unreachable_upstreams_leak_nothing() {
     let mut lab = lab_with(Topology::Reverse(Family::V4), "", |lab| {
         format!(
@@ -277,6 +286,7 @@ pub fn unreachable_upstreams_leak_nothing() {
         )
     });
     let before = daemon_resources(&lab);
+    assert_eq!(before.sessions, 0, "{before:?}");
     let mut client = script(
         &mut lab,
         &format!("REFUSED = {REFUSED_BURST}\nDROPPED = {DROPPED_BURST}\n{UNREACHABLE_BURSTS}"),
@@ -286,7 +296,7 @@ pub fn unreachable_upstreams_leak_nothing() {
         [format!("{REFUSED_BURST} x 421")],
         "every refused upstream is answered 421"
     );
-    let after_refused = daemon_resources(&lab);
+    let after_refused = back_to(&lab, before, "the refused burst");
     drop_syns_to_dead_port(&lab);
     client.resume();
     assert_eq!(
@@ -294,18 +304,10 @@ pub fn unreachable_upstreams_leak_nothing() {
         [format!("{DROPPED_BURST} x 421")],
         "every upstream that never answers is answered 421"
     );
-    let after_dropped = daemon_resources(&lab);
+    let after_dropped = back_to(&lab, before, "the timed-out burst");
     println!(
-        "daemon (fds, threads): at start {before:?}, after {REFUSED_BURST} refused \
-         {after_refused:?}, after {DROPPED_BURST} timed out {after_dropped:?}"
-    );
-    assert_eq!(
-        after_refused, before,
-        "(fds, threads) after the refused burst"
-    );
-    assert_eq!(
-        after_dropped, before,
-        "(fds, threads) after the timed-out burst"
+        "daemon: at start {before:?}, after {REFUSED_BURST} refused {after_refused:?}, after \
+         {DROPPED_BURST} timed out {after_dropped:?}"
     );
     assert_daemon_runs(&mut lab);
 }
@@ -343,31 +345,40 @@ for t in threads:
 emit(reply=f"{sum(results)} x 421")
 "#;
 
-/// The daemon's open file descriptors and threads, from /proc. Connections still closing are
-/// given a moment: the count is read until it stops changing.
-fn daemon_resources(lab: &Lab) -> (usize, usize) {
+/// What a daemon could leak: its open file descriptors (from /proc), and its sessions (from
+/// `ftp-alg status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resources {
+    fds: usize,
+    sessions: u64,
+}
+
+fn daemon_resources(lab: &Lab) -> Resources {
+    let status = must(lab.alg_cli(&["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_str(&status)
+        .unwrap_or_else(|e| panic!("status --json printed {status:?}: {e}"));
+    let sessions = status["sessions"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no session count: {status:#}"));
+    // Read after `status` has returned: its control connection is then no longer counted.
     let pid = lab.alg.as_ref().expect("the daemon was started").id();
-    let read = || {
-        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-            .expect("the daemon's fds")
-            .count();
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
-        let threads = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("a Threads: line");
-        (fds, threads)
-    };
-    let mut last = read();
-    loop {
-        sleep(Duration::from_millis(300));
-        let now = read();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's fds")
+        .count();
+    Resources { fds, sessions }
+}
+
+/// Waits, up to 10 s, until the daemon holds what it held `before` (the connections of a burst
+/// may still be closing when the client has its answers), and says which counts stayed up.
+fn back_to(lab: &Lab, before: Resources, after: &str) -> Resources {
+    let mut last = before;
+    let settled = wait_for(Duration::from_secs(10), || {
+        last = daemon_resources(lab);
+        (last == before).then_some(last)
+    });
+    settled.unwrap_or_else(|| {
+        panic!("after {after} the daemon still holds {last:?}, not {before:?}, 10 s later")
+    })
 }
 
 /// The server's host drops SYNs to [`DEAD_PORT`] from now on.
@@ -408,8 +419,9 @@ pub fn client_vanishing_mid_transfer() {
     });
     download_under_way(&mut lab, "").vanish();
     let vanished = Instant::now();
-    // Well within the default `pinholes.timeout_secs` of the harness: the daemon's doing.
-    let deadline = vanished + Duration::from_secs(3);
+    // Well within the harness's `pinholes.timeout_secs` (30 s): the daemon's doing, not the
+    // kernel's, with room for a loaded machine.
+    let deadline = vanished + Duration::from_secs(10);
     by(deadline, "the vanished client's pinhole is removed", || {
         lab.pinholes().is_empty()
     });
@@ -438,8 +450,8 @@ pub fn sigterm_removes_every_pinhole() {
         "one pinhole waiting for PASV's connection: {pinholes:#?}"
     );
     let status = lab
-        .stop_alg("TERM", Duration::from_secs(3))
-        .expect("the daemon still runs 3 s after SIGTERM");
+        .stop_alg("TERM", STOPS_WITHIN)
+        .expect("the daemon still runs after SIGTERM");
     assert_eq!(status.code(), Some(0), "the daemon's exit status");
     // The chains stay (see `sigterm_during_a_transfer`), the pinholes go.
     assert!(
@@ -492,8 +504,8 @@ pub fn sigterm_during_a_transfer() {
     });
     let mut client = download_under_way(&mut lab, FINISH_DOWNLOAD);
     let status = lab
-        .stop_alg("TERM", Duration::from_secs(3))
-        .expect("the daemon still runs 3 s after SIGTERM");
+        .stop_alg("TERM", STOPS_WITHIN)
+        .expect("the daemon still runs after SIGTERM");
     assert_eq!(status.code(), Some(0), "the daemon's exit status");
     client.resume();
     download_completes(&lab, client);
@@ -588,10 +600,9 @@ fn script(lab: &mut Lab, body: &str) -> PyClient {
 
 /// Waits until `done` holds, failing the test if it does not by `deadline`.
 fn by(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) {
-    while !done() {
-        assert!(Instant::now() < deadline, "not by the deadline: {what}");
-        sleep(Duration::from_millis(100));
-    }
+    let within = deadline.saturating_duration_since(Instant::now());
+    let held = wait_for(within, || done().then_some(()));
+    assert!(held.is_some(), "not by the deadline: {what}");
 }
 
 /// The handle of the daemon's table in G; `None` when `nft list table inet ftp_alg` fails
@@ -665,8 +676,8 @@ pub fn sigterm_lets_open_sessions_finish() {
         &["new session refused", "200", "227", "150", "226", "221"],
     );
     let status = lab
-        .wait_alg(Duration::from_secs(3))
-        .expect("the daemon exits once its last session has ended");
+        .wait_alg(STOPS_WITHIN)
+        .expect("the daemon exits once its last session has ended, not after its 20 s grace");
     assert_eq!(status.code(), Some(0), "the daemon's exit status");
     assert!(
         lab.pinholes().is_empty(),
