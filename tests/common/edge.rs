@@ -244,7 +244,8 @@ pub fn abor_from_lftp() {
         &mut lab,
         &[
             format!("get {BIG_FILE} -o {partial} &"),
-            "sleep 1".to_owned(),
+            // Abort only once data arrives (vsftpd has sent its 150 by then), within 20 s.
+            format!("!timeout 20 sh -c 'until [ -s {partial} ]; do sleep 0.05; done'"),
             "kill all".to_owned(),
             "ls".to_owned(),
         ],
@@ -986,7 +987,7 @@ with open(os.path.join(DIR, "slow.bin"), "wb") as f:
     ftp.retrbinary("RETR data.bin", f.write)
 with open(os.path.join(DIR, "took.txt"), "w") as f:
     f.write(str(time.monotonic() - start))
-time.sleep(3)
+# The idle timeout's 421, however long it takes to come (up to the socket's 10 s).
 ftp.getmultiline()
 "#;
 
@@ -1042,23 +1043,39 @@ with open(os.path.join(DIR, "got.bin"), "wb") as f:
 ftp.quit()
 "#;
 
-/// `policy.deny_servers`: a gateway client that dials a denied server gets 421 from the gateway,
-/// and the server never sees the connection.
+/// `policy.deny_servers`: a gateway client that dials a denied server gets 421 from the gateway
+/// and the connection closes; the command it sends anyway reaches nobody: the server never
+/// sees the connection (it logs no greeting and no command).
 pub fn denied_server_network_gets_421() {
     let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::AlgStopped);
     lab.alg_config = "[policy]\ndeny_servers = [\"203.0.113.0/24\"]\n".to_owned();
     lab.start_alg();
-    let replies = PyClient::in_client(&mut lab, GREETING_ONLY_SCRIPT).finish();
-    assert_replies("replies", &replies, &["421 Not allowed by gateway policy."]);
+    let replies = PyClient::in_client(&mut lab, DENIED_SCRIPT).finish();
+    assert_replies(
+        "replies",
+        &replies,
+        &["421 Not allowed by gateway policy.", "(closed)"],
+    );
+    let log = ServerLog::read(&lab);
     assert!(
-        ServerLog::read(&lab).commands().is_empty(),
-        "the denied server was reached"
+        log.commands().is_empty() && log.responses().is_empty(),
+        "the denied server was reached: {:?} {:?}",
+        log.commands(),
+        log.responses()
     );
 }
 
-const GREETING_ONLY_SCRIPT: &str = r#"
+/// Reads the greeting, sends USER anyway, and reads until the gateway closes.
+const DENIED_SCRIPT: &str = r#"
 control = socket.create_connection((HOST, 21), timeout=10)
-emit(reply=control.makefile("rb").readline().decode().rstrip("\r\n"))
+reader = control.makefile("rb")
+emit(reply=reader.readline().decode().rstrip("\r\n"))
+try:
+    control.sendall(b"USER anonymous\r\n")
+    rest = reader.read()
+except OSError:
+    rest = b""
+emit(reply=rest.decode() or "(closed)")
 "#;
 
 /// A gateway does not proxy to its own addresses (nor to loopback, link-local or multicast
