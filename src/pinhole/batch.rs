@@ -550,6 +550,8 @@ impl<T: Transaction> Worker<T> {
 pub(crate) mod tests {
     use super::*;
     use crate::pinhole::Label;
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     /// A pinhole with all three elements (reverse mode, passive).
@@ -784,6 +786,109 @@ pub(crate) mod tests {
         assert_ne!(worker.owners, before);
         worker.undo();
         assert_eq!(worker.owners, before);
+    }
+
+    /// A kernel for the worker to commit to, like nf_tables: a transaction applies all its
+    /// changes or none, an add of an element already there changes nothing, a delete of one
+    /// that is not there fails the transaction. It also refuses every transaction that touches
+    /// an element dialled at `poisoned`, and records each transaction's outcome.
+    #[derive(Clone)]
+    struct Kernel {
+        elements: Arc<Mutex<HashSet<ElementKey>>>,
+        outcomes: Arc<Mutex<Vec<bool>>>,
+        poisoned: SocketAddr,
+    }
+
+    impl Transaction for Kernel {
+        fn commit(
+            &mut self,
+            changes: &[Change],
+        ) -> impl Future<Output = Result<(), BackendError>> + Send {
+            let mut elements = self.elements.lock().unwrap();
+            let mut after = elements.clone();
+            let applied = !changes.iter().any(|c| c.element.dest == self.poisoned)
+                && changes.iter().all(|c| {
+                    let key = (c.element.set, c.element.source, c.element.dest);
+                    match c.verb {
+                        Verb::Add => {
+                            after.insert(key);
+                            true
+                        }
+                        Verb::Delete => after.remove(&key),
+                    }
+                });
+            if applied {
+                *elements = after;
+            }
+            self.outcomes.lock().unwrap().push(applied);
+            std::future::ready(if applied {
+                Ok(())
+            } else {
+                Err(BackendError::Invalid("refused".into()))
+            })
+        }
+    }
+
+    /// The worker's own path for a refused batch: it undoes the batch's owner counts, then
+    /// applies each request alone. Only the bad request fails; the others' pinholes are in
+    /// the kernel exactly as if each had come alone, an element they share (the SNAT element
+    /// here) stays until its last owner is removed, and then goes.
+    #[test]
+    fn a_refused_batch_is_undone_and_retried_one_by_one() {
+        let at = |port: u16| Pinhole {
+            dial: SocketAddr::from(([198, 18, 0, 1], port)),
+            ..pinhole()
+        };
+        let (a, bad, b) = (at(61000), at(61001), at(61002));
+        let kernel = Kernel {
+            elements: Arc::default(),
+            outcomes: Arc::default(),
+            poisoned: bad.dial,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let firewall = runtime.block_on(async { Firewall::start(kernel.clone()) });
+        let results = runtime.block_on(async {
+            // Queued before the worker first runs, so they make one batch.
+            let install_a = firewall.install(vec![a.clone()]);
+            let install_bad = firewall.install(vec![bad]);
+            let install_b = firewall.install(vec![b.clone()]);
+            let remove_a = firewall.remove(vec![a]);
+            [
+                install_a.await.is_ok(),
+                install_bad.await.is_ok(),
+                install_b.await.is_ok(),
+                remove_a.await.is_ok(),
+            ]
+        });
+        assert_eq!(
+            results,
+            [true, false, true, true],
+            "install a, bad, b; remove a"
+        );
+        assert_eq!(
+            *kernel.outcomes.lock().unwrap(),
+            [false, true, false, true, true],
+            "the batch, then each request alone"
+        );
+        let expected: HashSet<ElementKey> = elements(&b)
+            .unwrap()
+            .iter()
+            .map(|e| (e.set, e.source, e.dest))
+            .collect();
+        assert_eq!(
+            *kernel.elements.lock().unwrap(),
+            expected,
+            "b's elements only"
+        );
+        // Owner counts left as the refused batch staged them would keep b's elements now.
+        let removed = runtime.block_on(firewall.remove(vec![b]));
+        assert!(removed.is_ok());
+        assert!(
+            kernel.elements.lock().unwrap().is_empty(),
+            "b's elements removed"
+        );
     }
 
     #[test]
