@@ -19,6 +19,11 @@ fn bypassing_sessions_have_no_pinhole() {
 }
 
 #[test]
+fn a_refused_port_has_no_pinhole_while_the_table_exists() {
+    sniff::a_refused_port_has_no_pinhole_while_the_table_exists();
+}
+
+#[test]
 fn errors_and_exit_codes() {
     sniff::errors_and_exit_codes();
 }

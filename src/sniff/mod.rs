@@ -499,7 +499,7 @@ impl Printer {
         let now = Instant::now();
         let polling = self.poll_until.is_some_and(|until| until > now);
         if let Observation::Announced(announcement) = observation {
-            let pinhole = recent_match(&self.seen, at, announcement.endpoint);
+            let pinhole = recent_match(&self.seen, at, &announcement);
             self.pending.push_back(Pending {
                 time,
                 announcement,
@@ -572,7 +572,7 @@ impl Printer {
         self.seen
             .retain(|_, (when, _)| now.duration_since(*when) <= GRACE * 2);
         for pending in self.pending.iter_mut().filter(|p| p.pinhole.is_none()) {
-            pending.pinhole = recent_match(&self.seen, pending.at, pending.announcement.endpoint);
+            pending.pinhole = recent_match(&self.seen, pending.at, &pending.announcement);
         }
     }
 
@@ -605,12 +605,12 @@ impl Printer {
     }
 }
 
-/// The pinhole for `endpoint` seen most recently, and at most [`GRACE`] before `at`: one seen
-/// earlier belongs to an older transfer.
-fn recent_match(seen: &Seen, at: Instant, endpoint: SocketAddr) -> Option<PinholeEntry> {
+/// The pinhole for `announcement` (see [`report::matches`]) seen most recently, and at most
+/// [`GRACE`] before `at`: one seen earlier belongs to an older transfer.
+fn recent_match(seen: &Seen, at: Instant, announcement: &Announcement) -> Option<PinholeEntry> {
     let since = at.checked_sub(GRACE).unwrap_or(at);
     seen.values()
-        .filter(|(when, entry)| *when >= since && report::matches(entry, endpoint))
+        .filter(|(when, entry)| *when >= since && report::matches(entry, announcement))
         .max_by_key(|(when, _)| *when)
         .map(|(_, entry)| entry.clone())
 }

@@ -2,7 +2,7 @@
 //! through, as one human line or one JSON object.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use chrono::{DateTime, Local, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
@@ -15,16 +15,35 @@ use super::flows::{Announcement, Kind};
 pub const NO_PINHOLE: &str = "no pinhole: in a default-deny firewall this data connection will \
                               be dropped; is this session going through ftp-alg?";
 
-/// Whether `entry` is the pinhole for a data connection to `endpoint`: the endpoint is what the
-/// data connection dials (`dial`), or where the pinhole sends it (`maps_to`). Which one depends
-/// on the side of ftp-alg the capture is on: a client behind a gateway announces its own
-/// address in PORT, which the pinhole maps to; the server on the other side sees the rewritten
-/// PORT, which the pinhole is dialled at.
-pub fn matches(entry: &PinholeEntry, endpoint: SocketAddr) -> bool {
-    let same = |a: SocketAddr| {
-        a.ip().to_canonical() == endpoint.ip().to_canonical() && a.port() == endpoint.port()
+/// Whether `entry` is the pinhole for `announcement`'s data connection. Three things must
+/// agree, in the addresses seen on the captured side of ftp-alg:
+/// - the endpoint: what the data connection dials (`dial`), or where the pinhole sends it
+///   (`maps_to`). A client behind a gateway announces its own address in PORT, which the
+///   pinhole maps to; the server on the other side sees the rewritten PORT, which the pinhole
+///   is dialled at.
+/// - who dials it: the server for a PORT or EPRT, the client for a 227 or 229. That is the
+///   pinhole's `source`, or, on the far side of ftp-alg, the address the pinhole gives it
+///   (`snat`). Public ports are shared by peers, so another client's pinhole can wait at the
+///   very endpoint this announcement names, and it would not let this data connection in.
+/// - the control connection, when the pinhole carries ftp-alg's label: its client or its server
+///   is this connection's (the other end is ftp-alg itself when the capture is on the far side).
+pub fn matches(entry: &PinholeEntry, announcement: &Announcement) -> bool {
+    let same_ip = |a: IpAddr, b: IpAddr| a.to_canonical() == b.to_canonical();
+    let endpoint = announcement.endpoint;
+    let same = |a: SocketAddr| same_ip(a.ip(), endpoint.ip()) && a.port() == endpoint.port();
+    let flow = &announcement.flow;
+    let dialler = match announcement.kind {
+        Kind::Port | Kind::Eprt => flow.server.ip(),
+        Kind::Pasv | Kind::Epsv => flow.client.ip(),
     };
-    same(entry.dial) || entry.maps_to.is_some_and(same)
+    let dials = same_ip(entry.source, dialler) || entry.snat.is_some_and(|s| same_ip(s, dialler));
+    let session = match (entry.client, entry.server) {
+        (Some(client), Some(server)) => {
+            same_ip(client, flow.client.ip()) || same_ip(server, flow.server.ip())
+        }
+        _ => true,
+    };
+    (same(entry.dial) || entry.maps_to.is_some_and(same)) && dials && session
 }
 
 /// One printed announcement.
@@ -125,17 +144,108 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An announcement on the control connection 198.18.0.2 → 203.0.113.2:21, as seen on the
+    /// client's side of a gateway.
+    fn announced(kind: Kind, endpoint: &str) -> Announcement {
+        Announcement {
+            flow: Flow {
+                client: addr("198.18.0.2:40000"),
+                server: addr("203.0.113.2:21"),
+            },
+            kind,
+            endpoint: addr(endpoint),
+        }
+    }
+
     #[test]
     fn matches_dial_or_maps_to() {
         let active = entry("203.0.113.1:61000", Some("198.18.0.2:50001"));
-        assert!(matches(&active, addr("198.18.0.2:50001")));
-        assert!(matches(&active, addr("203.0.113.1:61000")));
-        assert!(!matches(&active, addr("198.18.0.2:50002")));
-        assert!(!matches(&active, addr("203.0.113.2:61000")));
-        let passive = entry("203.0.113.2:40001", None);
-        assert!(matches(&passive, addr("203.0.113.2:40001")));
+        assert!(matches(&active, &announced(Kind::Port, "198.18.0.2:50001")));
+        assert!(matches(
+            &active,
+            &announced(Kind::Eprt, "203.0.113.1:61000")
+        ));
+        assert!(!matches(
+            &active,
+            &announced(Kind::Port, "198.18.0.2:50002")
+        ));
+        assert!(!matches(
+            &active,
+            &announced(Kind::Port, "203.0.113.2:61000")
+        ));
+        let passive = PinholeEntry {
+            source: addr("198.18.0.2:0").ip(),
+            ..entry("203.0.113.2:40001", None)
+        };
+        assert!(matches(
+            &passive,
+            &announced(Kind::Pasv, "203.0.113.2:40001")
+        ));
         // An IPv4-mapped IPv6 endpoint is the same endpoint.
-        assert!(matches(&passive, addr("[::ffff:203.0.113.2]:40001")));
+        assert!(matches(
+            &passive,
+            &announced(Kind::Epsv, "[::ffff:203.0.113.2]:40001")
+        ));
+    }
+
+    /// The right endpoint is not enough: the pinhole must admit this announcement's dialler
+    /// (the client for 227/229, the server for PORT/EPRT) and belong to its control connection.
+    #[test]
+    fn matches_only_the_dialler_and_the_control_connection() {
+        let passive = PinholeEntry {
+            source: addr("198.18.0.2:0").ip(),
+            ..entry("203.0.113.2:40001", None)
+        };
+        // A PORT naming the passive pinhole's endpoint: the server would dial it, and the
+        // pinhole admits only the client.
+        assert!(!matches(
+            &passive,
+            &announced(Kind::Port, "203.0.113.2:40001")
+        ));
+        // Another client's pinhole at the same (shared) endpoint.
+        let other_client = PinholeEntry {
+            source: addr("198.18.0.3:0").ip(),
+            client: Some(addr("198.18.0.3:0").ip()),
+            ..passive.clone()
+        };
+        assert!(!matches(
+            &other_client,
+            &announced(Kind::Pasv, "203.0.113.2:40001")
+        ));
+        // Seen beyond ftp-alg, the dialler is the address the pinhole gives it.
+        let beyond = Announcement {
+            flow: Flow {
+                client: addr("203.0.113.1:45000"),
+                server: addr("203.0.113.2:21"),
+            },
+            ..announced(Kind::Pasv, "203.0.113.2:40001")
+        };
+        assert!(!matches(&passive, &beyond));
+        let snatted = PinholeEntry {
+            snat: Some(addr("203.0.113.1:0").ip()),
+            ..passive.clone()
+        };
+        assert!(matches(&snatted, &beyond));
+        // A pinhole of another control connection (another client and another server).
+        let other_session = PinholeEntry {
+            client: Some(addr("198.18.0.9:0").ip()),
+            server: Some(addr("203.0.113.9:0").ip()),
+            ..passive.clone()
+        };
+        assert!(!matches(
+            &other_session,
+            &announced(Kind::Pasv, "203.0.113.2:40001")
+        ));
+        // Without ftp-alg's label, whose it is cannot be told: dialler and endpoint decide.
+        let unlabelled = PinholeEntry {
+            client: None,
+            server: None,
+            ..other_session
+        };
+        assert!(matches(
+            &unlabelled,
+            &announced(Kind::Pasv, "203.0.113.2:40001")
+        ));
     }
 
     fn report(pinhole: Option<PinholeEntry>) -> Report {

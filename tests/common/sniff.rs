@@ -178,6 +178,69 @@ pub fn bypassing_sessions_have_no_pinhole() {
     assert!(lines.iter().all(|l| l.ends_with(NO_PINHOLE)), "{lines:#?}");
 }
 
+/// With the daemon running, so that its table exists and holds a pinhole, a PORT that ftp-alg
+/// refuses (it names the server, not the client) is reported with no pinhole, although it
+/// names the very endpoint at which the session's passive pinhole waits: that pinhole admits
+/// the client, and a PORT's data connection would come from the server.
+pub fn a_refused_port_has_no_pinhole_while_the_table_exists() {
+    let mut lab = Lab::new(Topology::Gateway(Family::V4), Setup::Alg);
+    let a = lab.addrs();
+    let json = Sniffer::start(&lab, "json", &["--json", "--count", "2"]);
+    let mut client = PyClient::in_client(&mut lab, PASV_THEN_FOREIGN_PORT);
+
+    client.replies_until("passive");
+    let pasv: Announcement = json.next_json();
+    assert_eq!(pasv.kind, "227", "{pasv:#?}");
+    let waiting = pasv
+        .pinhole
+        .as_ref()
+        .unwrap_or_else(|| panic!("sniff found no pinhole for the 227 through ftp-alg: {pasv:#?}"));
+    assert_eq!(
+        (waiting.source, waiting.dial),
+        (a.client, pasv.endpoint),
+        "{pasv:#?}"
+    );
+    client.resume();
+
+    let refused = client.replies_until("refused");
+    assert!(
+        refused.last().is_some_and(|r| r.starts_with("501 ")),
+        "ftp-alg must refuse a PORT naming the server: {refused:#?}"
+    );
+    let port: Announcement = json.next_json();
+    assert_eq!(
+        (port.kind.as_str(), port.endpoint),
+        ("PORT", pasv.endpoint),
+        "{port:#?}"
+    );
+    assert!(port.pinhole.is_none(), "{port:#?}");
+    let listed = lab.pinholes();
+    assert!(
+        listed
+            .iter()
+            .any(|p| p.dial == pasv.endpoint && p.source == a.client),
+        "the passive pinhole waits at the PORT's endpoint all along: {listed:#?}"
+    );
+    assert!(
+        !json.stderr().contains("does not exist"),
+        "the daemon's table exists: {}",
+        json.stderr()
+    );
+    client.resume();
+    client.finish();
+}
+
+/// PASV, then a PORT naming the 227's endpoint (the server's address), which ftp-alg refuses.
+const PASV_THEN_FOREIGN_PORT: &str = r#"
+c = Control()
+c.command("USER anonymous")
+reply = c.command("PASV")
+checkpoint("passive")
+c.command("PORT " + re.search(r"(\d+,\d+,\d+,\d+,\d+,\d+)", reply).group(1))
+checkpoint("refused")
+c.command("QUIT")
+"#;
+
 /// PASV and PORT, without any data connection (none could pass G without a pinhole).
 const ANNOUNCE_ONLY: &str = r#"
 c = Control()
