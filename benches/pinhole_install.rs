@@ -1,10 +1,15 @@
-//! Pinhole install latency and rate through both real backends: netlink and the nft program.
+//! Pinhole install and removal latency and rate through both real backends: netlink and the
+//! nft program.
 //!
 //! Runs in a private network namespace of its own (unshare(2) before any thread starts), so it
-//! needs root and never touches the host's firewall. For each backend, on a freshly loaded
-//! table: sequential installs (latency from request to "in the kernel", median and p99), then
-//! installs from many concurrent sessions (pinholes per second, batched into shared
-//! transactions). Prints one table.
+//! needs root and never touches the host's firewall. It runs on the daemon's own runtime, a
+//! current-thread one (src/main.rs), so that the batching worker shares its thread with the
+//! requesters as it does in the daemon. For each backend, on a freshly loaded table:
+//! sequential installs, then the same pinholes removed one by one (latency from request to
+//! "done in the kernel", median and p99 of each); then installs from many concurrent sessions,
+//! and their removal, also concurrent (pinholes per second, batched into shared transactions).
+//! The kernel's element count is read after the installs and after the removals. Prints one
+//! table.
 //!
 //! `cargo bench --bench pinhole_install [-- SEQUENTIAL CONCURRENT_SESSIONS PER_SESSION]`
 //! (defaults: 10000 100 20)
@@ -34,22 +39,30 @@ fn main() -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    tokio::runtime::Runtime::new()?.block_on(async {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
         let netlink = measure(&runs, || Ok(netlink::backend()?)).await?;
         let nft = measure(&runs, || Ok(nft::backend("nft".into()))).await?;
         println!(
-            "| backend | sequential installs | median | p99 | concurrent installs ({} sessions x {}) | pinholes in the kernel after |",
+            "| backend | sequential, each | install median | install p99 | removal median | removal p99 | concurrent ({} sessions x {}): installs | removals | pinholes in the kernel after installs / removals |",
             runs.sessions, runs.per_session
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
         for (name, r) in [("netlink", netlink), ("nft", nft)] {
             println!(
-                "| {name} | {} | {:.0} us | {:.0} us | {:.0}/s | {} |",
+                "| {name} | {} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0}/s | {:.0}/s | {} / {} |",
                 runs.sequential,
-                r.median.as_secs_f64() * 1e6,
-                r.p99.as_secs_f64() * 1e6,
-                r.concurrent_rate,
-                r.listed
+                us(r.install.median),
+                us(r.install.p99),
+                us(r.removal.median),
+                us(r.removal.p99),
+                r.install.rate,
+                r.removal.rate,
+                r.listed_installed,
+                r.listed_removed,
             );
         }
         anyhow::Ok(())
@@ -62,11 +75,28 @@ struct Runs {
     per_session: usize,
 }
 
-struct Measured {
+/// One operation (install or removal) of one backend.
+struct Timings {
+    /// Of the sequential ones.
     median: Duration,
     p99: Duration,
-    concurrent_rate: f64,
-    listed: usize,
+    /// Of the concurrent ones, per second.
+    rate: f64,
+}
+
+struct Measured {
+    install: Timings,
+    removal: Timings,
+    /// Pinholes the kernel lists after all installs, and after all removals.
+    listed_installed: usize,
+    listed_removed: usize,
+}
+
+/// Median and p99 of `latencies`.
+fn percentiles(mut latencies: Vec<Duration>) -> (Duration, Duration) {
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    (pct(0.5), pct(0.99))
 }
 
 fn request(i: usize) -> PinholeRequest {
@@ -98,14 +128,13 @@ async fn measure(
         Duration::from_secs(600),
     ));
 
-    let mut latencies = Vec::with_capacity(runs.sequential);
+    let mut ids = Vec::with_capacity(runs.sequential);
+    let mut installs = Vec::with_capacity(runs.sequential);
     for i in 0..runs.sequential {
         let start = Instant::now();
-        pinholes.open(&request(i)).await?;
-        latencies.push(start.elapsed());
+        ids.push(pinholes.open(&request(i)).await?.id);
+        installs.push(start.elapsed());
     }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
 
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -114,8 +143,33 @@ async fn measure(
         let first = 100_000 + s * runs.per_session;
         let count = runs.per_session;
         tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(count);
             for k in first..first + count {
-                pinholes.open(&request(k)).await?;
+                ids.push(pinholes.open(&request(k)).await?.id);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut concurrent = Vec::new();
+    for task in tasks {
+        concurrent.push(task.await??);
+    }
+    let installed = start.elapsed();
+    let listed_installed = nft::list(nft_path).await?.len();
+
+    let mut removals = Vec::with_capacity(ids.len());
+    for id in ids {
+        let start = Instant::now();
+        pinholes.close(&[id]).await?;
+        removals.push(start.elapsed());
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for ids in concurrent {
+        let pinholes = pinholes.clone();
+        tasks.push(tokio::spawn(async move {
+            for id in ids {
+                pinholes.close(&[id]).await?;
             }
             anyhow::Ok(())
         }));
@@ -123,13 +177,27 @@ async fn measure(
     for task in tasks {
         task.await??;
     }
-    let elapsed = start.elapsed();
-    let listed = nft::list(nft_path).await?.len();
+    let removed = start.elapsed();
+    let listed_removed = nft::list(nft_path).await?.len();
     nft::delete_table(nft_path).await?;
+
+    let concurrent_count = (runs.sessions * runs.per_session) as f64;
+    let (median, p99) = percentiles(installs);
+    let install = Timings {
+        median,
+        p99,
+        rate: concurrent_count / installed.as_secs_f64(),
+    };
+    let (median, p99) = percentiles(removals);
+    let removal = Timings {
+        median,
+        p99,
+        rate: concurrent_count / removed.as_secs_f64(),
+    };
     Ok(Measured {
-        median: pct(0.5),
-        p99: pct(0.99),
-        concurrent_rate: (runs.sessions * runs.per_session) as f64 / elapsed.as_secs_f64(),
-        listed,
+        install,
+        removal,
+        listed_installed,
+        listed_removed,
     })
 }
