@@ -1780,8 +1780,8 @@ pub(super) mod tests {
                 1 => port().prop_map(|p| format!("EPRT |2|2001:db8::2|{p}|\r\n").into_bytes()),
                 4 => Just(b"PASV\r\n".to_vec()),
                 3 => Just(b"EPSV\r\n".to_vec()),
-                2 => prop::sample::select(vec![
-                    &b"RETR f\r\n"[..],
+                2 => one_of(&[
+                    b"RETR f\r\n",
                     b"STOR f\r\n",
                     b"LIST\r\n",
                     b"ABOR\r\n",
@@ -1789,10 +1789,14 @@ pub(super) mod tests {
                     b"AUTH TLS\r\n",
                     b"USER u\r\nPASS p\r\n",
                     b"EPSV ALL\r\n",
-                ])
-                .prop_map(<[u8]>::to_vec),
+                ]),
                 1 => proptest::collection::vec(any::<u8>(), 0..64),
             ]
+        }
+
+        /// One of `lines`, as bytes.
+        fn one_of(lines: &[&'static [u8]]) -> impl Strategy<Value = Vec<u8>> {
+            prop::sample::select(lines.to_vec()).prop_map(<[u8]>::to_vec)
         }
 
         /// A reply (or a few) from the server: passive announcements naming the server or
@@ -1804,8 +1808,8 @@ pub(super) mod tests {
                 3 => port().prop_map(|p| {
                     format!("229 Entering Extended Passive Mode (|||{p}|)\r\n").into_bytes()
                 }),
-                3 => prop::sample::select(vec![
-                    &b"200 PORT command successful.\r\n"[..],
+                3 => one_of(&[
+                    b"200 PORT command successful.\r\n",
                     b"150 Here comes the data.\r\n",
                     b"226 Transfer complete.\r\n",
                     b"425 Cannot open data connection.\r\n",
@@ -1815,8 +1819,7 @@ pub(super) mod tests {
                     b"234 Proceed with negotiation.\r\n",
                     b"211-Features:\r\n 227 (203,0,113,9,156,64)\r\n211 End\r\n",
                     b"421 Timeout.\r\n",
-                ])
-                .prop_map(<[u8]>::to_vec),
+                ]),
                 1 => proptest::collection::vec(any::<u8>(), 0..64),
             ]
         }
