@@ -1769,15 +1769,22 @@ pub(super) mod tests {
                 .prop_map(|([a, b, c, d], p)| format!("{a},{b},{c},{d},{},{}", p >> 8, p & 0xff))
         }
 
-        /// A line (or two) from the client: announcements naming the client itself or another
-        /// host, the commands that use or void them, a login, and raw bytes.
-        fn client_chunk() -> impl Strategy<Value = Vec<u8>> {
+        /// A PORT or EPRT naming the client itself or another host.
+        fn active_command() -> impl Strategy<Value = Vec<u8>> {
             prop_oneof![
                 2 => host_port().prop_map(|hp| format!("PORT {hp}\r\n").into_bytes()),
                 2 => (host(), port()).prop_map(|([a, b, c, d], p)| {
                     format!("EPRT |1|{a}.{b}.{c}.{d}|{p}|\r\n").into_bytes()
                 }),
                 1 => port().prop_map(|p| format!("EPRT |2|2001:db8::2|{p}|\r\n").into_bytes()),
+            ]
+        }
+
+        /// A line (or two) from the client: announcements, the commands that use or void
+        /// them, a login, and raw bytes.
+        fn client_chunk() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                5 => active_command(),
                 4 => Just(b"PASV\r\n".to_vec()),
                 3 => Just(b"EPSV\r\n".to_vec()),
                 2 => one_of(&[
@@ -1824,15 +1831,35 @@ pub(super) mod tests {
             ]
         }
 
+        /// A command and the reply a server would give it: a 227 to PASV, a 229 to EPSV, 200
+        /// to PORT or EPRT, 150 and 226 to a transfer; now and then a command and any reply.
+        fn exchange() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            let passive =
+                |command: &'static [u8], reply: String| (command.to_vec(), reply.into_bytes());
+            prop_oneof![
+                3 => host_port().prop_map(move |hp| {
+                    passive(b"PASV\r\n", format!("227 Entering Passive Mode ({hp}).\r\n"))
+                }),
+                2 => port().prop_map(move |p| {
+                    passive(b"EPSV\r\n", format!("229 Entering Extended Passive Mode (|||{p}|)\r\n"))
+                }),
+                2 => active_command().prop_map(|c| (c, b"200 PORT command successful.\r\n".to_vec())),
+                2 => one_of(&[b"RETR f\r\n", b"STOR f\r\n", b"LIST\r\n"])
+                    .prop_map(|c| (c, b"150 Here comes the data.\r\n226 Transfer complete.\r\n".to_vec())),
+                1 => (client_chunk(), server_chunk()),
+            ]
+        }
+
         /// A session's traffic: chunks from either peer, each with whether the pinhole it may
-        /// ask for installs. A command is often followed at once by a reply, so that replies
-        /// meet the commands they answer (a 227 after a PASV).
+        /// ask for installs. Mostly a command followed by its reply: each reply answers the
+        /// oldest command not yet answered, so a lone command or reply shifts every later
+        /// reply onto another command (a 227 then answers no PASV, and opens nothing).
         fn steps() -> impl Strategy<Value = Vec<(bool, Vec<u8>, bool)>> {
             let step = prop_oneof![
                 1 => (client_chunk(), any::<bool>()).prop_map(|(c, ok)| vec![(true, c, ok)]),
                 1 => (server_chunk(), any::<bool>()).prop_map(|(r, ok)| vec![(false, r, ok)]),
-                2 => (client_chunk(), server_chunk(), prop::bool::weighted(0.8))
-                    .prop_map(|(c, r, ok)| vec![(true, c, ok), (false, r, ok)]),
+                8 => (exchange(), prop::bool::weighted(0.8))
+                    .prop_map(|((c, r), ok)| vec![(true, c, ok), (false, r, ok)]),
             ];
             proptest::collection::vec(step, 0..16).prop_map(|s| s.concat())
         }
