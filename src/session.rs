@@ -2077,7 +2077,6 @@ mod hostile {
             b"PORT 198.18.0.2,156,64\r\n",
             b"PORT\r\n",
             b"PORT x\r\n",
-            b"PORT 198,18,0,2,156,6\x004\r\n",
             b"PORT 198,18,0,2,156,\xfe64\r\n",
             b"PORT \xc3\xa9,18,0,2,156,64\r\n",
             b"PORT 1\xd9\xa198,18,0,2,156,64\r\n",
@@ -2096,12 +2095,11 @@ mod hostile {
             b"EPRT |1|198.18.0.256|40000|\r\n",
             b"EPRT |1|198.18.0|40000|\r\n",
             b"EPRT |1!198.18.0.2!40000!\r\n",
-            b"EPRT \x7f1\x7f198.18.0.2\x7f40000\x7f\r\n",
             b"EPRT  1 198.18.0.2 40000 \r\n",
             b"EPRT\r\n",
             b"EPRT |1|198.18.0.2%eth0|40000|\r\n",
         ];
-        assert_eq!(lines.len(), 40);
+        assert_eq!(lines.len(), 38);
         for line in lines {
             assert_code(Mode::Gateway, line, b"501");
         }
@@ -2195,6 +2193,8 @@ mod hostile {
         // the Telnet command is gone) are refused.
         for line in [
             &b"RETR \x00file\r\n"[..],
+            b"PORT 198,18,0,2,156,6\x004\r\n",
+            b"EPRT \x7f1\x7f198.18.0.2\x7f40000\x7f\r\n",
             b"PO\xff\xffRT 198,18,0,2,156,64\r\n",
             b"\xff\xfb\x01\r\n",
         ] {
