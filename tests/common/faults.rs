@@ -719,7 +719,7 @@ pub fn sigterm_after_a_ruleset_flush() {
     lab.nft(&["flush", "ruleset"]);
     assert!(table_handle(&lab).is_none(), "the table is gone");
     let status = lab
-        .wait_alg(Duration::from_secs(FLUSH_GRACE_SECS + 3))
+        .wait_alg(Duration::from_secs(FLUSH_GRACE_SECS) + STOPS_WITHIN)
         .expect("the daemon exits once its grace period is over");
     client.vanish();
     assert_eq!(status.code(), Some(0), "the daemon's exit status");
