@@ -827,6 +827,18 @@ pub(crate) mod tests {
                 Err(BackendError::Invalid("refused".into()))
             })
         }
+
+        fn present(
+            &mut self,
+            elements: &[Element],
+        ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send {
+            let held = self.elements.lock().unwrap();
+            let present = elements
+                .iter()
+                .map(|e| held.contains(&(e.set, e.source, e.dest)))
+                .collect();
+            std::future::ready(Ok(present))
+        }
     }
 
     /// The worker's own path for a refused batch: it undoes the batch's owner counts, then
