@@ -379,21 +379,6 @@ fn json(lab: &Lab, args: &[&str]) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed {text:?}: {e}"))
 }
 
-/// A logged-in client that asks for one passive endpoint, pauses, then reads replies until the
-/// daemon closes the connection.
-const ONE_PASV: &str = r#"
-c = Control()
-c.command("USER anonymous")
-c.command("PASS x")
-c.command("PASV")
-checkpoint("pasv")
-try:
-    while True:
-        c.reply()
-except EOFError:
-    emit(reply="(closed)")
-"#;
-
 /// `sessions list` and `pinholes list` agree on what a session holds: once the kernel has
 /// dropped a pinhole at its timeout (here 1 s, while the client never dials it), the session
 /// no longer lists it, although the daemon keeps its id until the session's next announcement.
@@ -406,7 +391,7 @@ pub fn sessions_and_pinholes_agree_after_a_kernel_timeout() {
     );
     lab.alg_config = "[pinholes]\ntimeout_secs = 1\nreuse_delay_secs = 1\n".to_owned();
     lab.start_alg();
-    let mut client = PyClient::in_client(&mut lab, ONE_PASV);
+    let mut client = PyClient::in_client(&mut lab, &HELD_SESSION.replace("PASSWORD", "x"));
     assert_replies(
         "login and PASV",
         &client.replies_until("pasv"),
@@ -432,6 +417,8 @@ pub fn sessions_and_pinholes_agree_after_a_kernel_timeout() {
         Vec::<Value>::new(),
         "sessions list shows a pinhole the kernel no longer has"
     );
+    client.resume();
+    assert_replies("second PASV", &client.replies_until("pasv2"), &["227"]);
     let session_id = json(&lab, &["sessions", "list", "--json"])[0]["id"]
         .as_u64()
         .expect("a session id");
