@@ -16,14 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::pinhole::netlink::set_option;
+use crate::pinhole::netlink::{netfilter_socket, set_option};
 use crate::pinhole::nft;
 use crate::proxy::Shared;
 
@@ -163,19 +163,7 @@ struct Events {
 
 impl Events {
     fn open() -> io::Result<Events> {
-        // SAFETY: plain system call; the descriptor it returns is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = netfilter_socket()?;
         // A multicast subscription delivers nothing to a socket without an address: bind it
         // (the kernel picks the port id).
         // SAFETY: an all-zero sockaddr_nl is valid; the family is set below.

@@ -87,6 +87,23 @@ struct Netlink {
     answer: Vec<u8>,
 }
 
+/// A new non-blocking NETLINK_NETFILTER socket (nf_tables requests and change notifications).
+pub(crate) fn netfilter_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the descriptor it returns is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn os_error(action: &str, error: &io::Error) -> BackendError {
     BackendError::Netlink {
         action: action.to_owned(),
@@ -117,22 +134,8 @@ pub(crate) fn set_option(
 impl Netlink {
     /// Open the socket; needs a tokio runtime.
     fn open() -> Result<Netlink, BackendError> {
-        // SAFETY: plain system call; the descriptor it returns is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(os_error(
-                "opening a NETLINK_NETFILTER socket",
-                &io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket =
+            netfilter_socket().map_err(|e| os_error("opening a NETLINK_NETFILTER socket", &e))?;
         // Errors then echo only the header of the failed message, not the whole message.
         // Older kernels lack the option; the answers are then longer, and still parsed.
         set_option(&socket, libc::SOL_NETLINK, uapi::NETLINK_CAP_ACK, 1);
