@@ -216,10 +216,7 @@ fn parse_227(text: &[u8]) -> Result<PassiveReply, ReplyError> {
     let read = after_code
         .get(offset..offset + len)
         .ok_or(ReplyError::NoEndpoint)?;
-    let blanks = read
-        .iter()
-        .take_while(|b| b.is_ascii_whitespace() || **b == 0x0b)
-        .count();
+    let blanks = read.iter().take_while(|b| is_c_space(**b)).count();
     let numbers = read.get(blanks..).ok_or(ReplyError::NoEndpoint)?;
     if !numbers.iter().all(|b| b.is_ascii_digit() || *b == b',') {
         return Err(ReplyError::Ambiguous);
@@ -235,6 +232,11 @@ fn parse_227(text: &[u8]) -> Result<PassiveReply, ReplyError> {
     })
 }
 
+/// C's `isspace()` in the C locale: ASCII whitespace and VT, which `%u` skips.
+fn is_c_space(b: u8) -> bool {
+    b.is_ascii_whitespace() || b == 0x0b
+}
+
 /// Whether C's `sscanf(s, "%u,%u,%u,%u,%u,%u")` reads six numbers from the start of `s`, and
 /// if so how many bytes it consumed. Each `%u` skips `isspace()` bytes and takes an optional
 /// sign and at least one digit; each `,` must follow its number at once.
@@ -245,11 +247,7 @@ fn scanf_six(s: &[u8]) -> Option<usize> {
             (s.get(at) == Some(&b',')).then_some(())?;
             at += 1;
         }
-        at += s
-            .get(at..)?
-            .iter()
-            .take_while(|b| b.is_ascii_whitespace() || **b == 0x0b)
-            .count();
+        at += s.get(at..)?.iter().take_while(|b| is_c_space(**b)).count();
         if matches!(s.get(at), Some(b'+' | b'-')) {
             at += 1;
         }

@@ -70,14 +70,8 @@ pub async fn prepare_table(
     intercept_port: u16,
     intercept: &[String],
 ) -> Result<(), BackendError> {
-    let raw = match run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await {
-        Ok(raw) => raw,
-        Err(BackendError::Refused { stderr, .. })
-            if stderr.contains("No such file or directory") =>
-        {
-            return load_table(nft, mark, intercept_port, intercept).await;
-        }
-        Err(e) => return Err(e),
+    let Some(raw) = list_table_json(nft).await? else {
+        return load_table(nft, mark, intercept_port, intercept).await;
     };
     let me = std::process::id();
     let listing = TableListing::parse(&raw);
@@ -287,12 +281,18 @@ pub async fn flush_pinholes(nft: &Path) -> Result<bool, BackendError> {
 
 /// Whether the daemon's table is in the kernel.
 async fn table_exists(nft: &Path) -> Result<bool, BackendError> {
-    match run_nft(nft, &["list", "table", "inet", TABLE], "").await {
-        Ok(_) => Ok(true),
+    Ok(list_table_json(nft).await?.is_some())
+}
+
+/// `nft -j list table inet ftp_alg`; `None` when there is no such table (nft's "No such file or
+/// directory"), which is no error to any caller here.
+async fn list_table_json(nft: &Path) -> Result<Option<String>, BackendError> {
+    match run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await {
+        Ok(raw) => Ok(Some(raw)),
         Err(BackendError::Refused { stderr, .. })
             if stderr.contains("No such file or directory") =>
         {
-            Ok(false)
+            Ok(None)
         }
         Err(e) => Err(e),
     }
@@ -315,14 +315,8 @@ pub async fn other_live_owners(nft: &Path) -> Result<Vec<u32>, BackendError> {
 pub async fn table_shape(
     nft: &Path,
 ) -> Result<Option<std::collections::BTreeMap<String, usize>>, BackendError> {
-    let raw = match run_nft(nft, &["-j", "list", "table", "inet", TABLE], "").await {
-        Ok(raw) => raw,
-        Err(BackendError::Refused { stderr, .. })
-            if stderr.contains("No such file or directory") =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let Some(raw) = list_table_json(nft).await? else {
+        return Ok(None);
     };
     let output = |message: String| BackendError::Output {
         program: nft.display().to_string(),

@@ -1092,19 +1092,9 @@ pub fn gateway_does_not_proxy_to_itself() {
         lab.nft(&[
             "insert rule inet gateway output meta mark 0x0000f7a1 tcp dport 21 counter accept",
         ]);
-        let mut victim = lab
-            .exec(&lab.gateway_ns(), &["python3", "-c", VICTIM, G_LAN4, "21"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn python3");
-        let mut said = BufReader::new(victim.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        said.read_line(&mut line).expect("read the victim");
-        assert_eq!(line.trim(), "listening");
+        let service = SocketAddr::new(G_LAN4.parse().expect("an address"), 21);
+        let victim = super::hostile::Victim::start_at(&lab, &lab.gateway_ns(), service);
         let replies = PyClient::in_client(&mut lab, SELF_SCRIPT).finish();
-        line.clear();
-        said.read_line(&mut line).expect("read the victim");
-        let _ = victim.wait();
         let counted = must(lab.exec(
             &lab.gateway_ns(),
             &["nft", "list", "chain", "inet", "gateway", "output"],
@@ -1115,39 +1105,18 @@ pub fn gateway_does_not_proxy_to_itself() {
             .unwrap_or_default()
             .to_owned();
         if allow_local {
-            assert_eq!(line.trim(), "accepted", "{replies:?}");
+            let gateway: IpAddr = G_LAN4.parse().expect("an address");
+            victim.assert_reached_only_by(&[gateway]);
             assert!(
                 !marked.contains("packets 0 "),
                 "the upstream connection was not marked: {marked}"
             );
         } else {
             assert_replies("replies", &replies, &["421 Not allowed by gateway policy."]);
-            assert_eq!(
-                line.trim(),
-                "untouched",
-                "the gateway's own service was reached"
-            );
+            victim.assert_reached_only_by(&[]);
         }
     }
 }
-
-/// Listens on HOST PORT (argv) for 5 s, or until one connection arrives, which it greets as an
-/// FTP server would; says whether one came.
-const VICTIM: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-s.settimeout(5)
-print("listening", flush=True)
-try:
-    conn, _ = s.accept()
-    conn.sendall(b"220 a service that trusts the gateway\r\n")
-    print("accepted", flush=True)
-except socket.timeout:
-    print("untouched", flush=True)
-"#;
 
 /// Dials the gateway's own LAN address, port 21, which the gateway intercepts.
 const SELF_SCRIPT: &str = r#"

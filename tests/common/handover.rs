@@ -54,13 +54,11 @@ while not os.path.exists(os.path.join(DIR, "stop")) and time.monotonic() < deadl
 emit(reply="ok=%d failed=%d %s" % (ok, failed, errors[:3]))
 "#;
 
-/// Waits until `done` holds, failing the test if it does not within `within`.
-fn within(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        sleep(Duration::from_millis(50));
-    }
+/// Waits until `done` holds (with the harness's [`wait_for`]), failing the test if it does not
+/// within `bound`.
+fn within(bound: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    wait_for(bound, || done().then_some(()))
+        .unwrap_or_else(|| panic!("not within {bound:?}: {what}"));
 }
 
 fn log_has(path: &Path, text: &str) -> bool {

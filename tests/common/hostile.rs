@@ -979,7 +979,7 @@ const VICTIM_WATCH: Duration = Duration::from_secs(2);
 
 /// A TCP listener that an attack tries to reach: it writes the peer address of every connection
 /// it accepts into its log.
-struct Victim {
+pub(super) struct Victim {
     child: Child,
     log: PathBuf,
     addr: SocketAddr,
@@ -999,8 +999,13 @@ while True:
 impl Victim {
     /// Listens on `ip`:[`VICTIM_PORT`] in `ns`; returns once it does.
     fn start(lab: &Lab, ns: &str, ip: IpAddr) -> Victim {
+        Victim::start_at(lab, ns, SocketAddr::new(ip, VICTIM_PORT))
+    }
+
+    /// Listens on `addr` in `ns`; returns once it does.
+    pub(super) fn start_at(lab: &Lab, ns: &str, addr: SocketAddr) -> Victim {
         let log = lab.dir.join("victim.log");
-        let (ip_arg, port) = (ip.to_string(), VICTIM_PORT.to_string());
+        let (ip_arg, port) = (addr.ip().to_string(), addr.port().to_string());
         let args = [
             "python3",
             "-c",
@@ -1009,16 +1014,12 @@ impl Victim {
             &port,
             &log.to_string_lossy(),
         ];
-        let child = start_listener(lab, ns, &args, VICTIM_PORT, "victim");
-        Victim {
-            child,
-            log,
-            addr: SocketAddr::new(ip, VICTIM_PORT),
-        }
+        let child = start_listener(lab, ns, &args, addr.port(), "victim");
+        Victim { child, log, addr }
     }
 
     /// The peers of the connections it accepted, in order.
-    fn connections(&self) -> Vec<IpAddr> {
+    pub(super) fn connections(&self) -> Vec<IpAddr> {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         text.lines()
             .map(|l| l.parse().expect("the victim logs addresses"))
@@ -1027,7 +1028,7 @@ impl Victim {
 
     /// Asserts that the victim has accepted exactly `expected` and nothing more for
     /// [`VICTIM_WATCH`]; waits up to that long for `expected` to arrive.
-    fn assert_reached_only_by(&self, expected: &[IpAddr]) {
+    pub(super) fn assert_reached_only_by(&self, expected: &[IpAddr]) {
         let deadline = Instant::now() + VICTIM_WATCH;
         loop {
             let got = self.connections();
