@@ -857,7 +857,10 @@ mod tests {
             "[\"ff02::1\"]",
         ] {
             let e = parse(&format!("{gw}upstream_source = {bad}\n")).unwrap_err();
-            assert!(e.to_string().contains("proxy.upstream_source"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("proxy.upstream_source"),
+                "{bad}: {e}"
+            );
         }
     }
 

@@ -221,7 +221,9 @@ impl Pair {
         let sw = self.switch.as_str();
         self.ip(
             sw,
-            &["link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns],
+            &[
+                "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns,
+            ],
         );
         self.ip(sw, &["link", "set", port, "master", bridge, "up"]);
         self.ip(ns, &["link", "set", dev, "up"]);
@@ -243,17 +245,31 @@ impl Pair {
         let [g1, g2] = [&self.nodes[0].ns, &self.nodes[1].ns];
         self.ip(
             g1,
-            &["link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", g2],
+            &[
+                "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", g2,
+            ],
         );
         for node in &self.nodes {
             let (ns, p) = (&node.ns, node.plan);
             self.plug(ns, "lan0", "lan", &format!("{}lan", p.name));
             self.plug(ns, "wan0", "wan", &format!("{}wan", p.name));
             self.ip(ns, &["link", "set", "sync0", "up"]);
-            self.ip(ns, &["addr", "add", &format!("{}/24", p.lan), "dev", "lan0"]);
-            self.ip(ns, &["addr", "add", &format!("{}/24", p.wan), "dev", "wan0"]);
-            self.ip(ns, &["addr", "add", &format!("{}/30", p.sync), "dev", "sync0"]);
-            must(self.lab.exec(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{}/24", p.lan), "dev", "lan0"],
+            );
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{}/24", p.wan), "dev", "wan0"],
+            );
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{}/30", p.sync), "dev", "sync0"],
+            );
+            must(
+                self.lab
+                    .exec(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+            );
         }
     }
 
@@ -476,7 +492,10 @@ impl Pair {
     fn pinhole_elements(&self, i: usize) -> usize {
         let out = self
             .lab
-            .exec(&self.nodes[i].ns, &["nft", "-j", "list", "table", "inet", "ftp_alg"])
+            .exec(
+                &self.nodes[i].ns,
+                &["nft", "-j", "list", "table", "inet", "ftp_alg"],
+            )
             .output()
             .expect("run nft");
         if !out.status.success() {
@@ -816,7 +835,12 @@ impl Failover {
     pub fn assert_clients_report(&self, curl: i32, lftp: i32) {
         for (name, o) in &self.outcomes {
             let want = if name.starts_with("lftp") { lftp } else { curl };
-            assert_eq!(o.status.code(), Some(want), "{name}'s exit status: {}", o.stderr);
+            assert_eq!(
+                o.status.code(),
+                Some(want),
+                "{name}'s exit status: {}",
+                o.stderr
+            );
         }
     }
 
@@ -841,5 +865,317 @@ impl Failover {
         cmd.env("FTP_ALG_SOCKET", socket);
         let list = must(cmd);
         assert_eq!(list.trim(), "[]", "the standby's daemon lists pinholes");
+    }
+}
+
+/// The Service's load-balanced address, announced by every pod's ftp-alg.
+const SERVICE: &str = "203.0.113.10";
+/// The Service's data ports, listed one by one as a Service must, and the pods' pinhole range.
+const SERVICE_DATA_PORTS: [u16; 2] = [61000, 61001];
+/// Pods behind the Service.
+const PODS: usize = 2;
+/// Client addresses: 198.18.0.10 and up, each downloading once passive and once active.
+const SCALE_CLIENTS: usize = 12;
+
+/// How the load balancer picks a pod for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Affinity {
+    /// kube-proxy's nftables rules for `sessionAffinity: ClientIP`: a client seen before goes
+    /// to the pod it went to; a new one to a random pod, which is remembered.
+    ClientIp,
+    /// Negative control: every connection to the next pod in turn (`numgen inc`), so that a
+    /// session's data connection, which follows its control connection, always lands on the
+    /// other pod.
+    None,
+}
+
+/// The load balancer's ruleset: what kube-proxy's nftables mode writes for one Service (the
+/// names are simplified), with or without session affinity.
+fn service_rules(affinity: Affinity) -> String {
+    let pods: Vec<usize> = (1..=PODS).collect();
+    let ports = std::iter::once(21)
+        .chain(SERVICE_DATA_PORTS)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut rules = String::from("table ip kube {\n");
+    let sticky = affinity == Affinity::ClientIp;
+    if sticky {
+        for p in &pods {
+            rules += &format!(
+                "    set affinity-pod{p} {{ type ipv4_addr; flags dynamic,timeout; timeout 3h; }}\n"
+            );
+        }
+    }
+    rules += &format!(
+        "    chain services {{\n        type nat hook prerouting priority dstnat; policy accept;\n        \
+         ip daddr {SERVICE} tcp dport {{ {ports} }} jump svc\n    }}\n    chain svc {{\n"
+    );
+    if sticky {
+        for p in &pods {
+            rules += &format!("        ip saddr @affinity-pod{p} goto endpoint-pod{p}\n");
+        }
+    }
+    let pick = if sticky { "random" } else { "inc" };
+    let vmap = pods
+        .iter()
+        .map(|p| format!("{} : goto endpoint-pod{p}", p - 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    rules += &format!("        numgen {pick} mod {PODS} vmap {{ {vmap} }}\n    }}\n");
+    for p in &pods {
+        let update = if sticky {
+            format!("        update @affinity-pod{p} {{ ip saddr }}\n")
+        } else {
+            String::new()
+        };
+        rules += &format!(
+            "    chain endpoint-pod{p} {{\n{update}        dnat to {}\n    }}\n",
+            pod_address(*p)
+        );
+    }
+    rules + "}\n"
+}
+
+fn pod_address(pod: usize) -> String {
+    format!("198.19.{pod}.2")
+}
+
+fn client_address(i: usize) -> String {
+    format!("198.18.0.{}", 10 + i)
+}
+
+/// Clients, a load balancer and [`PODS`] pods of vsftpd with ftp-alg in sidecar mode.
+pub struct Service {
+    lab: Lab,
+    children: Vec<Child>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Service {
+    pub fn new(affinity: Affinity) -> Service {
+        let lab = Lab::empty(Topology::Sidecar(Family::V4), Server::Vsftpd);
+        let mut svc = Service {
+            lab,
+            children: Vec::new(),
+        };
+        let (c, lb) = (svc.lab.client_ns(), format!("{}b", svc.lab.prefix));
+        svc.lab.add_namespace(c.clone());
+        svc.lab.add_namespace(lb.clone());
+        let ip = |ns: &str, args: &[&str]| svc.lab.ip(&[&["-n", ns], args].concat());
+        ip(
+            &lb,
+            &[
+                "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &c,
+            ],
+        );
+        ip(
+            &lb,
+            &["addr", "add", &format!("{VIP_LAN}/24"), "dev", "lan0"],
+        );
+        ip(&lb, &["link", "set", "lan0", "up"]);
+        for i in 0..SCALE_CLIENTS {
+            ip(
+                &c,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", client_address(i)),
+                    "dev",
+                    "eth0",
+                ],
+            );
+        }
+        ip(&c, &["link", "set", "eth0", "up"]);
+        ip(&c, &["route", "add", "default", "via", VIP_LAN]);
+        must(
+            svc.lab
+                .exec(&lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+        );
+        let rules = svc.lab.dir.join("service.nft");
+        fs::write(&rules, service_rules(affinity)).expect("write the service rules");
+        must(svc.lab.exec(&lb, &["nft", "-f", &rules.to_string_lossy()]));
+        svc.lab.write_files();
+        for pod in 1..=PODS {
+            let ns = format!("{}p{pod}", svc.lab.prefix);
+            svc.lab.add_namespace(ns.clone());
+            let dev = format!("pod{pod}");
+            let ip = |ns: &str, args: &[&str]| svc.lab.ip(&[&["-n", ns], args].concat());
+            ip(
+                &lb,
+                &[
+                    "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            );
+            ip(
+                &lb,
+                &["addr", "add", &format!("198.19.{pod}.1/24"), "dev", &dev],
+            );
+            ip(&lb, &["link", "set", &dev, "up"]);
+            ip(
+                &ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", pod_address(pod)),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            ip(&ns, &["link", "set", "eth0", "up"]);
+            ip(
+                &ns,
+                &["route", "add", "default", "via", &format!("198.19.{pod}.1")],
+            );
+            svc.start_pod(pod, &ns);
+        }
+        svc
+    }
+
+    /// vsftpd on port 2100 of the pod's address, ftp-alg on port 21 in front of it, announcing
+    /// the Service's address, as in deploy/k8s/vsftpd-sidecar.yaml.
+    fn start_pod(&mut self, pod: usize, ns: &str) {
+        let address = pod_address(pod);
+        let bind: SocketAddr = format!("{address}:{SIDECAR_PORT}")
+            .parse()
+            .expect("a literal address");
+        let name = format!("vsftpd-pod{pod}");
+        let out = self.lab.dir.join(format!("{name}.out"));
+        let mut server = self
+            .lab
+            .vsftpd_command_at(ns, bind, &name, "max_per_ip=0\nmax_clients=0\n")
+            .stdin(Stdio::null())
+            .stdout(create(&out))
+            .stderr(create(&out))
+            .spawn()
+            .expect("spawn vsftpd");
+        let ready = self
+            .lab
+            .wait_ready(&mut server, ns, SIDECAR_PORT, &out, || true);
+        self.children.push(server);
+        if let Err(e) = ready {
+            panic!("vsftpd in pod {pod} {e}");
+        }
+        let conf = format!(
+            "[proxy]\nmode = \"reverse\"\nlisten = [\"0.0.0.0:21\"]\nupstream = \"{bind}\"\n\
+             announce = \"{SERVICE}\"\n[pinholes]\nport_min = {}\nport_max = {}\n\
+             timeout_secs = {PINHOLE_SECS}\n[control]\nsocket = {:?}\n",
+            SERVICE_DATA_PORTS[0],
+            SERVICE_DATA_PORTS[1],
+            self.lab.dir.join(format!("pod{pod}-control.sock")),
+        );
+        let path = self.lab.dir.join(format!("pod{pod}-ftp-alg.toml"));
+        fs::write(&path, conf).expect("write ftp-alg.toml");
+        let log = self.lab.dir.join(format!("pod{pod}-ftp-alg.log"));
+        let mut alg = self
+            .lab
+            .exec(ns, &[ALG, "run", "--config", &path.to_string_lossy()])
+            .env("RUST_LOG", "ftp_alg=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(create(&log))
+            .stderr(create(&log))
+            .spawn()
+            .expect("spawn ftp-alg");
+        let ready = self.lab.wait_ready(&mut alg, ns, 21, &log, || true);
+        self.children.push(alg);
+        if let Err(e) = ready {
+            panic!("ftp-alg in pod {pod} {e}");
+        }
+    }
+
+    /// A download of data.bin by client `i` through the Service, passive or active.
+    fn download(&self, i: usize, passive: bool) -> Transfer {
+        let from = client_address(i);
+        let mode = if passive { "pasv" } else { "port" };
+        let name: &'static str = if passive { "pasv" } else { "port" };
+        let file = self.lab.dir.join(format!("client{i}-{mode}.bin"));
+        let url = format!("ftp://{SERVICE}/{DATA_FILE}");
+        let out = file.to_string_lossy().into_owned();
+        let mode_args: &[&str] = if passive {
+            &["--disable-epsv", "--no-ftp-skip-pasv-ip"]
+        } else {
+            &["--ftp-port", "-", "--disable-eprt"]
+        };
+        let args: Vec<&str> = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--connect-timeout",
+            "3",
+            "--interface",
+            &from,
+            "--user",
+            "anonymous:",
+        ]
+        .into_iter()
+        .chain(mode_args.iter().copied())
+        .chain([url.as_str(), "-o", &out])
+        .collect();
+        Transfer::start(&self.lab, name, &args, file.clone(), self.lab.served_path())
+    }
+
+    /// Downloads by every client in `mode` (`true`: passive), all at once or one after the
+    /// other; how many came out whole.
+    pub fn downloads(&self, passive: bool, at_once: bool) -> usize {
+        let limit = Duration::from_secs(20);
+        let outcomes: Vec<Outcome> = if at_once {
+            let running: Vec<Transfer> = (0..SCALE_CLIENTS)
+                .map(|i| self.download(i, passive))
+                .collect();
+            running.into_iter().map(|t| t.finish(limit)).collect()
+        } else {
+            (0..SCALE_CLIENTS)
+                .map(|i| self.download(i, passive).finish(limit))
+                .collect()
+        };
+        for o in outcomes.iter().filter(|o| !o.complete) {
+            println!(
+                "  {} failed: {} ({} bytes) {}",
+                o.name,
+                o.status,
+                o.got_len,
+                o.stderr.trim()
+            );
+        }
+        outcomes.iter().filter(|o| o.complete).count()
+    }
+
+    /// How often each pod's vsftpd logged `text`.
+    fn logged_per_pod(&self, text: &str) -> Vec<usize> {
+        (1..=PODS)
+            .map(|pod| {
+                fs::read_to_string(self.lab.dir.join(format!("vsftpd-pod{pod}.log")))
+                    .unwrap_or_default()
+                    .matches(text)
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Downloads each pod's vsftpd served.
+    pub fn served_per_pod(&self) -> Vec<usize> {
+        self.logged_per_pod("OK DOWNLOAD")
+    }
+
+    /// PASV commands the pods' servers answered, all pods together: the control connections
+    /// of passive sessions got through.
+    pub fn passive_announcements(&self) -> usize {
+        self.logged_per_pod("227 Entering Passive Mode")
+            .iter()
+            .sum()
+    }
+
+    pub fn clients(&self) -> usize {
+        SCALE_CLIENTS
     }
 }

@@ -1432,13 +1432,7 @@ impl Lab {
 
     /// vsftpd in `ns`, listening on `bind`, serving the lab's root; its configuration and log
     /// are `NAME.conf` and `NAME.log` in the lab's directory.
-    fn vsftpd_command_at(
-        &self,
-        ns: &str,
-        bind: SocketAddr,
-        name: &str,
-        options: &str,
-    ) -> Command {
+    fn vsftpd_command_at(&self, ns: &str, bind: SocketAddr, name: &str, options: &str) -> Command {
         let listen = match bind {
             SocketAddr::V4(b) => format!("listen=YES\nlisten_address={}\n", b.ip()),
             SocketAddr::V6(b) => {
