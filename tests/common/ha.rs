@@ -150,7 +150,7 @@ impl Drop for Pair {
 
 impl Pair {
     fn new(carry: Carry) -> Pair {
-        for tool in ["keepalived", "conntrackd", "conntrack"] {
+        for tool in ["keepalived", "conntrackd"] {
             require_tool(tool);
         }
         let mut lab = Lab::empty(Topology::Gateway(Family::V4), Server::Vsftpd);
