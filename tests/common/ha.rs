@@ -590,12 +590,26 @@ impl Transfer {
             let _ = self.child.kill();
             panic!("{} still running after {within:?}", self.name)
         });
-        let got = fs::read(&self.got).unwrap_or_default();
         let want = fs::read(&self.want).expect("read the file sent");
+        // A client may exit before the server has written what is still in flight: curl
+        // leaves an upload as soon as its control connection closes, while its last bytes are
+        // in the socket buffers. Wait for them while the file still grows (at most 5 s).
+        let mut got = fs::read(&self.got).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got != want && Instant::now() < deadline {
+            sleep(Duration::from_millis(300));
+            let now = fs::read(&self.got).unwrap_or_default();
+            let grew = now.len() > got.len();
+            got = now;
+            if !grew {
+                break;
+            }
+        }
+        let complete = got == want;
         Outcome {
             name: self.name,
             status,
-            complete: got == want,
+            complete,
             got_len: got.len(),
             stderr: fs::read_to_string(&self.stderr).unwrap_or_default(),
         }
