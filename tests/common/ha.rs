@@ -757,11 +757,13 @@ pub fn failover(failure: Failure, carry: Carry) -> Failover {
         .as_secs_f64();
     pair.fail(failure);
     let new_session = first_new_session(&pair.lab, failed_at);
-    let promoted = pair
-        .transitions(1)
-        .iter()
-        .find(|(at, state)| state == "primary" && *at >= failed_wall)
-        .map(|(at, _)| Duration::from_secs_f64(at - failed_wall));
+    // The script logs its state last, after the conntrackd calls: wait for it.
+    let promoted = wait_for(Duration::from_secs(5), || {
+        pair.transitions(1)
+            .iter()
+            .find(|(at, state)| state == "primary" && *at >= failed_wall)
+            .map(|(at, _)| Duration::from_secs_f64(at - failed_wall))
+    });
     let limit = Duration::from_secs(TRANSFER_LIMIT_SECS + 10);
     let outcomes = transfers
         .into_iter()
