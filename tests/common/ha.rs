@@ -474,17 +474,40 @@ impl Pair {
             .collect()
     }
 
-    /// Connections ftp-alg let through (its mark) that the node's conntrackd holds from its
-    /// peer, established.
+    /// Connections the node's conntrackd holds from its peer: with the filter, ftp-alg's data
+    /// connections.
     fn synced_data_connections(&self, i: usize) -> usize {
         let conf = self.conntrackd_conf(i).to_string_lossy().into_owned();
         let out = must(
             self.lab
                 .exec(&self.nodes[i].ns, &["conntrackd", "-C", &conf, "-e"]),
         );
-        out.lines()
-            .filter(|l| l.contains("ESTABLISHED") && l.contains("mark=63392"))
-            .count()
+        out.lines().filter(|l| l.starts_with("tcp")).count()
+    }
+
+    /// `conntrackd -s` of both nodes, for a failure message.
+    fn conntrackd_statistics(&self) -> String {
+        (0..2)
+            .map(|i| {
+                let conf = self.conntrackd_conf(i).to_string_lossy().into_owned();
+                let out = self
+                    .lab
+                    .exec(&self.nodes[i].ns, &["conntrackd", "-C", &conf, "-s"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let external = self
+                    .lab
+                    .exec(&self.nodes[i].ns, &["conntrackd", "-C", &conf, "-e"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                format!(
+                    "{}:\n{out}\nexternal cache:\n{external}",
+                    self.nodes[i].plan.name
+                )
+            })
+            .collect()
     }
 
     /// Elements in the sets of the node's `inet ftp_alg` table: pinholes and their translations.
@@ -736,14 +759,15 @@ pub fn failover(failure: Failure, carry: Carry) -> Failover {
     });
     assert!(started.is_some(), "not every transfer got under way");
     if carry != Carry::NoSync {
-        let synced = wait_for(Duration::from_secs(5), || {
+        let synced = wait_for(Duration::from_secs(10), || {
             (pair.synced_data_connections(1) >= transfers.len()).then_some(())
         });
         assert!(
             synced.is_some(),
-            "g2's conntrackd holds {} of the {} data connections",
+            "g2's conntrackd holds {} of the {} data connections; statistics:\n{}",
             pair.synced_data_connections(1),
-            transfers.len()
+            transfers.len(),
+            pair.conntrackd_statistics()
         );
     }
     assert!(
