@@ -405,6 +405,9 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     if !p.intercept.is_empty() {
         println!("  intercept tcp/21 on: {}", p.intercept.join(", "));
     }
+    for source in &p.upstream_source {
+        println!("  upstream source: {source}");
+    }
     if p.mode == Mode::Gateway {
         println!(
             "  upstream: socket mark {:#010x}, local destinations {}",

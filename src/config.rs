@@ -389,6 +389,13 @@ pub struct ProxyConfig {
     /// servers, for the operator's output chain; 0: none.
     #[serde(default = "default_upstream_mark")]
     pub upstream_mark: u32,
+    /// Local addresses of the connections to the servers, at most one per address family
+    /// (none: the kernel picks one by route). The data connections' source follows, since
+    /// pinholes translate to the upstream connection's local address. On a gateway pair this
+    /// is the virtual address keepalived moves, so that the servers' packets follow a
+    /// failover; bound with `IP_FREEBIND`, so a standby starts before it holds the address.
+    #[serde(default)]
+    pub upstream_source: Vec<IpAddr>,
 }
 
 /// `[pinholes]`: how data connections are let through.
@@ -591,6 +598,7 @@ impl Config {
                 max_line: DEFAULT_MAX_LINE,
                 connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
                 upstream_mark: DEFAULT_UPSTREAM_MARK,
+                upstream_source: Vec::new(),
             },
             pinholes: PinholeConfig::default(),
             limits: LimitsConfig::default(),
@@ -662,6 +670,22 @@ impl Config {
         }
         if p.connect_timeout_secs == 0 {
             return Err("proxy.connect_timeout_secs must be at least 1".into());
+        }
+        let v4 = p.upstream_source.iter().filter(|a| a.is_ipv4()).count();
+        if v4 > 1 || p.upstream_source.len() - v4 > 1 {
+            return Err(format!(
+                "proxy.upstream_source = {:?}: at most one address per family",
+                p.upstream_source
+            ));
+        }
+        if let Some(bad) = p
+            .upstream_source
+            .iter()
+            .find(|a| a.is_unspecified() || a.is_multicast())
+        {
+            return Err(format!(
+                "proxy.upstream_source: {bad} is not a unicast address"
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(format!("log.level = {:?}: {e}", self.log.level));
@@ -817,6 +841,27 @@ mod tests {
         );
         let e = parse("[proxy]\nmode = \"gateway\"\n[log]\nlevel = \"ftp_alg=[\"\n").unwrap_err();
         assert!(e.to_string().contains("log.level"), "{e}");
+    }
+
+    #[test]
+    fn upstream_source_takes_one_unicast_address_per_family() {
+        let gw = "[proxy]\nmode = \"gateway\"\n";
+        let c = parse(&format!(
+            "{gw}upstream_source = [\"203.0.113.254\", \"2001:db8:b::fe\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.upstream_source.len(), 2);
+        for bad in [
+            "[\"203.0.113.254\", \"203.0.113.253\"]",
+            "[\"0.0.0.0\"]",
+            "[\"ff02::1\"]",
+        ] {
+            let e = parse(&format!("{gw}upstream_source = {bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("proxy.upstream_source"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

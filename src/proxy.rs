@@ -157,7 +157,8 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         Mode::Gateway => cfg.upstream_mark,
         Mode::Reverse => 0,
     };
-    let upstream = match upstream::connect(server, mark, timeout).await {
+    let source = upstream::source_for(server, &cfg.upstream_source);
+    let upstream = match upstream::connect(server, source, mark, timeout).await {
         Ok(stream) => stream,
         Err(e) => return refuse_unreachable(shared, client, &e.to_string()).await,
     };

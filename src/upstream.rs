@@ -80,14 +80,38 @@ pub fn own_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// Connect to the server within `timeout`, the socket marked with `mark` (0: unmarked).
-pub async fn connect(server: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+/// The address of `sources` (`proxy.upstream_source`) a connection to `server` starts from:
+/// the one of the server's family, if any.
+pub fn source_for(server: SocketAddr, sources: &[IpAddr]) -> Option<IpAddr> {
+    sources
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == server.is_ipv4())
+}
+
+/// Connect to the server within `timeout`, the socket marked with `mark` (0: unmarked), from
+/// `source` (any port) if given. `IP_FREEBIND` lets the bind succeed while the address is not
+/// (yet) this host's: a standby gateway before keepalived moves the address to it.
+pub async fn connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let socket = match server {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     if mark != 0 {
         socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    if let Some(source) = source {
+        let sock = socket2::SockRef::from(&socket);
+        match source {
+            IpAddr::V4(_) => sock.set_freebind_v4(true)?,
+            IpAddr::V6(_) => sock.set_freebind_v6(true)?,
+        }
+        socket.bind(SocketAddr::new(source, 0))?;
     }
     tokio::time::timeout(timeout, socket.connect(server))
         .await
@@ -124,6 +148,17 @@ mod tests {
         ] {
             assert_eq!(forbidden(ip(server), &own), why, "{server}");
         }
+    }
+
+    #[test]
+    fn the_source_follows_the_servers_family() {
+        let sources = [ip("203.0.113.254"), ip("2001:db8:b::fe")];
+        let v4: SocketAddr = "203.0.113.2:21".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8:b::2]:21".parse().unwrap();
+        assert_eq!(source_for(v4, &sources), Some(sources[0]));
+        assert_eq!(source_for(v6, &sources), Some(sources[1]));
+        assert_eq!(source_for(v6, &sources[..1]), None);
+        assert_eq!(source_for(v4, &[]), None);
     }
 
     #[test]

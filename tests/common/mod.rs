@@ -1106,6 +1106,22 @@ impl Lab {
         setup: Setup,
         prepare: impl FnOnce(&Lab) -> String,
     ) -> Lab {
+        let mut lab = Lab::empty(topology, server);
+        lab.build_network();
+        lab.write_files();
+        let vsftpd_options = prepare(&lab);
+        lab.load_policy(setup);
+        lab.start_server(&vsftpd_options);
+        if setup != Setup::AlgStopped {
+            lab.start_alg();
+        }
+        lab
+    }
+
+    /// A lab with its prefix and its (empty) directory, and nothing else yet: no namespace, no
+    /// process. Suites that build a network of their own start here; `Drop` still cleans up
+    /// every namespace added with [`Lab::add_namespace`].
+    fn empty(topology: Topology, server: Server) -> Lab {
         preflight();
         let prefix = format!(
             "fa{}x{}",
@@ -1118,7 +1134,7 @@ impl Lab {
         }
         fs::create_dir_all(&dir).expect("create the test directory");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut lab = Lab {
+        Lab {
             topology,
             server,
             prefix,
@@ -1131,16 +1147,7 @@ impl Lab {
             alg_env: Vec::new(),
             alg_prefix: Vec::new(),
             runs: 0,
-        };
-        lab.build_network();
-        lab.write_files();
-        let vsftpd_options = prepare(&lab);
-        lab.load_policy(setup);
-        lab.start_server(&vsftpd_options);
-        if setup != Setup::AlgStopped {
-            lab.start_alg();
         }
-        lab
     }
 
     fn addrs(&self) -> Addrs {
@@ -1309,10 +1316,12 @@ impl Lab {
     /// packet reaches them (the policy accepts established ones before), so this is about the
     /// number of data connections that met them, counting retransmitted SYNs.
     fn data_path_packets(&self) -> u64 {
-        let text = must(self.exec(
-            &self.gateway_ns(),
-            &["nft", "-j", "list", "table", "inet", "gateway"],
-        ));
+        self.data_path_packets_in(&self.gateway_ns())
+    }
+
+    /// [`Lab::data_path_packets`] of the policy in namespace `ns`.
+    fn data_path_packets_in(&self, ns: &str) -> u64 {
+        let text = must(self.exec(ns, &["nft", "-j", "list", "table", "inet", "gateway"]));
         let json: serde_json::Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("nft -j printed {text:?}: {e}"));
         let rules = json["nftables"].as_array().into_iter().flatten();
@@ -1418,7 +1427,13 @@ impl Lab {
     }
 
     fn vsftpd_command(&self, options: &str) -> Command {
-        let listen = match self.server_bind() {
+        self.vsftpd_command_at(&self.server_ns(), self.server_bind(), "vsftpd", options)
+    }
+
+    /// vsftpd in `ns`, listening on `bind`, serving the lab's root; its configuration and log
+    /// are `NAME.conf` and `NAME.log` in the lab's directory.
+    fn vsftpd_command_at(&self, ns: &str, bind: SocketAddr, name: &str, options: &str) -> Command {
+        let listen = match bind {
             SocketAddr::V4(b) => format!("listen=YES\nlisten_address={}\n", b.ip()),
             SocketAddr::V6(b) => {
                 format!("listen=NO\nlisten_ipv6=YES\nlisten_address6={}\n", b.ip())
@@ -1448,16 +1463,16 @@ impl Lab {
              xferlog_std_format=NO\n\
              vsftpd_log_file={log}\n\
              {options}",
-            port = self.server_bind().port(),
+            port = bind.port(),
             root = self.ftp_root().display(),
             empty = self.dir.join("empty").display(),
             pasv_min = PASV_PORTS.start(),
             pasv_max = PASV_PORTS.end(),
-            log = self.dir.join("vsftpd.log").display(),
+            log = self.dir.join(format!("{name}.log")).display(),
         );
-        let conf_path = self.dir.join("vsftpd.conf");
+        let conf_path = self.dir.join(format!("{name}.conf"));
         fs::write(&conf_path, conf).expect("write vsftpd.conf");
-        self.exec(&self.server_ns(), &["vsftpd", &conf_path.to_string_lossy()])
+        self.exec(ns, &["vsftpd", &conf_path.to_string_lossy()])
     }
 
     /// proftpd in the foreground (`-n`), its scoreboard and PID file in the test directory,
@@ -2208,6 +2223,7 @@ fn parse_host_port(s: &str) -> SocketAddr {
 pub mod edge;
 pub mod faults;
 pub mod guides;
+pub mod ha;
 pub mod handover;
 pub mod hostile;
 pub mod operate;
