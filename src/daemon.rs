@@ -14,6 +14,7 @@ use anyhow::Context;
 
 use crate::config::{Config, PinholeBackend};
 use crate::control::{self, Answer, ErrorKind, Request, Status};
+use crate::datarelay::Relay;
 use crate::handover;
 use crate::logging::LogHandle;
 use crate::metrics::{self, Gauges, Metrics};
@@ -23,6 +24,7 @@ use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
 use crate::reload::{Live, Reloader};
+use crate::tls::Terminator;
 use crate::upstream;
 
 /// Run the daemon until SIGTERM or SIGINT, or until it has handed its listeners over to a new
@@ -98,6 +100,16 @@ pub async fn run(
         }
         None => None,
     };
+    let metrics = Arc::new(Metrics::default());
+    let (relay, relay_listeners) = match &config.tls {
+        Some(tls) => {
+            let terminator = Terminator::load(tls)?;
+            let (relay, listeners) = Relay::bind(terminator, tls.relay_buffer, metrics.clone())
+                .context("binding the PROT P data relay listener")?;
+            (Some(relay), listeners)
+        }
+        None => (None, Vec::new()),
+    };
     let nft_path = config.pinholes.nft.clone();
     let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
     nft::prepare_table(
@@ -139,9 +151,10 @@ pub async fn run(
             )
             .counting_ipv6_per(config.limits.client_prefix_v6),
         ),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         config,
         pinholes,
+        relay,
     });
     let started = Instant::now();
     // Copies of the listening sockets, for a hand-over to a successor.
@@ -154,6 +167,17 @@ pub async fn run(
         tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
         offered.push((local, dup(&listener)?));
         services.push(tokio::spawn(proxy::accept_loop(listener, shared.clone())));
+    }
+    if let Some(relay) = &shared.relay {
+        for listener in relay_listeners {
+            tracing::info!(
+                "FTPS: TLS ended here; PROT P data relayed through {}",
+                listener
+                    .local_addr()
+                    .context("reading the relay's address")?
+            );
+            services.push(tokio::spawn(relay.clone().serve(listener)));
+        }
     }
     let (hand_over_tx, mut hand_over_rx) = tokio::sync::mpsc::channel(1);
     let control = control.map(|(listener, socket)| {

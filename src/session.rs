@@ -63,6 +63,44 @@ pub struct SessionContext {
     pub policy: Arc<PolicyConfig>,
     /// Pinholes the session may hold at once (`limits.max_pinholes_per_session`).
     pub max_pinholes: usize,
+    /// FTPS termination (`[tls]`, reverse mode): `None`, AUTH is handled as `policy.auth` says.
+    pub tls: Option<TlsContext>,
+}
+
+/// What a session that may end TLS itself needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsContext {
+    /// The port of the daemon's data relay listener, on every local address: a `PROT P`
+    /// pinhole sends its connection there instead of to the other peer.
+    pub relay_port: u16,
+}
+
+/// A `PROT P` data connection that ftp-alg relays itself: its pinhole sends it to the relay
+/// listener, which hands it to the session that expects it, by the dialling peer and the port
+/// it dialled (the pinhole's own key, see `ports.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    /// The pinhole that leads to the relay.
+    pub pinhole: PinholeId,
+    /// The port the peer dials (the pinhole's public port).
+    pub port: u16,
+    /// The two legs.
+    pub leg: RelayLeg,
+}
+
+/// The two legs of a relayed data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLeg {
+    /// Who dials in: the client (passive) or the server (active).
+    pub peer: IpAddr,
+    /// Passive: the client dials in, and ftp-alg dials the server. Active: the server dials in,
+    /// and ftp-alg dials the client. The client's side is TLS either way, with ftp-alg as the
+    /// TLS server (RFC 4217 §9).
+    pub passive: bool,
+    /// Where ftp-alg dials the other leg.
+    pub dial: SocketAddr,
+    /// The local address it dials from: the one the other peer expects data from.
+    pub bind: IpAddr,
 }
 
 /// Whether a session logs its `n`th refusal (see [`LOGGED_REFUSALS`]).
@@ -81,6 +119,11 @@ pub enum Action {
     ToServerSynch(Vec<u8>),
     /// Write these bytes to the client.
     ToClient(Vec<u8>),
+    /// Start TLS with the client, as TLS server, on the control connection (the 234 that
+    /// allows it is the action before); the client's next bytes are its handshake.
+    StartClientTls,
+    /// Hand the data connection described to the relay (see [`Expectation`]).
+    Expect(Expectation),
     /// Open this pinhole, then call [`Session::handle_opened`] with the result.
     Open(PinholeRequest),
     /// Close these pinholes (their transfer is over or they were superseded).
@@ -130,6 +173,34 @@ impl Rewrite {
     }
 }
 
+/// A session's TLS state, as `sessions list` and `sniff` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsState {
+    /// No TLS.
+    #[default]
+    Plain,
+    /// The control connection is TLS, ended by ftp-alg; data connections are in clear
+    /// (`PROT C`, kernel pinholes).
+    Control,
+    /// Control and data (`PROT P`) are TLS, ended by ftp-alg; data is relayed.
+    Private,
+    /// TLS between client and server, unread (`policy.auth = "transparent"`).
+    Transparent,
+}
+
+impl TlsState {
+    /// For logs and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsState::Plain => "plain",
+            TlsState::Control => "control",
+            TlsState::Private => "private",
+            TlsState::Transparent => "transparent",
+        }
+    }
+}
+
 /// One end of the control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -158,6 +229,8 @@ pub enum Reject {
     /// AUTH (TLS): ftp-alg cannot see inside TLS, so it refuses it and the client goes on in
     /// plain text; passing it would leave data connections without pinholes.
     TlsRefused,
+    /// USER or PASS before AUTH TLS, with `policy.require_tls`.
+    TlsRequired,
     /// The client and the data endpoint are of different address families; a kernel pinhole
     /// cannot translate between IPv4 and IPv6.
     FamilyMismatch,
@@ -182,13 +255,14 @@ pub enum Reject {
 
 impl Reject {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 15] = [
         Reject::ThirdPartyAddress,
         Reject::PrivilegedPort,
         Reject::BadArgument,
         Reject::BadPassiveReply,
         Reject::LineTooLong,
         Reject::TlsRefused,
+        Reject::TlsRequired,
         Reject::FamilyMismatch,
         Reject::PinholeFailed,
         Reject::NotLoggedIn,
@@ -208,6 +282,7 @@ impl Reject {
             Reject::BadPassiveReply => "bad_passive_reply",
             Reject::LineTooLong => "line_too_long",
             Reject::TlsRefused => "tls_refused",
+            Reject::TlsRequired => "tls_required",
             Reject::FamilyMismatch => "family_mismatch",
             Reject::PinholeFailed => "pinhole_failed",
             Reject::NotLoggedIn => "not_logged_in",
@@ -230,6 +305,7 @@ impl Reject {
             Reject::TlsRefused => {
                 b"534 AUTH refused: this FTP gateway cannot inspect TLS; continue without it.\r\n"
             }
+            Reject::TlsRequired => b"530 TLS required: send AUTH TLS before logging in.\r\n",
             Reject::FamilyMismatch => {
                 b"522 Network protocol not supported: use the address family of this connection.\r\n"
             }
@@ -315,6 +391,9 @@ enum Blocked {
     /// A client line that cannot be judged before those replies (an announcement sent before
     /// the login's verdict).
     Line(Vec<u8>),
+    /// AUTH TLS, answered by ftp-alg: the 234 and the handshake come once the server has
+    /// answered everything before it, so no plain-text reply follows the handshake.
+    StartTls,
 }
 
 /// Commands that change the server's files, refused by `policy.read_only` (RFC 959, RFC 3659,
@@ -365,6 +444,14 @@ pub struct Session {
     /// TLS has started (AUTH accepted with `policy.auth = "transparent"`): every byte passes
     /// unread both ways.
     transparent: bool,
+    /// ftp-alg has started TLS with the client on the control connection (`[tls]`).
+    client_tls: bool,
+    /// The client has sent `PBSZ` over TLS (RFC 4217 §8: before PROT).
+    pbsz: bool,
+    /// `PROT P`: data connections are TLS towards the client, relayed by ftp-alg.
+    private: bool,
+    /// The relay legs of the pinhole being opened, for a `PROT P` data connection.
+    pending_relay: Option<RelayLeg>,
     /// The client has closed its side.
     client_eof: bool,
     /// ... and everything it sent before has been dealt with: nothing more goes to the server.
@@ -392,6 +479,10 @@ impl Session {
             refusals: 0,
             user: None,
             transparent: false,
+            client_tls: false,
+            pbsz: false,
+            private: false,
+            pending_relay: None,
             client_eof: false,
             client_done: false,
             closed: false,
@@ -406,6 +497,16 @@ impl Session {
     /// Whether the server has accepted a login (and no REIN has voided it since).
     pub fn logged_in(&self) -> bool {
         self.logged_in
+    }
+
+    /// The session's TLS state, for operators.
+    pub fn tls_state(&self) -> TlsState {
+        match (self.transparent, self.client_tls, self.private) {
+            (true, _, _) => TlsState::Transparent,
+            (_, true, true) => TlsState::Private,
+            (_, true, false) => TlsState::Control,
+            _ => TlsState::Plain,
+        }
     }
 
     /// The user name of the client's last USER command.
@@ -530,6 +631,13 @@ impl Session {
             return;
         };
         self.pinholes.push(opened.id);
+        if let Some(leg) = self.pending_relay.take() {
+            self.actions.push_back(Action::Expect(Expectation {
+                pinhole: opened.id,
+                port: opened.dial_port,
+                leg,
+            }));
+        }
         match pending {
             Pending::Active { eprt } => {
                 let ip = self.ctx.upstream_local.ip();
@@ -610,6 +718,10 @@ impl Session {
                         self.client_line(Ok(raw));
                         continue;
                     }
+                    Some(Blocked::StartTls) => {
+                        self.start_tls();
+                        continue;
+                    }
                     None => {}
                 }
             }
@@ -628,6 +740,27 @@ impl Session {
                 return None;
             }
         }
+    }
+
+    /// Answer AUTH TLS and hand the control connection to TLS. A client sends its handshake
+    /// only after the 234; bytes it sent before are not part of it, and the session ends.
+    fn start_tls(&mut self) {
+        if self.from_client.pending() > 0 {
+            tracing::warn!("client sent more after AUTH TLS without waiting for 234: closing");
+            self.actions.push_back(Action::ToClient(
+                b"421 Nothing may follow AUTH TLS before its reply; closing.\r\n".to_vec(),
+            ));
+            self.closed = true;
+            self.close_pinholes();
+            self.actions.push_back(Action::Shutdown);
+            return;
+        }
+        tracing::info!("AUTH TLS: starting TLS with the client");
+        self.client_tls = true;
+        self.actions.push_back(Action::ToClient(
+            b"234 Proceed with TLS negotiation.\r\n".to_vec(),
+        ));
+        self.actions.push_back(Action::StartClientTls);
     }
 
     fn client_line(&mut self, line: Result<Vec<u8>, FramingError>) {
@@ -658,6 +791,11 @@ impl Session {
                 });
             }
         }
+        if let Command::Other { verb } = &command {
+            if self.ctx.tls.is_some() && self.tls_command(verb, &text) {
+                return;
+            }
+        }
         match command {
             // Pipelined after USER and PASS, an announcement comes before the server's verdict
             // on the login: it waits for it.
@@ -671,6 +809,13 @@ impl Session {
             Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
             Command::Eprt(addr) => self.active(addr, true),
             Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
+            Command::Other { verb }
+                if self.ctx.policy.require_tls
+                    && !self.client_tls
+                    && matches!(verb.as_str(), "USER" | "PASS" | "ACCT") =>
+            {
+                self.refuse_command(Reject::TlsRequired)
+            }
             Command::Other { verb } if verb == "AUTH" => match self.ctx.policy.auth {
                 AuthPolicy::Refuse => self.refuse_command(Reject::TlsRefused),
                 AuthPolicy::Transparent => {
@@ -818,6 +963,7 @@ impl Session {
             return self.refuse_command(Reject::FamilyMismatch);
         }
         let request = self.active_request(target);
+        let request = self.through_relay(request, false);
         self.request_pinhole(request, Pending::Active { eprt });
     }
 
@@ -851,6 +997,7 @@ impl Session {
             }
         }
         let request = self.passive_request(reply.port());
+        let request = self.through_relay(request, true);
         self.request_pinhole(request, Pending::Passive(reply));
     }
 
@@ -895,6 +1042,31 @@ impl Session {
             snat: Some(self.ctx.upstream_local.ip()),
             label: self.label(),
         }
+    }
+
+    /// Under `PROT P` the data connection is TLS towards the client and ftp-alg must end it:
+    /// the pinhole sends it to the relay listener on the address it was dialled at, untranslated
+    /// at source, and the relay dials the pinhole's real destination from the address the
+    /// source translation would have given (see [`Expectation`]). Under `PROT C` (or without
+    /// TLS) the request is the kernel's, unchanged.
+    fn through_relay(&mut self, mut request: PinholeRequest, passive: bool) -> PinholeRequest {
+        self.pending_relay = None;
+        let (Some(tls), true, Some(dial)) = (self.ctx.tls, self.private, request.dnat) else {
+            return request;
+        };
+        let bind = match passive {
+            true => self.ctx.upstream_local.ip(),
+            false => self.ctx.client_local.ip(),
+        };
+        self.pending_relay = Some(RelayLeg {
+            peer: request.source,
+            passive,
+            dial,
+            bind,
+        });
+        request.dnat = Some(SocketAddr::new(request.dial_ip, tls.relay_port));
+        request.snat = None;
+        request
     }
 
     fn request_pinhole(&mut self, request: PinholeRequest, pending: Pending) {
@@ -1000,6 +1172,50 @@ impl Session {
         }
     }
 
+    /// The commands of RFC 4217 that ftp-alg answers itself when it ends TLS: AUTH, PBSZ, PROT
+    /// and CCC never reach the server, which may know nothing of TLS. REIN is refused on a TLS
+    /// session, since it would reset a security state the server does not hold. Returns
+    /// whether `verb` was one of them.
+    fn tls_command(&mut self, verb: &str, text: &[u8]) -> bool {
+        let argument = command::argument(text)
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_uppercase();
+        let reply: &[u8] = match verb {
+            "AUTH" if self.client_tls => b"503 TLS is already in use.\r\n",
+            "AUTH" if matches!(argument.as_str(), "TLS" | "TLS-C" | "SSL") => {
+                self.blocked = Some(Blocked::StartTls);
+                return true;
+            }
+            "AUTH" => b"504 AUTH: only TLS is supported.\r\n",
+            "PBSZ" | "PROT" | "CCC" if !self.client_tls => {
+                b"503 Secure the control connection with AUTH TLS first.\r\n"
+            }
+            "PBSZ" => {
+                self.pbsz = true;
+                b"200 PBSZ=0\r\n"
+            }
+            "PROT" if !self.pbsz => b"503 PBSZ first.\r\n",
+            "PROT" => match argument.as_str() {
+                "C" => {
+                    self.private = false;
+                    b"200 Protection level set to Clear.\r\n"
+                }
+                "P" => {
+                    self.private = true;
+                    b"200 Protection level set to Private.\r\n"
+                }
+                "S" | "E" => b"536 Only PROT C and PROT P are supported.\r\n",
+                _ => b"504 PROT: unknown protection level.\r\n",
+            },
+            "CCC" => b"534 CCC refused: the control connection stays encrypted.\r\n",
+            "REIN" if self.client_tls => b"502 REIN is not available on a TLS session.\r\n",
+            _ => return false,
+        };
+        self.blocked = Some(Blocked::Answer(reply.to_vec()));
+        true
+    }
+
     /// Whether `[policy]` refuses the command `verb` (uppercase).
     fn denied(&self, verb: &str) -> bool {
         let policy = &self.ctx.policy;
@@ -1042,6 +1258,7 @@ pub(super) mod tests {
             max_line: 512,
             policy: Arc::default(),
             max_pinholes: 8,
+            tls: None,
         }
     }
 
