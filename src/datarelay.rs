@@ -9,7 +9,9 @@
 //! pinhole admits one connection here too. Then it dials the other peer and copies, with
 //! ftp-alg as the TLS server on the client's side (RFC 4217 §9), the server's side in clear:
 //! - passive: the client dials in (TLS, which must resume its control session, see `tls.rs`),
-//!   ftp-alg dials the server's data port from its upstream address;
+//!   ftp-alg dials the server's data port from its upstream address (before the handshake:
+//!   see [`Relay::run`]); only the client's own address reaches the relay, since the pinhole
+//!   admits no other source;
 //! - active: the server dials in (clear), ftp-alg dials the client's announced port from the
 //!   address the client knows, and does the TLS handshake as server on it.
 //!
@@ -157,13 +159,16 @@ impl Relay {
 
     async fn run(&self, job: Job, accepted: TcpStream) {
         let leg = job.leg;
+        // Both ways, the server's side is connected first: a server announces the transfer
+        // (150) only once its data connection is up, and clients such as lftp start the data
+        // connection's TLS handshake only after that reply.
         let result = if leg.passive {
-            match self.client_side(accepted, &job.token).await {
-                Some(client) => match dial(leg).await {
-                    Ok(server) => self.copy(client, server).await,
-                    Err(e) => Err(e),
+            match dial(leg).await {
+                Ok(server) => match self.client_side(accepted, &job.token).await {
+                    Some(client) => self.copy(client, server).await,
+                    None => return,
                 },
-                None => return,
+                Err(e) => Err(e),
             }
         } else {
             match dial(leg).await {

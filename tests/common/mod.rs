@@ -2207,6 +2207,7 @@ fn parse_host_port(s: &str) -> SocketAddr {
 
 pub mod edge;
 pub mod faults;
+pub mod ftps;
 pub mod guides;
 pub mod handover;
 pub mod hostile;
