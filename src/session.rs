@@ -1836,6 +1836,152 @@ pub(super) mod tests {
         assert_eq!(drain(&mut s), vec![Action::EndToServer]);
     }
 
+    /// A reverse session with `[tls]`, greeted by the server, nothing else yet.
+    fn terminating(policy: PolicyConfig) -> Session {
+        let mut s = Session::new(SessionContext {
+            tls: Some(TlsContext { relay_port: 45000 }),
+            policy: Arc::new(policy),
+            ..ctx(Mode::Reverse)
+        });
+        s.handle_server_data(b"220 ready\r\n");
+        drain(&mut s);
+        s
+    }
+
+    fn to_client(reply: &str) -> Action {
+        Action::ToClient(reply.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn auth_tls_is_answered_here_and_starts_tls_in_its_turn() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"SYST\r\nAUTH TLS\r\n");
+        // The 234 waits for the server's answer to SYST.
+        assert_eq!(drain(&mut s), vec![Action::ToServer(b"SYST\r\n".to_vec())]);
+        s.handle_server_data(b"215 UNIX Type: L8\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("215 UNIX Type: L8\r\n"),
+                to_client("234 Proceed with TLS negotiation.\r\n"),
+                Action::StartClientTls,
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Control);
+        s.handle_client_data(b"AUTH TLS\r\nPROT P\r\nPBSZ 0\r\nPROT S\r\nPROT P\r\nCCC\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("503 TLS is already in use.\r\n"),
+                to_client("503 PBSZ first.\r\n"),
+                to_client("200 PBSZ=0\r\n"),
+                to_client("536 Only PROT C and PROT P are supported.\r\n"),
+                to_client("200 Protection level set to Private.\r\n"),
+                to_client("534 CCC refused: the control connection stays encrypted.\r\n"),
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Private);
+    }
+
+    #[test]
+    fn tls_commands_before_auth_and_other_mechanisms_are_refused() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"PBSZ 0\r\nPROT P\r\nAUTH KERBEROS_V4\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("503 Secure the control connection with AUTH TLS first.\r\n"),
+                to_client("503 Secure the control connection with AUTH TLS first.\r\n"),
+                to_client("504 AUTH: only TLS is supported.\r\n"),
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Plain);
+    }
+
+    #[test]
+    fn bytes_pipelined_behind_auth_tls_end_the_session() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"AUTH TLS\r\n\x16\x03\x01");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions.first(),
+            Some(&to_client(
+                "421 Nothing may follow AUTH TLS before its reply; closing.\r\n"
+            ))
+        );
+        assert_eq!(actions.last(), Some(&Action::Shutdown));
+        assert!(!actions.contains(&Action::StartClientTls));
+    }
+
+    #[test]
+    fn require_tls_refuses_a_login_in_clear() {
+        let mut s = terminating(PolicyConfig {
+            require_tls: true,
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"USER anonymous\r\nPASS secret\r\n");
+        let refused = to_client("530 TLS required: send AUTH TLS before logging in.\r\n");
+        assert_eq!(drain(&mut s), vec![refused.clone(), refused]);
+        assert_eq!(
+            std::iter::from_fn(|| s.poll_event()).collect::<Vec<_>>(),
+            vec![Event::Refused(Reject::TlsRequired); 2]
+        );
+    }
+
+    /// Under PROT P a pinhole leads to the relay, and the relay learns both legs before the
+    /// announcement goes out; under PROT C the kernel's pinhole is unchanged.
+    #[test]
+    fn prot_p_pinholes_lead_to_the_relay() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"AUTH TLS\r\n");
+        drain(&mut s);
+        s.handle_client_data(b"USER anonymous\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"230 ok\r\n");
+        s.handle_client_data(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,64).\r\n");
+        let Some(Action::Open(request)) = s.poll_action() else {
+            panic!("no pinhole asked for");
+        };
+        assert_eq!(request.source, ip("198.18.0.2"));
+        assert_eq!(request.dnat, Some("198.18.0.1:45000".parse().unwrap()));
+        assert_eq!(request.snat, None);
+        s.handle_opened(opened(3, 61000));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Expect(Expectation {
+                    pinhole: 3,
+                    port: 61000,
+                    leg: RelayLeg {
+                        peer: ip("198.18.0.2"),
+                        passive: true,
+                        dial: "203.0.113.2:40000".parse().unwrap(),
+                        bind: ip("203.0.113.1"),
+                    },
+                }),
+                to_client("227 Entering Passive Mode (198,18,0,1,238,72).\r\n"),
+            ]
+        );
+        s.handle_client_data(b"PROT C\r\nPORT 198,18,0,2,195,81\r\n");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions[..2],
+            [
+                to_client("200 Protection level set to Clear.\r\n"),
+                Action::Close(vec![3])
+            ]
+        );
+        let [Action::Open(request)] = &actions[2..] else {
+            panic!("no pinhole asked for: {actions:?}");
+        };
+        assert_eq!(request.dnat, Some("198.18.0.2:50001".parse().unwrap()));
+        assert_eq!(request.snat, Some(ip("198.18.0.1")));
+        s.handle_opened(opened(4, 61001));
+        assert!(!drain(&mut s).iter().any(|a| matches!(a, Action::Expect(_))));
+    }
+
     #[test]
     fn read_only_and_denied_commands_are_refused_in_their_turn() {
         let mut s = with_policy(PolicyConfig {

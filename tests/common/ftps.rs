@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::faults::daemon_log_lines;
@@ -248,7 +248,7 @@ fn metric(lab: &Lab, sample: &str) -> u64 {
 impl Lab {
     /// One FTPS session of `client` performing a listing, a download and an upload (curl: one
     /// session each), or the given ftplib operations.
-    fn ftps_session(&mut self, client: TlsClient, mode: DataMode, ca: &PathBuf) -> Vec<Run> {
+    fn ftps_session(&mut self, client: TlsClient, mode: DataMode, ca: &Path) -> Vec<Run> {
         let dial = self.addrs().dial;
         let host = match dial {
             SocketAddr::V4(v4) => v4.ip().to_string(),
