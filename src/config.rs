@@ -169,6 +169,9 @@ pub struct TlsConfig {
     /// Bytes buffered per direction of one relayed `PROT P` data connection.
     #[serde(default = "default_tls_relay_buffer")]
     pub relay_buffer: usize,
+    /// Implicit FTPS listeners (customarily port 990): TLS from the first byte, no AUTH.
+    #[serde(default)]
+    pub implicit_listen: Vec<SocketAddr>,
 }
 
 fn default_tls_relay_buffer() -> usize {
@@ -781,6 +784,12 @@ impl Config {
         if let Some(tls) = &self.tls {
             if p.mode != Mode::Reverse {
                 return Err("[tls] is for reverse mode: a gateway has no certificate of the servers its clients reach (see docs/ftps.md)".into());
+            }
+            if let Some(both) = tls.implicit_listen.iter().find(|a| p.listen.contains(a)) {
+                return Err(format!(
+                    "tls.implicit_listen: {both} is also in proxy.listen; a listener is either \
+                     implicit FTPS (TLS first) or plain/explicit"
+                ));
             }
             if tls.relay_buffer < 1024 || tls.relay_buffer > MAX_TLS_RELAY_BUFFER {
                 return Err(format!(

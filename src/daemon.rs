@@ -64,8 +64,12 @@ pub async fn run(
     };
     // Bind first: a second instance started by mistake (without --take-over) fails here,
     // before it could touch the running daemon's table and with it every open pinhole.
+    // Each with whether it is an implicit FTPS listener (TLS from the first byte).
     let mut listeners = Vec::new();
-    for addr in &config.proxy.listen {
+    let implicit = config.tls.iter().flat_map(|t| &t.implicit_listen);
+    let addresses =
+        (config.proxy.listen.iter().map(|a| (a, false))).chain(implicit.map(|a| (a, true)));
+    for (addr, implicit) in addresses {
         let listener = match taken
             .as_mut()
             .and_then(|t| take_socket(&mut t.listeners, *addr))
@@ -73,7 +77,10 @@ pub async fn run(
             Some(fd) => listener_from(fd),
             None => proxy::bind(*addr),
         };
-        listeners.push(listener.with_context(|| format!("listening on {addr}"))?);
+        listeners.push((
+            listener.with_context(|| format!("listening on {addr}"))?,
+            implicit,
+        ));
     }
     // The guard removes the socket file however start-up or the run ends.
     let control = match config.control.enabled {
@@ -160,13 +167,22 @@ pub async fn run(
     // Copies of the listening sockets, for a hand-over to a successor.
     let mut offered = Vec::new();
     let mut services = Vec::new();
-    for listener in listeners {
+    for (listener, implicit) in listeners {
         let local = listener
             .local_addr()
             .context("reading a listener's address")?;
-        tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
+        match implicit {
+            true => {
+                tracing::info!(mode = %shared.config.proxy.mode, "listening on {local} (implicit FTPS: TLS first)")
+            }
+            false => tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}"),
+        }
         offered.push((local, dup(&listener)?));
-        services.push(tokio::spawn(proxy::accept_loop(listener, shared.clone())));
+        services.push(tokio::spawn(proxy::accept_loop(
+            listener,
+            shared.clone(),
+            implicit,
+        )));
     }
     if let Some(relay) = &shared.relay {
         for listener in relay_listeners {

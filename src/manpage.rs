@@ -162,6 +162,7 @@ mod tests {
             certificate: "chain.pem".into(),
             key: "key.pem".into(),
             relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
+            implicit_listen: vec!["0.0.0.0:990".parse().unwrap()],
         });
         let mut out = std::collections::BTreeSet::new();
         walk("", &serde_json::to_value(&config).unwrap(), &mut out);

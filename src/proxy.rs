@@ -33,6 +33,8 @@ const READ_BUFFER: usize = 8192;
 const READS_PER_WAKEUP: usize = 8;
 /// How long a last 421 to the client may take before the session ends anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an implicit FTPS client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to answer and close after the client has closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -65,7 +67,9 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accept sessions on `listener`; `implicit`: an implicit FTPS listener, whose clients start
+/// with the TLS handshake.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit: bool) {
     loop {
         let (stream, peer) = accept::next("FTP listener", || listener.accept()).await;
         let peer = canonical(peer);
@@ -73,7 +77,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok(admitted) => {
                 let id = admitted.entry().id();
                 let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
-                tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
+                tokio::spawn(session(stream, shared.clone(), admitted, implicit).instrument(span));
             }
             Err(limit) => {
                 shared.metrics.refused_session(Admission::SessionLimit);
@@ -100,7 +104,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted) {
+async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted, implicit: bool) {
     let entry = admitted.entry();
     let id = entry.id();
     let shared = &*shared;
@@ -194,12 +198,24 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         max_pinholes: live.limits.max_pinholes_per_session,
         tls: shared.relay.as_ref().map(|relay| TlsContext {
             relay_port: relay.port(),
+            implicit,
         }),
     };
     let mut session = Session::new(ctx);
     let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
-    let client = ClientIo::Plain(client);
-    if let Err(e) = relay(&mut session, client, upstream, shared, entry, idle_limit).await {
+    let mut client = ClientIo::Plain(client);
+    let mut token = None;
+    if implicit {
+        match implicit_tls(shared, client, idle_limit).await {
+            Ok((tls, fresh)) => {
+                client = tls;
+                token = Some(fresh);
+            }
+            Err(e) => return tracing::info!(error = %e, "implicit FTPS: no TLS handshake"),
+        }
+    }
+    let streams = (client, upstream);
+    if let Err(e) = relay(&mut session, streams, token, shared, entry, idle_limit).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -223,17 +239,17 @@ async fn refuse_unreachable(shared: &Shared, mut client: TcpStream, why: &str) {
 
 /// Move bytes between the peers through the session until the server's side closes, or the
 /// client's side closes and the server has not finished within [`HALF_CLOSE_GRACE`].
+/// `token`: the random value this session's TLS sessions carry, once the client has started
+/// TLS (at once on an implicit FTPS listener).
 async fn relay(
     session: &mut Session,
-    mut client: ClientIo,
-    server: TcpStream,
+    (mut client, server): (ClientIo, TcpStream),
+    mut token: Option<Token>,
     shared: &Shared,
     entry: &Entry,
     idle_limit: Duration,
 ) -> std::io::Result<()> {
     let (server_rx, mut server_tx) = server.into_split();
-    // The random value this session's TLS sessions carry, once the client has started TLS.
-    let mut token: Option<Token> = None;
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
@@ -344,6 +360,33 @@ async fn relay(
             }
         }
     }
+}
+
+/// The handshake of a client on an implicit FTPS listener, before anything else.
+async fn implicit_tls(
+    shared: &Shared,
+    client: ClientIo,
+    limit: Duration,
+) -> std::io::Result<(ClientIo, Token)> {
+    let relay = shared
+        .relay
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("an implicit FTPS listener without [tls]"))?;
+    let token = relay
+        .terminator()
+        .new_token()
+        .map_err(std::io::Error::other)?;
+    let tls = tokio::time::timeout(
+        limit.min(TLS_HANDSHAKE_TIMEOUT),
+        client.start_tls(relay, &token),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    tracing::info!(
+        tls = "control",
+        "implicit FTPS: TLS with the client established"
+    );
+    Ok((tls, token))
 }
 
 /// Carry out a write to a peer, unless the operator ends the session first or the peer has

@@ -73,6 +73,8 @@ pub struct TlsContext {
     /// The port of the daemon's data relay listener, on every local address: a `PROT P`
     /// pinhole sends its connection there instead of to the other peer.
     pub relay_port: u16,
+    /// The client came in on an implicit FTPS listener: TLS is on from the start.
+    pub implicit: bool,
 }
 
 /// A `PROT P` data connection that ftp-alg relays itself: its pinhole sends it to the relay
@@ -463,6 +465,7 @@ impl Session {
     /// A session for one accepted and connected control connection.
     pub fn new(ctx: SessionContext) -> Session {
         let max_line = ctx.max_line;
+        let implicit_tls = ctx.tls.is_some_and(|t| t.implicit);
         Session {
             ctx,
             from_client: LineBuffer::new(max_line),
@@ -479,7 +482,7 @@ impl Session {
             refusals: 0,
             user: None,
             transparent: false,
-            client_tls: false,
+            client_tls: implicit_tls,
             pbsz: false,
             private: false,
             pending_relay: None,
@@ -1839,7 +1842,10 @@ pub(super) mod tests {
     /// A reverse session with `[tls]`, greeted by the server, nothing else yet.
     fn terminating(policy: PolicyConfig) -> Session {
         let mut s = Session::new(SessionContext {
-            tls: Some(TlsContext { relay_port: 45000 }),
+            tls: Some(TlsContext {
+                relay_port: 45000,
+                implicit: false,
+            }),
             policy: Arc::new(policy),
             ..ctx(Mode::Reverse)
         });

@@ -284,6 +284,7 @@ mod tests {
             certificate: certificate.to_owned(),
             key: empty.clone(),
             relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
+            implicit_listen: Vec::new(),
         };
         let e = Terminator::load(&config(&missing)).unwrap_err().to_string();
         assert!(e.contains("missing.pem"), "{e}");

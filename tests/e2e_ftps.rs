@@ -66,3 +66,13 @@ fn relay_refuses_strangers() {
 fn tls_off_and_tls_required() {
     ftps::tls_off_and_tls_required();
 }
+
+#[test]
+fn implicit_lftp_port() {
+    ftps::implicit_round_trip(TlsClient::Lftp, DataMode::Port);
+}
+
+#[test]
+fn implicit_curl_pasv() {
+    ftps::implicit_round_trip(TlsClient::Curl, DataMode::Pasv);
+}

@@ -20,6 +20,8 @@ use super::{
     Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, UPLOAD_FILE, UPLOAD_LEN,
 };
 
+/// The implicit FTPS listener's port.
+const IMPLICIT_PORT: u16 = 990;
 /// An address of the client's namespace that no session uses: the intruder's.
 const INTRUDER4: &str = "198.18.0.3";
 /// Where the daemon serves its metrics, inside G.
@@ -200,6 +202,8 @@ fn lab(topology: Topology, config: impl FnOnce(&Pki) -> String) -> (Lab, Pki) {
         super::PINHOLE_PORTS.end()
     );
     lab.nft(&["add rule inet gateway input", &unmarked]);
+    let implicit = format!("tcp dport {IMPLICIT_PORT} accept");
+    lab.nft(&["add rule inet gateway input", &implicit]);
     if let Topology::Sidecar(_) = topology {
         // An active PROT P data connection to the client starts at the relay on G, unmarked:
         // a default-deny output chain must let the daemon's own connections out.
@@ -247,12 +251,23 @@ fn metric(lab: &Lab, sample: &str) -> u64 {
 
 impl Lab {
     /// One FTPS session of `client` performing a listing, a download and an upload (curl: one
-    /// session each), or the given ftplib operations.
-    fn ftps_session(&mut self, client: TlsClient, mode: DataMode, ca: &Path) -> Vec<Run> {
+    /// session each); with `implicit`, lftp and curl dial the implicit FTPS listener
+    /// ([`IMPLICIT_PORT`], `ftps://`) instead of sending AUTH TLS.
+    fn ftps_session(
+        &mut self,
+        client: TlsClient,
+        mode: DataMode,
+        ca: &Path,
+        implicit: bool,
+    ) -> Vec<Run> {
         let dial = self.addrs().dial;
-        let host = match dial {
+        let ip = match dial {
             SocketAddr::V4(v4) => v4.ip().to_string(),
             SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+        };
+        let host = match implicit {
+            true => format!("ftps://{ip}:{IMPLICIT_PORT}"),
+            false => format!("ftp://{ip}"),
         };
         let ca = ca.to_string_lossy().into_owned();
         let download = self.download_path().to_string_lossy().into_owned();
@@ -274,7 +289,7 @@ impl Lab {
                     "set xfer:clobber on".into(),
                     format!("set ftp:passive-mode {}", mode.passive()),
                     format!("set ftp:prefer-epsv {}", mode == DataMode::Epsv),
-                    format!("open -u anonymous,e2e ftp://{host}"),
+                    format!("open -u anonymous,e2e {host}"),
                     "ls".into(),
                     format!("get {DATA_FILE} -o {download}"),
                     format!("put {upload} -o up/{UPLOAD_FILE}"),
@@ -308,13 +323,9 @@ impl Lab {
                     _ => &["--ftp-pasv"],
                 };
                 let ops: [Vec<String>; 3] = [
-                    vec![format!("ftp://{host}/")],
-                    vec![format!("ftp://{host}/{DATA_FILE}"), "-o".into(), download],
-                    vec![
-                        "-T".into(),
-                        upload,
-                        format!("ftp://{host}/up/{UPLOAD_FILE}"),
-                    ],
+                    vec![format!("{host}/")],
+                    vec![format!("{host}/{DATA_FILE}"), "-o".into(), download],
+                    vec!["-T".into(), upload, format!("{host}/up/{UPLOAD_FILE}")],
                 ];
                 ops.into_iter()
                     .map(|op| {
@@ -329,6 +340,7 @@ impl Lab {
                     .collect()
             }
             TlsClient::Ftplib => {
+                assert!(!implicit, "the ftplib client speaks explicit FTPS only");
                 let ops = [
                     "LIST".to_owned(),
                     "RETR".into(),
@@ -381,8 +393,23 @@ impl Lab {
 /// the server (no TLS) saw the scenario's data command; every data connection went through a
 /// pinhole to the relay (counted on G's input chain), and the relay counted the bytes.
 pub fn round_trip(topology: Topology, client: TlsClient, mode: DataMode) {
-    let (mut lab, pki) = lab(topology, Pki::section);
-    for run in lab.ftps_session(client, mode, &pki.ca) {
+    round_trip_via(topology, client, mode, false);
+}
+
+/// [`round_trip`] through the implicit FTPS listener: TLS from the first byte, no AUTH.
+pub fn implicit_round_trip(client: TlsClient, mode: DataMode) {
+    round_trip_via(Topology::Reverse(Family::V4), client, mode, true);
+}
+
+fn round_trip_via(topology: Topology, client: TlsClient, mode: DataMode, implicit: bool) {
+    let (mut lab, pki) = lab(topology, |pki| match implicit {
+        true => format!(
+            "{}implicit_listen = [\"{G_LAN4}:{IMPLICIT_PORT}\"]\n",
+            pki.section()
+        ),
+        false => pki.section(),
+    });
+    for run in lab.ftps_session(client, mode, &pki.ca, implicit) {
         assert!(
             run.status.success(),
             "{client:?} {mode:?}: FTPS session failed\n{}",
@@ -431,6 +458,13 @@ pub fn round_trip(topology: Topology, client: TlsClient, mode: DataMode) {
         "{client:?}: the server saw {verbs:?}, not {}",
         mode.verb()
     );
+    if implicit {
+        let implicit_sessions = daemon_log_lines(&lab, "implicit FTPS: TLS with the client");
+        assert!(
+            !implicit_sessions.is_empty(),
+            "no session came in implicitly"
+        );
+    }
     for tls_verb in ["AUTH", "PBSZ", "PROT"] {
         assert!(
             !log.commands().iter().any(|c| c.starts_with(tls_verb)),
@@ -519,7 +553,7 @@ pub fn tls_off_and_tls_required() {
     let (mut lab, pki) = lab(Topology::Reverse(Family::V4), |_| String::new());
     let ca = pki.ca.clone();
     for client in [TlsClient::Curl, TlsClient::Lftp] {
-        let runs = lab.ftps_session(client, DataMode::Pasv, &ca);
+        let runs = lab.ftps_session(client, DataMode::Pasv, &ca, false);
         let run = &runs[0];
         assert!(
             !run.status.success() && run.elapsed.as_secs() < 10,
