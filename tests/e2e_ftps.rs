@@ -76,3 +76,8 @@ fn implicit_lftp_port() {
 fn implicit_curl_pasv() {
     ftps::implicit_round_trip(TlsClient::Curl, DataMode::Pasv);
 }
+
+#[test]
+fn sessions_and_sniff_show_tls() {
+    ftps::sessions_and_sniff_show_tls();
+}

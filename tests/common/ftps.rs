@@ -13,6 +13,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use super::faults::daemon_log_lines;
 use super::{
@@ -43,8 +44,8 @@ pub enum TlsClient {
 /// full handshake per data connection. `intrude`: before the first operation, a connection to
 /// the announced passive port from [`INTRUDER4`], reported as `intruder: ...`.
 pub(super) const FTPS_CLIENT: &str = r#"
-"""usage: HOST PORT USER PASSWORD MODE REUSE CAFILE (LIST | RETR REMOTE LOCAL | STOR LOCAL REMOTE | INTRUDE ADDR)..."""
-import ftplib, socket, ssl, sys
+"""usage: HOST PORT USER PASSWORD MODE REUSE CAFILE (LIST | RETR REMOTE LOCAL | STOR LOCAL REMOTE | INTRUDE ADDR | SLEEP SECS)..."""
+import ftplib, socket, ssl, sys, time
 
 host, port, user, password, mode, reuse, cafile, *ops = sys.argv[1:]
 context = ssl.create_default_context(cafile=cafile)
@@ -80,6 +81,8 @@ for op in args:
         local, remote = next(args), next(args)
         with open(local, "rb") as f:
             ftp.storbinary("STOR " + remote, f)
+    elif op == "SLEEP":
+        time.sleep(float(next(args)))
     elif op == "INTRUDE":
         source = next(args)
         _, data_port = ftp.makepasv()
@@ -357,6 +360,18 @@ impl Lab {
 
     /// [`FTPS_CLIENT`] with `ops`.
     fn ftplib_tls(&mut self, mode: DataMode, reuse: &str, ca: &str, ops: &[String]) -> Run {
+        let args = self.ftplib_tls_args(mode, reuse, ca, ops);
+        self.run_args(&args)
+    }
+
+    /// The command line of [`FTPS_CLIENT`] with `ops`.
+    fn ftplib_tls_args(
+        &self,
+        mode: DataMode,
+        reuse: &str,
+        ca: &str,
+        ops: &[String],
+    ) -> Vec<String> {
         require_tool("python3");
         let script = self.dir.join("ftps-client.py");
         fs::write(&script, FTPS_CLIENT).expect("write the FTPS client");
@@ -379,7 +394,7 @@ impl Lab {
             ca.into(),
         ];
         args.extend(ops.iter().cloned());
-        self.run_args(&args)
+        args
     }
 
     fn run_args(&mut self, args: &[String]) -> Run {
@@ -607,4 +622,57 @@ fn lab_required() -> (Lab, Pki) {
     lab(Topology::Reverse(Family::V4), |pki| {
         format!("{}[policy]\nrequire_tls = true\n", pki.section())
     })
+}
+
+/// An operator sees a session's TLS state: `sessions list` says `private` for a `PROT P`
+/// session, and `sniff` on the client's side says that the connection started TLS (and so
+/// that its announcements cannot be checked there). The negative control is the state before
+/// AUTH: the same session listed as `plain` while it has not started TLS.
+pub fn sessions_and_sniff_show_tls() {
+    let (lab, pki) = lab(Topology::Reverse(Family::V4), Pki::section);
+    let sniffer = super::sniff::Sniffer::start(&lab, "tls", &["--json", "--timeout", "30"]);
+    let listed = || -> serde_json::Value {
+        let text = must(lab.alg_cli(&["sessions", "list", "--json"]));
+        serde_json::from_str(&text).expect("sessions list --json")
+    };
+    // A plain session first: a raw connection that only reads the greeting.
+    let plain = [
+        "python3",
+        "-c",
+        "import socket,time; s=socket.create_connection(('198.18.0.1',21)); s.recv(100); time.sleep(2)",
+    ];
+    let mut plain = lab
+        .client_command(&plain)
+        .spawn()
+        .expect("spawn a plain client");
+    let seen = super::wait_for(Duration::from_secs(10), || {
+        let sessions = listed();
+        (sessions[0]["tls"] == "plain").then_some(())
+    });
+    assert!(seen.is_some(), "no plain session listed: {}", listed());
+    let _ = plain.wait();
+
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let ops = ["LIST".to_owned(), "SLEEP".into(), "3".into()];
+    let args = lab.ftplib_tls_args(DataMode::Pasv, "reuse", &ca, &ops);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut client = lab
+        .client_command(&args)
+        .spawn()
+        .expect("spawn the FTPS client");
+    let seen = super::wait_for(Duration::from_secs(10), || {
+        let sessions = listed();
+        let private = sessions.as_array()?.iter().any(|s| s["tls"] == "private");
+        private.then_some(())
+    });
+    assert!(seen.is_some(), "no private session listed: {}", listed());
+    let table = must(lab.alg_cli(&["sessions", "list"]));
+    assert!(
+        table.contains(" TLS ") && table.contains("private"),
+        "{table}"
+    );
+    assert!(client.wait().expect("wait for the client").success());
+    let note: serde_json::Value = sniffer.next_json();
+    assert_eq!(note["tls"], "started", "{note}");
+    assert_eq!(note["server"], format!("{G_LAN4}:21"), "{note}");
 }
