@@ -18,13 +18,13 @@
 //! Memory per connection is bounded: one buffer of `tls.relay_buffer` bytes per direction,
 //! plus rustls's own bounded buffers. Bytes are counted in the metrics as they pass.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -39,6 +39,12 @@ use crate::tls::{Terminator, Token};
 /// How long a data connection's TLS handshake, and the relay's connection to the other peer,
 /// may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a data connection is still taken after its pinhole was closed. In active mode the
+/// server connects, sends a short listing, closes and answers 226 at once; the session can read
+/// that 226 (and close the pinhole) before the relay has accepted the connection, which the
+/// kernel let through and holds in the listen queue. Such a connection is taken from the queue
+/// within milliseconds; nothing new reaches the relay through a closed pinhole.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// A data connection a session waits for.
 struct Job {
@@ -47,7 +53,21 @@ struct Job {
     token: Token,
     /// The session's span: the relay's log lines belong to it.
     span: tracing::Span,
+    /// When its pinhole was closed (see [`LINGER`]).
+    closed: Option<Instant>,
 }
+
+impl Job {
+    fn live(&self, now: Instant) -> bool {
+        self.closed
+            .is_none_or(|closed| now.saturating_duration_since(closed) < LINGER)
+    }
+}
+
+/// The waiting connections, keyed by (dialling peer, public port) as the pinholes are; for one
+/// key, in the order they were announced, which is the order their connections arrive in (a
+/// port is announced to a peer again only once the kernel has let its last connection through).
+type Waiting = HashMap<(IpAddr, u16), VecDeque<Job>>;
 
 /// The relay listeners' shared state: which session waits for which connection.
 pub struct Relay {
@@ -55,8 +75,7 @@ pub struct Relay {
     terminator: Terminator,
     buffer: usize,
     metrics: Arc<Metrics>,
-    /// Keyed by (dialling peer, public port), as the pinholes are.
-    waiting: Mutex<HashMap<(IpAddr, u16), Job>>,
+    waiting: Mutex<Waiting>,
 }
 
 impl Relay {
@@ -103,26 +122,38 @@ impl Relay {
             leg: expectation.leg,
             token,
             span: tracing::Span::current(),
+            closed: None,
         };
-        self.jobs().insert(key, job);
+        let mut jobs = self.jobs();
+        jobs.entry(key).or_default().push_back(job);
     }
 
-    /// The pinholes `ids` are closed: their connections are no longer expected.
+    /// The pinholes `ids` are closed: their connections are no longer expected, but for one
+    /// the kernel has already let through (see [`LINGER`]).
     pub fn forget(&self, ids: &[PinholeId]) {
-        self.jobs().retain(|_, job| !ids.contains(&job.pinhole));
+        let now = Instant::now();
+        let mut jobs = self.jobs();
+        for job in jobs.values_mut().flatten() {
+            if ids.contains(&job.pinhole) && job.closed.is_none() {
+                job.closed = Some(now);
+            }
+        }
     }
 
-    /// Connections expected now.
-    pub fn waiting(&self) -> usize {
-        self.jobs().len()
-    }
-
-    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<(IpAddr, u16), Job>> {
+    /// The waiting connections, those past [`LINGER`] swept away.
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // A panic while holding the lock cannot leave the map half-changed: every change is
         // one call on it.
-        self.waiting
+        let mut jobs = self
+            .waiting
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        jobs.retain(|_, queue| {
+            queue.retain(|job| job.live(now));
+            !queue.is_empty()
+        });
+        jobs
     }
 
     /// Accept data connections on `listener` for as long as the daemon runs.
@@ -148,7 +179,7 @@ impl Relay {
         };
         // A connection straight to the relay port went through no pinhole.
         let job = (dialled != local)
-            .then(|| self.jobs().remove(&(peer, dialled.port())))
+            .then(|| self.jobs().get_mut(&(peer, dialled.port()))?.pop_front())
             .flatten();
         let Some(job) = job else {
             return tracing::warn!(%peer, %dialled, "data relay: no session expects this connection; closed");
