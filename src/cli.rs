@@ -461,10 +461,16 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     match tls {
         Some((tls, terminator)) => println!(
             "  tls:      AUTH TLS ended here with {} ({} certificate(s) in the chain) and {}; \
-             PROT P data relayed, {} bytes buffered per direction; login without TLS {}",
+             implicit FTPS on [{}]; PROT P data relayed, {} bytes buffered per direction; \
+             login without TLS {}",
             tls.certificate.display(),
             terminator.summary().chain,
             tls.key.display(),
+            tls.implicit_listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             tls.relay_buffer,
             if policy.require_tls {
                 "refused (530)"

@@ -33,9 +33,11 @@ const TOKEN_LEN: usize = 16;
 /// Why the `[tls]` files cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file could not be read or parsed.
-    #[error("tls: {path}: {source}")]
+    /// A PEM file could not be read or parsed, or holds no key (`no items found`).
+    #[error("{key} = {path}: {source}")]
     Pem {
+        /// `tls.certificate` or `tls.key`.
+        key: &'static str,
         path: PathBuf,
         source: rustls_pki_types::pem::Error,
     },
@@ -120,22 +122,26 @@ impl DataRefusal {
 impl Terminator {
     /// Load the certificate chain and key of `[tls]` and check that they fit together.
     pub fn load(config: &TlsConfig) -> Result<Terminator, TlsError> {
-        fn pem(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + '_ {
+        fn pem<'a>(
+            key: &'static str,
+            path: &'a Path,
+        ) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + 'a {
             move |source| TlsError::Pem {
+                key,
                 path: path.to_owned(),
                 source,
             }
         }
         let chain = CertificateDer::pem_file_iter(&config.certificate)
-            .map_err(pem(&config.certificate))?
+            .map_err(pem("tls.certificate", &config.certificate))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(pem(&config.certificate))?;
+            .map_err(pem("tls.certificate", &config.certificate))?;
         if chain.is_empty() {
             return Err(TlsError::NoCertificate {
                 path: config.certificate.clone(),
             });
         }
-        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(pem(&config.key))?;
+        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(pem("tls.key", &config.key))?;
         let summary = Summary { chain: chain.len() };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut server = ServerConfig::builder_with_provider(provider)
