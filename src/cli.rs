@@ -390,6 +390,11 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     config
         .check_host(&crate::upstream::interface_names())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    // The certificate and key are read as `run` reads them, so a bad file fails here too.
+    let tls = match &config.tls {
+        Some(tls) => Some((tls, crate::tls::Terminator::load(tls)?)),
+        None => None,
+    };
     let p = &config.proxy;
     println!("{}: ok", file.display());
     println!("  mode:     {}", p.mode);
@@ -455,6 +460,28 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
     );
     if !policy.deny_commands.is_empty() {
         println!("  denied commands: {}", policy.deny_commands.join(", "));
+    }
+    match tls {
+        Some((tls, terminator)) => println!(
+            "  tls:      AUTH TLS ended here with {} ({} certificate(s) in the chain) and {}; \
+             implicit FTPS on [{}]; PROT P data relayed, {} bytes buffered per direction; \
+             login without TLS {}",
+            tls.certificate.display(),
+            terminator.summary().chain,
+            tls.key.display(),
+            tls.implicit_listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            tls.relay_buffer,
+            if policy.require_tls {
+                "refused (530)"
+            } else {
+                "allowed"
+            }
+        ),
+        None => println!("  tls:      off (AUTH handled as policy.auth says)"),
     }
     for (name, networks, empty) in [
         ("allowed clients", &policy.allow_clients, "all"),
@@ -636,8 +663,8 @@ fn write_pinholes(out: &mut dyn Write, entries: &[PinholeEntry]) -> std::io::Res
 fn write_sessions(out: &mut dyn Write, sessions: &[SessionInfo]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<6} {:<30} {:<30} {:<16} {:<6} {:<12} {:>8} {:>8}",
-        "ID", "CLIENT", "SERVER", "USER", "LOGIN", "PINHOLES", "AGE", "IDLE"
+        "{:<6} {:<30} {:<30} {:<16} {:<6} {:<11} {:<12} {:>8} {:>8}",
+        "ID", "CLIENT", "SERVER", "USER", "LOGIN", "TLS", "PINHOLES", "AGE", "IDLE"
     )?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -646,12 +673,13 @@ fn write_sessions(out: &mut dyn Write, sessions: &[SessionInfo]) -> std::io::Res
         let pinholes: Vec<String> = s.pinholes.iter().map(u64::to_string).collect();
         writeln!(
             out,
-            "{:<6} {:<30} {:<30} {:<16} {:<6} {:<12} {:>7}s {:>7}s",
+            "{:<6} {:<30} {:<30} {:<16} {:<6} {:<11} {:<12} {:>7}s {:>7}s",
             s.id,
             s.client,
             or_dash(s.server),
             s.user.as_deref().unwrap_or("-"),
             if s.logged_in { "yes" } else { "no" },
+            s.tls.as_str(),
             if pinholes.is_empty() {
                 "-".to_owned()
             } else {

@@ -14,6 +14,7 @@ use anyhow::Context;
 
 use crate::config::{Config, PinholeBackend};
 use crate::control::{self, Answer, ErrorKind, Request, Status};
+use crate::datarelay::Relay;
 use crate::handover;
 use crate::logging::LogHandle;
 use crate::metrics::{self, Gauges, Metrics};
@@ -23,6 +24,7 @@ use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
 use crate::reload::{Live, Reloader};
+use crate::tls::Terminator;
 use crate::upstream;
 
 /// Run the daemon until SIGTERM or SIGINT, or until it has handed its listeners over to a new
@@ -62,8 +64,12 @@ pub async fn run(
     };
     // Bind first: a second instance started by mistake (without --take-over) fails here,
     // before it could touch the running daemon's table and with it every open pinhole.
+    // Each with whether it is an implicit FTPS listener (TLS from the first byte).
     let mut listeners = Vec::new();
-    for addr in &config.proxy.listen {
+    let implicit = config.tls.iter().flat_map(|t| &t.implicit_listen);
+    let addresses =
+        (config.proxy.listen.iter().map(|a| (a, false))).chain(implicit.map(|a| (a, true)));
+    for (addr, implicit) in addresses {
         let listener = match taken
             .as_mut()
             .and_then(|t| take_socket(&mut t.listeners, *addr))
@@ -71,7 +77,10 @@ pub async fn run(
             Some(fd) => listener_from(fd),
             None => proxy::bind(*addr),
         };
-        listeners.push(listener.with_context(|| format!("listening on {addr}"))?);
+        listeners.push((
+            listener.with_context(|| format!("listening on {addr}"))?,
+            implicit,
+        ));
     }
     // The guard removes the socket file however start-up or the run ends.
     let control = match config.control.enabled {
@@ -97,6 +106,16 @@ pub async fn run(
             Some(listener.with_context(|| format!("metrics.listen = {addr}"))?)
         }
         None => None,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (relay, relay_listeners) = match &config.tls {
+        Some(tls) => {
+            let terminator = Terminator::load(tls)?;
+            let (relay, listeners) = Relay::bind(terminator, tls.relay_buffer, metrics.clone())
+                .context("binding the PROT P data relay listener")?;
+            (Some(relay), listeners)
+        }
+        None => (None, Vec::new()),
     };
     let nft_path = config.pinholes.nft.clone();
     let intercept_port = config.proxy.listen.first().map_or(0, |a| a.port());
@@ -139,21 +158,42 @@ pub async fn run(
             )
             .counting_ipv6_per(config.limits.client_prefix_v6),
         ),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         config,
         pinholes,
+        relay,
     });
     let started = Instant::now();
     // Copies of the listening sockets, for a hand-over to a successor.
     let mut offered = Vec::new();
     let mut services = Vec::new();
-    for listener in listeners {
+    for (listener, implicit) in listeners {
         let local = listener
             .local_addr()
             .context("reading a listener's address")?;
-        tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}");
+        match implicit {
+            true => {
+                tracing::info!(mode = %shared.config.proxy.mode, "listening on {local} (implicit FTPS: TLS first)")
+            }
+            false => tracing::info!(mode = %shared.config.proxy.mode, "listening on {local}"),
+        }
         offered.push((local, dup(&listener)?));
-        services.push(tokio::spawn(proxy::accept_loop(listener, shared.clone())));
+        services.push(tokio::spawn(proxy::accept_loop(
+            listener,
+            shared.clone(),
+            implicit,
+        )));
+    }
+    if let Some(relay) = &shared.relay {
+        for listener in relay_listeners {
+            tracing::info!(
+                "FTPS: TLS ended here; PROT P data relayed through {}",
+                listener
+                    .local_addr()
+                    .context("reading the relay's address")?
+            );
+            services.push(tokio::spawn(relay.clone().serve(listener)));
+        }
     }
     let (hand_over_tx, mut hand_over_rx) = tokio::sync::mpsc::channel(1);
     let control = control.map(|(listener, socket)| {

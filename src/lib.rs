@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod datarelay;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod ftp;
@@ -49,4 +50,5 @@ pub mod registry;
 pub mod reload;
 pub mod session;
 pub mod sniff;
+pub mod tls;
 pub mod upstream;

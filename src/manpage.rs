@@ -158,6 +158,12 @@ mod tests {
         config.proxy.upstream = Some("192.0.2.1:21".parse().unwrap());
         config.proxy.announce = Some("192.0.2.2".parse().unwrap());
         config.metrics.listen = Some("127.0.0.1:9477".parse().unwrap());
+        config.tls = Some(crate::config::TlsConfig {
+            certificate: "chain.pem".into(),
+            key: "key.pem".into(),
+            relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
+            implicit_listen: vec!["0.0.0.0:990".parse().unwrap()],
+        });
         let mut out = std::collections::BTreeSet::new();
         walk("", &serde_json::to_value(&config).unwrap(), &mut out);
         out

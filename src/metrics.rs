@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::LimitsConfig;
 use crate::pinhole::PinholeStats;
 use crate::session::{Reject, Rewrite};
+use crate::tls::DataRefusal;
 
 /// Upper bounds of the install-latency histogram's buckets, in seconds.
 const INSTALL_BUCKETS: [f64; 13] = [
@@ -99,12 +100,36 @@ pub struct Metrics {
     table_reloads: AtomicU64,
     pinholes_lost: AtomicU64,
     install: Histogram,
+    tls_data_connections: AtomicU64,
+    tls_data_refusals: [AtomicU64; DataRefusal::ALL.len()],
+    /// Bytes relayed on `PROT P` data connections: towards the client, towards the server.
+    tls_relay_bytes: [AtomicU64; 2],
 }
 
 impl Metrics {
     /// The session core rewrote an announcement.
     pub fn rewrote(&self, kind: Rewrite) {
         bump(&self.rewrites, Rewrite::ALL.iter().position(|k| *k == kind));
+    }
+
+    /// A `PROT P` data connection passed its checks and is relayed.
+    pub fn tls_data_connection(&self) {
+        self.tls_data_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes of a `PROT P` data connection relayed, towards the client or the server; counted
+    /// as they pass, so a long transfer shows in every scrape.
+    pub fn relayed(&self, to_client: bool, bytes: u64) {
+        let index = if to_client { 0 } else { 1 };
+        self.tls_relay_bytes[index].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A `PROT P` data connection was refused.
+    pub fn tls_data_refused(&self, why: DataRefusal) {
+        bump(
+            &self.tls_data_refusals,
+            DataRefusal::ALL.iter().position(|r| *r == why),
+        );
     }
 
     /// The session core refused a command or reply.
@@ -309,6 +334,31 @@ impl Metrics {
             "ftp_alg_pinholes_lost_total",
             "Open pinholes lost when the table was deleted or changed under ftp-alg.",
             &self.pinholes_lost,
+        );
+        counter(
+            &mut out,
+            "ftp_alg_tls_data_connections_total",
+            "PROT P data connections relayed (TLS towards the client, ended by ftp-alg).",
+            &self.tls_data_connections,
+        );
+        labelled(
+            &mut out,
+            "ftp_alg_tls_data_refusals_total",
+            "PROT P data connections refused, by reason (not_resumed: the handshake did not resume the control connection's TLS session).",
+            "reason",
+            DataRefusal::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(&self.tls_data_refusals),
+        );
+        labelled(
+            &mut out,
+            "ftp_alg_tls_relay_bytes_total",
+            "Bytes of PROT P data relayed in user space, by direction.",
+            "direction",
+            ["to_client", "to_server"]
+                .into_iter()
+                .zip(&self.tls_relay_bytes),
         );
         self.install.render(
             &mut out,

@@ -10,19 +10,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::accept;
 use crate::config::{Config, Mode};
+use crate::datarelay::Relay;
 use crate::metrics::{Admission, Metrics, PinholeFailure};
 use crate::origdst::original_destination;
 use crate::pinhole::{Firewall, OpenError, Pinholes};
 use crate::registry::{Admitted, Entry, LimitReached, Registry};
-use crate::session::{Action, Event, Session, SessionContext, Side};
+use crate::session::{Action, Event, Session, SessionContext, Side, TlsContext};
+use crate::tls::Token;
 use crate::upstream;
 
 const READ_BUFFER: usize = 8192;
@@ -31,6 +33,8 @@ const READ_BUFFER: usize = 8192;
 const READS_PER_WAKEUP: usize = 8;
 /// How long a last 421 to the client may take before the session ends anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an implicit FTPS client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to answer and close after the client has closed its side.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
@@ -42,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) pinholes: Pinholes<Firewall>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
+    /// FTPS termination and the `PROT P` data relay (`[tls]`).
+    pub(crate) relay: Option<Arc<Relay>>,
 }
 
 /// Bind a listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]` can share a port.
@@ -61,7 +67,9 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accept sessions on `listener`; `implicit`: an implicit FTPS listener, whose clients start
+/// with the TLS handshake.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, implicit: bool) {
     loop {
         let (stream, peer) = accept::next("FTP listener", || listener.accept()).await;
         let peer = canonical(peer);
@@ -69,7 +77,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok(admitted) => {
                 let id = admitted.entry().id();
                 let span = tracing::info_span!("session", id, client = %peer, server = tracing::field::Empty);
-                tokio::spawn(session(stream, shared.clone(), admitted).instrument(span));
+                tokio::spawn(session(stream, shared.clone(), admitted, implicit).instrument(span));
             }
             Err(limit) => {
                 shared.metrics.refused_session(Admission::SessionLimit);
@@ -96,7 +104,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted) {
+async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted, implicit: bool) {
     let entry = admitted.entry();
     let id = entry.id();
     let shared = &*shared;
@@ -189,10 +197,26 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted)
         max_line: cfg.max_line,
         policy: live.policy.clone(),
         max_pinholes: live.limits.max_pinholes_per_session,
+        tls: shared.relay.as_ref().map(|relay| TlsContext {
+            relay_port: relay.port(),
+            implicit,
+        }),
     };
     let mut session = Session::new(ctx);
     let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
-    if let Err(e) = relay(&mut session, client, upstream, shared, entry, idle_limit).await {
+    let mut client = ClientIo::Plain(client);
+    let mut token = None;
+    if implicit {
+        match implicit_tls(shared, client, idle_limit).await {
+            Ok((tls, fresh)) => {
+                client = tls;
+                token = Some(fresh);
+            }
+            Err(e) => return tracing::info!(error = %e, "implicit FTPS: no TLS handshake"),
+        }
+    }
+    let streams = (client, upstream);
+    if let Err(e) = relay(&mut session, streams, token, shared, entry, idle_limit).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -216,15 +240,16 @@ async fn refuse_unreachable(shared: &Shared, mut client: TcpStream, why: &str) {
 
 /// Move bytes between the peers through the session until the server's side closes, or the
 /// client's side closes and the server has not finished within [`HALF_CLOSE_GRACE`].
+/// `token`: the random value this session's TLS sessions carry, once the client has started
+/// TLS (at once on an implicit FTPS listener).
 async fn relay(
     session: &mut Session,
-    client: TcpStream,
-    server: TcpStream,
+    (mut client, server): (ClientIo, TcpStream),
+    mut token: Option<Token>,
     shared: &Shared,
     entry: &Entry,
     idle_limit: Duration,
 ) -> std::io::Result<()> {
-    let (client_rx, mut client_tx) = client.into_split();
     let (server_rx, mut server_tx) = server.into_split();
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
@@ -241,8 +266,26 @@ async fn relay(
                     bounded(entry, idle_limit, send_synch(&mut server_tx, &line)).await?
                 }
                 Action::ToClient(bytes) => {
-                    bounded(entry, idle_limit, client_tx.write_all(&bytes)).await?
+                    bounded(entry, idle_limit, client.write_all(&bytes)).await?
                 }
+                Action::StartClientTls => {
+                    let relay = shared.relay.as_ref().ok_or_else(|| {
+                        std::io::Error::other("AUTH TLS without [tls]: the session core erred")
+                    })?;
+                    let fresh = relay
+                        .terminator()
+                        .new_token()
+                        .map_err(std::io::Error::other)?;
+                    client = bounded(entry, idle_limit, client.start_tls(relay, &fresh)).await?;
+                    tracing::info!(tls = "control", "TLS with the client established");
+                    token = Some(fresh);
+                }
+                Action::Expect(expectation) => match (&shared.relay, &token) {
+                    (Some(relay), Some(token)) => relay.expect(expectation, token.clone()),
+                    _ => tracing::error!(
+                        "PROT P data connection without TLS: the session core erred"
+                    ),
+                },
                 Action::Open(request) => {
                     let started = std::time::Instant::now();
                     let result = shared.pinholes.open(&request).await;
@@ -263,7 +306,12 @@ async fn relay(
                     }
                     session.handle_opened(result.ok());
                 }
-                Action::Close(ids) => close(shared, ids),
+                Action::Close(ids) => {
+                    if let Some(relay) = &shared.relay {
+                        relay.forget(&ids);
+                    }
+                    close(shared, ids)
+                }
                 Action::EndToServer => {
                     server_tx.shutdown().await?;
                     grace
@@ -276,9 +324,9 @@ async fn relay(
         count_events(shared, session);
         entry.observe(session);
         tokio::select! {
-            ready = client_rx.as_ref().readable(), if client_open && session.wants_client_data() => {
+            ready = client.ready(), if client_open && session.wants_client_data() => {
                 ready?;
-                let read = read_available(client_rx.as_ref(), session, Side::Client)?;
+                let read = client.take_available(session)?;
                 if read.bytes > 0 {
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
                     entry.touch();
@@ -297,7 +345,7 @@ async fn relay(
             () = &mut grace => return Ok(()),
             () = entry.killed() => {
                 tracing::info!(reason = "operator", "session killed by the operator");
-                farewell(&mut client_tx, b"421 Session closed by the operator.\r\n").await;
+                farewell(&mut client, b"421 Session closed by the operator.\r\n").await;
                 return Ok(());
             }
             () = &mut idle => {
@@ -306,7 +354,7 @@ async fn relay(
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_limit);
                 } else {
                     tracing::info!(reason = "idle_timeout", "closing idle session");
-                    farewell(&mut client_tx, b"421 Idle timeout; closing control connection.\r\n")
+                    farewell(&mut client, b"421 Idle timeout; closing control connection.\r\n")
                         .await;
                     return Ok(());
                 }
@@ -315,15 +363,42 @@ async fn relay(
     }
 }
 
+/// The handshake of a client on an implicit FTPS listener, before anything else.
+async fn implicit_tls(
+    shared: &Shared,
+    client: ClientIo,
+    limit: Duration,
+) -> std::io::Result<(ClientIo, Token)> {
+    let relay = shared
+        .relay
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("an implicit FTPS listener without [tls]"))?;
+    let token = relay
+        .terminator()
+        .new_token()
+        .map_err(std::io::Error::other)?;
+    let tls = tokio::time::timeout(
+        limit.min(TLS_HANDSHAKE_TIMEOUT),
+        client.start_tls(relay, &token),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    tracing::info!(
+        tls = "control",
+        "implicit FTPS: TLS with the client established"
+    );
+    Ok((tls, token))
+}
+
 /// Carry out a write to a peer, unless the operator ends the session first or the peer has
 /// accepted nothing for `limit` (it is not reading: a client can pipeline commands and never
 /// read their replies). Without this bound such a session could be neither killed nor timed
 /// out, and would hold its place under the limits for good.
-async fn bounded(
+async fn bounded<T>(
     entry: &Entry,
     limit: Duration,
-    write: impl std::future::Future<Output = std::io::Result<()>>,
-) -> std::io::Result<()> {
+    write: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
     tokio::select! {
         // The write first: it usually completes at once, and the timer is then never armed.
         biased;
@@ -341,8 +416,90 @@ async fn bounded(
 
 /// A last reply to the client before the session ends; not waited for past
 /// [`FAREWELL_TIMEOUT`], since a client that does not read must not hold the session.
-async fn farewell(client: &mut OwnedWriteHalf, reply: &[u8]) {
+async fn farewell(client: &mut ClientIo, reply: &[u8]) {
     let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(reply)).await;
+}
+
+/// The client's side of the control connection: plain TCP, or TLS ended by ftp-alg after
+/// `AUTH TLS`.
+enum ClientIo {
+    Plain(TcpStream),
+    Tls {
+        stream: Box<TlsStream<TcpStream>>,
+        /// Decrypted bytes read and not yet given to the session, and how many: TLS hides the
+        /// socket's readiness, so a read happens before the session is asked to take it.
+        buf: Box<[u8]>,
+        filled: Option<usize>,
+    },
+}
+
+impl ClientIo {
+    /// Wait until there is something to take (bytes or the end). Cancel-safe: a plain socket's
+    /// readiness is re-armed, and a TLS read keeps nothing until it completes.
+    async fn ready(&mut self) -> std::io::Result<()> {
+        match self {
+            ClientIo::Plain(stream) => stream.readable().await,
+            ClientIo::Tls {
+                stream,
+                buf,
+                filled,
+            } => {
+                if filled.is_none() {
+                    *filled = Some(stream.read(buf).await?);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Feed the session what [`ClientIo::ready`] found.
+    fn take_available(&mut self, session: &mut Session) -> std::io::Result<Read> {
+        match self {
+            ClientIo::Plain(stream) => read_available(stream, session, Side::Client),
+            ClientIo::Tls { buf, filled, .. } => Ok(match filled.take() {
+                Some(0) => Read {
+                    bytes: 0,
+                    eof: true,
+                },
+                Some(n) => {
+                    session.handle_client_data(&buf[..n]);
+                    Read {
+                        bytes: n,
+                        eof: false,
+                    }
+                }
+                None => Read {
+                    bytes: 0,
+                    eof: false,
+                },
+            }),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ClientIo::Plain(stream) => stream.write_all(bytes).await,
+            ClientIo::Tls { stream, .. } => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+        }
+    }
+
+    /// The TLS handshake with the client, as TLS server, after the 234.
+    async fn start_tls(self, relay: &Relay, token: &Token) -> std::io::Result<ClientIo> {
+        match self {
+            ClientIo::Plain(stream) => {
+                let tls = relay.terminator().accept_control(stream, token).await?;
+                Ok(ClientIo::Tls {
+                    stream: Box::new(tls),
+                    buf: vec![0; READ_BUFFER].into_boxed_slice(),
+                    filled: None,
+                })
+            }
+            ClientIo::Tls { .. } => Err(std::io::Error::other("TLS is already on")),
+        }
+    }
 }
 
 /// What [`read_available`] read.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::pinhole::PinholeId;
-use crate::session::Session;
+use crate::session::{Session, TlsState};
 
 /// Identifies a session within one daemon run.
 pub type SessionId = u64;
@@ -34,6 +34,9 @@ pub struct SessionInfo {
     pub user: Option<String>,
     /// Whether the server has accepted a login.
     pub logged_in: bool,
+    /// TLS on the session (absent in the answer of an older daemon: plain).
+    #[serde(default)]
+    pub tls: TlsState,
     /// The pinholes the session holds.
     pub pinholes: Vec<PinholeId>,
     /// When it started, in seconds since the Unix epoch.
@@ -96,6 +99,7 @@ struct Live {
     server: Option<SocketAddr>,
     user: Option<String>,
     logged_in: bool,
+    tls: TlsState,
     pinholes: Vec<PinholeId>,
     last_active: Instant,
 }
@@ -168,6 +172,7 @@ impl Registry {
                 server: None,
                 user: None,
                 logged_in: false,
+                tls: TlsState::Plain,
                 pinholes: Vec::new(),
                 last_active: Instant::now(),
             }),
@@ -249,6 +254,7 @@ impl Entry {
     pub fn observe(&self, session: &Session) {
         let mut live = self.live();
         live.logged_in = session.logged_in();
+        live.tls = session.tls_state();
         if live.user.as_deref() != session.user() {
             live.user = session.user().map(str::to_owned);
         }
@@ -270,6 +276,7 @@ impl Entry {
             server: live.server,
             user: live.user.clone(),
             logged_in: live.logged_in,
+            tls: live.tls,
             pinholes: live.pinholes.clone(),
             started_unix: self
                 .started

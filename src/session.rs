@@ -63,6 +63,46 @@ pub struct SessionContext {
     pub policy: Arc<PolicyConfig>,
     /// Pinholes the session may hold at once (`limits.max_pinholes_per_session`).
     pub max_pinholes: usize,
+    /// FTPS termination (`[tls]`, reverse mode): `None`, AUTH is handled as `policy.auth` says.
+    pub tls: Option<TlsContext>,
+}
+
+/// What a session that may end TLS itself needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsContext {
+    /// The port of the daemon's data relay listener, on every local address: a `PROT P`
+    /// pinhole sends its connection there instead of to the other peer.
+    pub relay_port: u16,
+    /// The client came in on an implicit FTPS listener: TLS is on from the start.
+    pub implicit: bool,
+}
+
+/// A `PROT P` data connection that ftp-alg relays itself: its pinhole sends it to the relay
+/// listener, which hands it to the session that expects it, by the dialling peer and the port
+/// it dialled (the pinhole's own key, see `ports.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    /// The pinhole that leads to the relay.
+    pub pinhole: PinholeId,
+    /// The port the peer dials (the pinhole's public port).
+    pub port: u16,
+    /// The two legs.
+    pub leg: RelayLeg,
+}
+
+/// The two legs of a relayed data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLeg {
+    /// Who dials in: the client (passive) or the server (active).
+    pub peer: IpAddr,
+    /// Passive: the client dials in, and ftp-alg dials the server. Active: the server dials in,
+    /// and ftp-alg dials the client. The client's side is TLS either way, with ftp-alg as the
+    /// TLS server (RFC 4217 §9).
+    pub passive: bool,
+    /// Where ftp-alg dials the other leg.
+    pub dial: SocketAddr,
+    /// The local address it dials from: the one the other peer expects data from.
+    pub bind: IpAddr,
 }
 
 /// Whether a session logs its `n`th refusal (see [`LOGGED_REFUSALS`]).
@@ -81,6 +121,11 @@ pub enum Action {
     ToServerSynch(Vec<u8>),
     /// Write these bytes to the client.
     ToClient(Vec<u8>),
+    /// Start TLS with the client, as TLS server, on the control connection (the 234 that
+    /// allows it is the action before); the client's next bytes are its handshake.
+    StartClientTls,
+    /// Hand the data connection described to the relay (see [`Expectation`]).
+    Expect(Expectation),
     /// Open this pinhole, then call [`Session::handle_opened`] with the result.
     Open(PinholeRequest),
     /// Close these pinholes (their transfer is over or they were superseded).
@@ -130,6 +175,34 @@ impl Rewrite {
     }
 }
 
+/// A session's TLS state, as `sessions list` and `sniff` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsState {
+    /// No TLS.
+    #[default]
+    Plain,
+    /// The control connection is TLS, ended by ftp-alg; data connections are in clear
+    /// (`PROT C`, kernel pinholes).
+    Control,
+    /// Control and data (`PROT P`) are TLS, ended by ftp-alg; data is relayed.
+    Private,
+    /// TLS between client and server, unread (`policy.auth = "transparent"`).
+    Transparent,
+}
+
+impl TlsState {
+    /// For logs and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsState::Plain => "plain",
+            TlsState::Control => "control",
+            TlsState::Private => "private",
+            TlsState::Transparent => "transparent",
+        }
+    }
+}
+
 /// One end of the control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -158,6 +231,8 @@ pub enum Reject {
     /// AUTH (TLS): ftp-alg cannot see inside TLS, so it refuses it and the client goes on in
     /// plain text; passing it would leave data connections without pinholes.
     TlsRefused,
+    /// USER or PASS before AUTH TLS, with `policy.require_tls`.
+    TlsRequired,
     /// The client and the data endpoint are of different address families; a kernel pinhole
     /// cannot translate between IPv4 and IPv6.
     FamilyMismatch,
@@ -182,13 +257,14 @@ pub enum Reject {
 
 impl Reject {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 15] = [
         Reject::ThirdPartyAddress,
         Reject::PrivilegedPort,
         Reject::BadArgument,
         Reject::BadPassiveReply,
         Reject::LineTooLong,
         Reject::TlsRefused,
+        Reject::TlsRequired,
         Reject::FamilyMismatch,
         Reject::PinholeFailed,
         Reject::NotLoggedIn,
@@ -208,6 +284,7 @@ impl Reject {
             Reject::BadPassiveReply => "bad_passive_reply",
             Reject::LineTooLong => "line_too_long",
             Reject::TlsRefused => "tls_refused",
+            Reject::TlsRequired => "tls_required",
             Reject::FamilyMismatch => "family_mismatch",
             Reject::PinholeFailed => "pinhole_failed",
             Reject::NotLoggedIn => "not_logged_in",
@@ -230,6 +307,7 @@ impl Reject {
             Reject::TlsRefused => {
                 b"534 AUTH refused: this FTP gateway cannot inspect TLS; continue without it.\r\n"
             }
+            Reject::TlsRequired => b"530 TLS required: send AUTH TLS before logging in.\r\n",
             Reject::FamilyMismatch => {
                 b"522 Network protocol not supported: use the address family of this connection.\r\n"
             }
@@ -315,6 +393,9 @@ enum Blocked {
     /// A client line that cannot be judged before those replies (an announcement sent before
     /// the login's verdict).
     Line(Vec<u8>),
+    /// AUTH TLS, answered by ftp-alg: the 234 and the handshake come once the server has
+    /// answered everything before it, so no plain-text reply follows the handshake.
+    StartTls,
 }
 
 /// Commands that change the server's files, refused by `policy.read_only` (RFC 959, RFC 3659,
@@ -365,6 +446,14 @@ pub struct Session {
     /// TLS has started (AUTH accepted with `policy.auth = "transparent"`): every byte passes
     /// unread both ways.
     transparent: bool,
+    /// ftp-alg has started TLS with the client on the control connection (`[tls]`).
+    client_tls: bool,
+    /// The client has sent `PBSZ` over TLS (RFC 4217 §8: before PROT).
+    pbsz: bool,
+    /// `PROT P`: data connections are TLS towards the client, relayed by ftp-alg.
+    private: bool,
+    /// The relay legs of the pinhole being opened, for a `PROT P` data connection.
+    pending_relay: Option<RelayLeg>,
     /// The client has closed its side.
     client_eof: bool,
     /// ... and everything it sent before has been dealt with: nothing more goes to the server.
@@ -376,6 +465,7 @@ impl Session {
     /// A session for one accepted and connected control connection.
     pub fn new(ctx: SessionContext) -> Session {
         let max_line = ctx.max_line;
+        let implicit_tls = ctx.tls.is_some_and(|t| t.implicit);
         Session {
             ctx,
             from_client: LineBuffer::new(max_line),
@@ -392,6 +482,10 @@ impl Session {
             refusals: 0,
             user: None,
             transparent: false,
+            client_tls: implicit_tls,
+            pbsz: false,
+            private: false,
+            pending_relay: None,
             client_eof: false,
             client_done: false,
             closed: false,
@@ -406,6 +500,16 @@ impl Session {
     /// Whether the server has accepted a login (and no REIN has voided it since).
     pub fn logged_in(&self) -> bool {
         self.logged_in
+    }
+
+    /// The session's TLS state, for operators.
+    pub fn tls_state(&self) -> TlsState {
+        match (self.transparent, self.client_tls, self.private) {
+            (true, _, _) => TlsState::Transparent,
+            (_, true, true) => TlsState::Private,
+            (_, true, false) => TlsState::Control,
+            _ => TlsState::Plain,
+        }
     }
 
     /// The user name of the client's last USER command.
@@ -530,6 +634,13 @@ impl Session {
             return;
         };
         self.pinholes.push(opened.id);
+        if let Some(leg) = self.pending_relay.take() {
+            self.actions.push_back(Action::Expect(Expectation {
+                pinhole: opened.id,
+                port: opened.dial_port,
+                leg,
+            }));
+        }
         match pending {
             Pending::Active { eprt } => {
                 let ip = self.ctx.upstream_local.ip();
@@ -610,6 +721,10 @@ impl Session {
                         self.client_line(Ok(raw));
                         continue;
                     }
+                    Some(Blocked::StartTls) => {
+                        self.start_tls();
+                        continue;
+                    }
                     None => {}
                 }
             }
@@ -628,6 +743,27 @@ impl Session {
                 return None;
             }
         }
+    }
+
+    /// Answer AUTH TLS and hand the control connection to TLS. A client sends its handshake
+    /// only after the 234; bytes it sent before are not part of it, and the session ends.
+    fn start_tls(&mut self) {
+        if self.from_client.pending() > 0 {
+            tracing::warn!("client sent more after AUTH TLS without waiting for 234: closing");
+            self.actions.push_back(Action::ToClient(
+                b"421 Nothing may follow AUTH TLS before its reply; closing.\r\n".to_vec(),
+            ));
+            self.closed = true;
+            self.close_pinholes();
+            self.actions.push_back(Action::Shutdown);
+            return;
+        }
+        tracing::info!("AUTH TLS: starting TLS with the client");
+        self.client_tls = true;
+        self.actions.push_back(Action::ToClient(
+            b"234 Proceed with TLS negotiation.\r\n".to_vec(),
+        ));
+        self.actions.push_back(Action::StartClientTls);
     }
 
     fn client_line(&mut self, line: Result<Vec<u8>, FramingError>) {
@@ -658,6 +794,11 @@ impl Session {
                 });
             }
         }
+        if let Command::Other { verb } = &command {
+            if self.ctx.tls.is_some() && self.tls_command(verb, &text) {
+                return;
+            }
+        }
         match command {
             // Pipelined after USER and PASS, an announcement comes before the server's verdict
             // on the login: it waits for it.
@@ -671,6 +812,13 @@ impl Session {
             Command::Port(addr) => self.active(SocketAddr::V4(addr), false),
             Command::Eprt(addr) => self.active(addr, true),
             Command::BadArgument { .. } => self.refuse_command(Reject::BadArgument),
+            Command::Other { verb }
+                if self.ctx.policy.require_tls
+                    && !self.client_tls
+                    && matches!(verb.as_str(), "USER" | "PASS" | "ACCT") =>
+            {
+                self.refuse_command(Reject::TlsRequired)
+            }
             Command::Other { verb } if verb == "AUTH" => match self.ctx.policy.auth {
                 AuthPolicy::Refuse => self.refuse_command(Reject::TlsRefused),
                 AuthPolicy::Transparent => {
@@ -818,6 +966,7 @@ impl Session {
             return self.refuse_command(Reject::FamilyMismatch);
         }
         let request = self.active_request(target);
+        let request = self.through_relay(request, false);
         self.request_pinhole(request, Pending::Active { eprt });
     }
 
@@ -851,6 +1000,7 @@ impl Session {
             }
         }
         let request = self.passive_request(reply.port());
+        let request = self.through_relay(request, true);
         self.request_pinhole(request, Pending::Passive(reply));
     }
 
@@ -895,6 +1045,31 @@ impl Session {
             snat: Some(self.ctx.upstream_local.ip()),
             label: self.label(),
         }
+    }
+
+    /// Under `PROT P` the data connection is TLS towards the client and ftp-alg must end it:
+    /// the pinhole sends it to the relay listener on the address it was dialled at, untranslated
+    /// at source, and the relay dials the pinhole's real destination from the address the
+    /// source translation would have given (see [`Expectation`]). Under `PROT C` (or without
+    /// TLS) the request is the kernel's, unchanged.
+    fn through_relay(&mut self, mut request: PinholeRequest, passive: bool) -> PinholeRequest {
+        self.pending_relay = None;
+        let (Some(tls), true, Some(dial)) = (self.ctx.tls, self.private, request.dnat) else {
+            return request;
+        };
+        let bind = match passive {
+            true => self.ctx.upstream_local.ip(),
+            false => self.ctx.client_local.ip(),
+        };
+        self.pending_relay = Some(RelayLeg {
+            peer: request.source,
+            passive,
+            dial,
+            bind,
+        });
+        request.dnat = Some(SocketAddr::new(request.dial_ip, tls.relay_port));
+        request.snat = None;
+        request
     }
 
     fn request_pinhole(&mut self, request: PinholeRequest, pending: Pending) {
@@ -1000,6 +1175,50 @@ impl Session {
         }
     }
 
+    /// The commands of RFC 4217 that ftp-alg answers itself when it ends TLS: AUTH, PBSZ, PROT
+    /// and CCC never reach the server, which may know nothing of TLS. REIN is refused on a TLS
+    /// session, since it would reset a security state the server does not hold. Returns
+    /// whether `verb` was one of them.
+    fn tls_command(&mut self, verb: &str, text: &[u8]) -> bool {
+        let argument = command::argument(text)
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_uppercase();
+        let reply: &[u8] = match verb {
+            "AUTH" if self.client_tls => b"503 TLS is already in use.\r\n",
+            "AUTH" if matches!(argument.as_str(), "TLS" | "TLS-C" | "SSL") => {
+                self.blocked = Some(Blocked::StartTls);
+                return true;
+            }
+            "AUTH" => b"504 AUTH: only TLS is supported.\r\n",
+            "PBSZ" | "PROT" | "CCC" if !self.client_tls => {
+                b"503 Secure the control connection with AUTH TLS first.\r\n"
+            }
+            "PBSZ" => {
+                self.pbsz = true;
+                b"200 PBSZ=0\r\n"
+            }
+            "PROT" if !self.pbsz => b"503 PBSZ first.\r\n",
+            "PROT" => match argument.as_str() {
+                "C" => {
+                    self.private = false;
+                    b"200 Protection level set to Clear.\r\n"
+                }
+                "P" => {
+                    self.private = true;
+                    b"200 Protection level set to Private.\r\n"
+                }
+                "S" | "E" => b"536 Only PROT C and PROT P are supported.\r\n",
+                _ => b"504 PROT: unknown protection level.\r\n",
+            },
+            "CCC" => b"534 CCC refused: the control connection stays encrypted.\r\n",
+            "REIN" if self.client_tls => b"502 REIN is not available on a TLS session.\r\n",
+            _ => return false,
+        };
+        self.blocked = Some(Blocked::Answer(reply.to_vec()));
+        true
+    }
+
     /// Whether `[policy]` refuses the command `verb` (uppercase).
     fn denied(&self, verb: &str) -> bool {
         let policy = &self.ctx.policy;
@@ -1042,6 +1261,7 @@ pub(super) mod tests {
             max_line: 512,
             policy: Arc::default(),
             max_pinholes: 8,
+            tls: None,
         }
     }
 
@@ -1617,6 +1837,155 @@ pub(super) mod tests {
         );
         s.handle_eof(Side::Client);
         assert_eq!(drain(&mut s), vec![Action::EndToServer]);
+    }
+
+    /// A reverse session with `[tls]`, greeted by the server, nothing else yet.
+    fn terminating(policy: PolicyConfig) -> Session {
+        let mut s = Session::new(SessionContext {
+            tls: Some(TlsContext {
+                relay_port: 45000,
+                implicit: false,
+            }),
+            policy: Arc::new(policy),
+            ..ctx(Mode::Reverse)
+        });
+        s.handle_server_data(b"220 ready\r\n");
+        drain(&mut s);
+        s
+    }
+
+    fn to_client(reply: &str) -> Action {
+        Action::ToClient(reply.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn auth_tls_is_answered_here_and_starts_tls_in_its_turn() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"SYST\r\nAUTH TLS\r\n");
+        // The 234 waits for the server's answer to SYST.
+        assert_eq!(drain(&mut s), vec![Action::ToServer(b"SYST\r\n".to_vec())]);
+        s.handle_server_data(b"215 UNIX Type: L8\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("215 UNIX Type: L8\r\n"),
+                to_client("234 Proceed with TLS negotiation.\r\n"),
+                Action::StartClientTls,
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Control);
+        s.handle_client_data(b"AUTH TLS\r\nPROT P\r\nPBSZ 0\r\nPROT S\r\nPROT P\r\nCCC\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("503 TLS is already in use.\r\n"),
+                to_client("503 PBSZ first.\r\n"),
+                to_client("200 PBSZ=0\r\n"),
+                to_client("536 Only PROT C and PROT P are supported.\r\n"),
+                to_client("200 Protection level set to Private.\r\n"),
+                to_client("534 CCC refused: the control connection stays encrypted.\r\n"),
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Private);
+    }
+
+    #[test]
+    fn tls_commands_before_auth_and_other_mechanisms_are_refused() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"PBSZ 0\r\nPROT P\r\nAUTH KERBEROS_V4\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("503 Secure the control connection with AUTH TLS first.\r\n"),
+                to_client("503 Secure the control connection with AUTH TLS first.\r\n"),
+                to_client("504 AUTH: only TLS is supported.\r\n"),
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Plain);
+    }
+
+    #[test]
+    fn bytes_pipelined_behind_auth_tls_end_the_session() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"AUTH TLS\r\n\x16\x03\x01");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions.first(),
+            Some(&to_client(
+                "421 Nothing may follow AUTH TLS before its reply; closing.\r\n"
+            ))
+        );
+        assert_eq!(actions.last(), Some(&Action::Shutdown));
+        assert!(!actions.contains(&Action::StartClientTls));
+    }
+
+    #[test]
+    fn require_tls_refuses_a_login_in_clear() {
+        let mut s = terminating(PolicyConfig {
+            require_tls: true,
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"USER anonymous\r\nPASS secret\r\n");
+        let refused = to_client("530 TLS required: send AUTH TLS before logging in.\r\n");
+        assert_eq!(drain(&mut s), vec![refused.clone(), refused]);
+        assert_eq!(
+            std::iter::from_fn(|| s.poll_event()).collect::<Vec<_>>(),
+            vec![Event::Refused(Reject::TlsRequired); 2]
+        );
+    }
+
+    /// Under PROT P a pinhole leads to the relay, and the relay learns both legs before the
+    /// announcement goes out; under PROT C the kernel's pinhole is unchanged.
+    #[test]
+    fn prot_p_pinholes_lead_to_the_relay() {
+        let mut s = terminating(PolicyConfig::default());
+        s.handle_client_data(b"AUTH TLS\r\n");
+        drain(&mut s);
+        s.handle_client_data(b"USER anonymous\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"230 ok\r\n");
+        s.handle_client_data(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,64).\r\n");
+        let Some(Action::Open(request)) = s.poll_action() else {
+            panic!("no pinhole asked for");
+        };
+        assert_eq!(request.source, ip("198.18.0.2"));
+        assert_eq!(request.dnat, Some("198.18.0.1:45000".parse().unwrap()));
+        assert_eq!(request.snat, None);
+        s.handle_opened(opened(3, 61000));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Expect(Expectation {
+                    pinhole: 3,
+                    port: 61000,
+                    leg: RelayLeg {
+                        peer: ip("198.18.0.2"),
+                        passive: true,
+                        dial: "203.0.113.2:40000".parse().unwrap(),
+                        bind: ip("203.0.113.1"),
+                    },
+                }),
+                to_client("227 Entering Passive Mode (198,18,0,1,238,72).\r\n"),
+            ]
+        );
+        s.handle_client_data(b"PROT C\r\nPORT 198,18,0,2,195,81\r\n");
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions[..2],
+            [
+                to_client("200 Protection level set to Clear.\r\n"),
+                Action::Close(vec![3])
+            ]
+        );
+        let [Action::Open(request)] = &actions[2..] else {
+            panic!("no pinhole asked for: {actions:?}");
+        };
+        assert_eq!(request.dnat, Some("198.18.0.2:50001".parse().unwrap()));
+        assert_eq!(request.snat, Some(ip("198.18.0.1")));
+        s.handle_opened(opened(4, 61001));
+        assert!(!drain(&mut s).iter().any(|a| matches!(a, Action::Expect(_))));
     }
 
     #[test]

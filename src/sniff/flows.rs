@@ -85,6 +85,10 @@ pub enum Observation {
     PassiveRequested(Flow),
     /// A data endpoint was announced.
     Announced(Announcement),
+    /// TLS started on this connection: the server accepted AUTH (234), or the client's first
+    /// bytes were a TLS record (implicit FTPS). Nothing later on it can be read, so no
+    /// announcement of it can be checked here.
+    TlsStarted(Flow),
 }
 
 /// Limits of a [`FlowTable`].
@@ -112,6 +116,11 @@ struct FlowState {
     to_client: Direction,
     replies: ReplyTracker,
     last_seen: Instant,
+    /// TLS has started: the bytes are not read as lines any more.
+    encrypted: bool,
+    /// The client has sent payload before (a TLS record as its very first bytes is implicit
+    /// FTPS; an FTP client's first bytes are a command).
+    client_spoke: bool,
 }
 
 /// One direction of a connection.
@@ -174,6 +183,8 @@ impl FlowState {
             to_client: Direction::new(max_line),
             replies: ReplyTracker::new(),
             last_seen: now,
+            encrypted: false,
+            client_spoke: false,
         }
     }
 }
@@ -254,17 +265,24 @@ impl FlowTable {
         } else {
             &mut state.to_client
         };
+        let mut seen = Vec::new();
         if seg.syn {
             // The SYN takes one sequence number; data starts after it.
             *direction = Direction::new(max_line);
             direction.next_seq = Some(seg.seq.wrapping_add(1));
         } else {
             let new = direction.unread(seg.seq, seg.payload, max_line);
+            if to_server && !state.client_spoke && !new.is_empty() {
+                state.client_spoke = true;
+                if new.first() == Some(&TLS_HANDSHAKE) && !state.encrypted {
+                    state.encrypted = true;
+                    seen.push(Observation::TlsStarted(flow));
+                }
+            }
             direction.lines.push(new);
         }
         direction.fin |= seg.fin;
-        let mut seen = Vec::new();
-        while let Some(line) = direction.lines.next_line() {
+        while let Some(line) = direction.lines.next_line().filter(|_| !state.encrypted) {
             // An over-long line is no PORT or 227 the peer would act on; framing goes on.
             let Ok(line) = line else { continue };
             let text = text_of(&line);
@@ -273,7 +291,13 @@ impl FlowTable {
             } else {
                 reply(flow, &text, &mut state.replies)
             };
+            state.encrypted |= matches!(observed, Some(Observation::TlsStarted(_)));
             seen.extend(observed);
+        }
+        if state.encrypted {
+            // Ciphertext: never read as lines, and never held.
+            state.to_server.lines.take_pending();
+            state.to_client.lines.take_pending();
         }
         if state.to_server.fin && state.to_client.fin {
             self.flows.remove(&flow);
@@ -321,11 +345,18 @@ fn command(flow: Flow, text: &[u8]) -> Option<Observation> {
     }
 }
 
-/// A server line: a one-line 227 or 229 reply announces. As in the proxy, lines of a
+/// The first byte of a TLS handshake record (RFC 8446 §5.1, `handshake(22)`).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// A server line: a one-line 227 or 229 reply announces, a one-line 234 starts TLS. As in the proxy, lines of a
 /// multi-line reply are text, whatever they look like.
 fn reply(flow: Flow, text: &[u8], replies: &mut ReplyTracker) -> Option<Observation> {
-    if replies.classify(text).position != ReplyPosition::Single {
+    let classified = replies.classify(text);
+    if classified.position != ReplyPosition::Single {
         return None;
+    }
+    if classified.code == Some(234) {
+        return Some(Observation::TlsStarted(flow));
     }
     let (kind, endpoint) = match PassiveReply::parse(text).ok()? {
         PassiveReply::Pasv { addr, .. } => (Kind::Pasv, addr.into()),
@@ -396,6 +427,54 @@ mod tests {
             seq = seq.wrapping_add(piece.len() as u32);
         }
         out
+    }
+
+    fn flow() -> Flow {
+        Flow {
+            client: addr(CLIENT),
+            server: addr(SERVER),
+        }
+    }
+
+    /// After a 234 nothing more is read on the connection: ciphertext that happens to hold
+    /// a PORT or a 227 announces nothing.
+    #[test]
+    fn a_234_ends_reading_the_connection() {
+        let mut t = table();
+        let now = Instant::now();
+        assert_eq!(
+            t.handle(now, &seg(CLIENT, SERVER, 1, b"AUTH TLS\r\n")),
+            vec![]
+        );
+        assert_eq!(
+            t.handle(
+                now,
+                &seg(SERVER, CLIENT, 1, b"234 Proceed.\r\n227 (1,2,3,4,5,6)\r\n")
+            ),
+            vec![Observation::TlsStarted(flow())]
+        );
+        let later = [
+            t.handle(now, &seg(CLIENT, SERVER, 11, b"PORT 198,18,0,2,195,81\r\n")),
+            t.handle(now, &seg(SERVER, CLIENT, 50, b"227 (203,0,113,2,4,1)\r\n")),
+        ];
+        assert_eq!(later, [vec![], vec![]]);
+    }
+
+    /// A client whose first bytes are a TLS handshake record speaks implicit FTPS.
+    #[test]
+    fn a_client_hello_first_is_implicit_tls() {
+        let mut t = table();
+        let got = feed(
+            &mut t,
+            CLIENT,
+            SERVER,
+            &[b"\x16\x03\x01\x02\x00PORT 198,18,0,2,195,81\r\n"],
+        );
+        assert_eq!(got, vec![Observation::TlsStarted(flow())]);
+        // An FTP client's first bytes are a command, whatever follows.
+        let mut t = table();
+        let got = feed(&mut t, CLIENT, SERVER, &[b"NOOP\r\n", b"\x16\x03"]);
+        assert_eq!(got, vec![]);
     }
 
     #[test]

@@ -53,7 +53,7 @@ use crate::pinhole::{nft, BackendError, PinholeEntry};
 
 use flows::{Announcement, FlowTable, Limits, Observation};
 use packet::LinkType;
-use report::Report;
+use report::{Report, TlsReport};
 
 /// The FTP control port, always watched.
 pub const FTP_PORT: u16 = 21;
@@ -420,6 +420,8 @@ struct Printer {
     timeout: Option<Duration>,
     nft: PathBuf,
     pending: VecDeque<Pending>,
+    /// Connections seen starting TLS, to be printed (they wait for no pinhole).
+    tls: VecDeque<TlsReport>,
     seen: Seen,
     /// Read the pinholes until then.
     poll_until: Option<Instant>,
@@ -438,6 +440,7 @@ impl Printer {
             timeout: args.timeout.map(Duration::from_secs),
             nft: args.nft.clone(),
             pending: VecDeque::new(),
+            tls: VecDeque::new(),
             seen: HashMap::new(),
             poll_until: None,
             next_poll: Instant::now(),
@@ -498,6 +501,10 @@ impl Printer {
     fn observe(&mut self, time: DateTime<Utc>, at: Instant, observation: Observation) {
         let now = Instant::now();
         let polling = self.poll_until.is_some_and(|until| until > now);
+        if let Observation::TlsStarted(flow) = observation {
+            self.tls.push_back(TlsReport::new(time, flow));
+            return;
+        }
         if let Observation::Announced(announcement) = observation {
             let pinhole = recent_match(&self.seen, at, &announcement);
             self.pending.push_back(Pending {
@@ -581,6 +588,15 @@ impl Printer {
     fn flush(&mut self) -> std::io::Result<bool> {
         let now = Instant::now();
         let mut out = std::io::stdout().lock();
+        while let Some(note) = self.tls.pop_front() {
+            if self.json {
+                serde_json::to_writer(&mut out, &note)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{}", note.human())?;
+            }
+            out.flush()?;
+        }
         while let Some(front) = self.pending.front() {
             if front.pinhole.is_none() && now < front.deadline {
                 break;

@@ -1,5 +1,6 @@
 //! What `sniff` prints for each announcement: which pinhole, if any, lets its data connection
-//! through, as one human line or one JSON object.
+//! through, as one human line or one JSON object; and for each control connection that starts
+//! TLS, a line that says its announcements can no longer be read ([`TlsReport`]).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -9,7 +10,7 @@ use serde::{Serialize, Serializer};
 
 use crate::pinhole::{PinholeEntry, PinholeState};
 
-use super::flows::{Announcement, Kind};
+use super::flows::{Announcement, Flow, Kind};
 
 /// What the line says when no pinhole matches.
 pub const NO_PINHOLE: &str = "no pinhole: in a default-deny firewall this data connection will \
@@ -63,6 +64,45 @@ pub struct Report {
     /// The pinhole that matches it, as last seen in the kernel (listed, or reported added);
     /// `null` when none does.
     pub pinhole: Option<PinholeEntry>,
+}
+
+/// A control connection that started TLS.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsReport {
+    /// When it was seen (RFC 3339, UTC, in JSON).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: DateTime<Utc>,
+    /// The control connection's client.
+    pub client: SocketAddr,
+    /// The control connection's server.
+    pub server: SocketAddr,
+    /// Always `"started"`.
+    pub tls: &'static str,
+}
+
+/// What the TLS line says after the connection.
+pub const TLS_STARTED: &str = "TLS started: this connection's announcements are encrypted and                                cannot be checked here (ftp-alg with [tls] ends TLS itself and                                still opens pinholes; docs/ftps.md)";
+
+impl TlsReport {
+    /// A report of `flow` starting TLS at `time`.
+    pub fn new(time: DateTime<Utc>, flow: Flow) -> TlsReport {
+        TlsReport {
+            time,
+            client: flow.client,
+            server: flow.server,
+            tls: "started",
+        }
+    }
+
+    /// The human line: local time, control connection, the note.
+    pub fn human(&self) -> String {
+        format!(
+            "{}  {} → {}  TLS   {TLS_STARTED}",
+            self.time.with_timezone(&Local).format("%H:%M:%S%.3f"),
+            self.client,
+            self.server,
+        )
+    }
 }
 
 fn rfc3339<S: Serializer>(time: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {

@@ -628,7 +628,7 @@ fn table_handle(lab: &Lab) -> Option<String> {
 }
 
 /// The lines of the daemon's log that contain `text`.
-fn daemon_log_lines(lab: &Lab, text: &str) -> Vec<String> {
+pub(super) fn daemon_log_lines(lab: &Lab, text: &str) -> Vec<String> {
     fs::read_to_string(lab.dir.join("daemon.log"))
         .expect("the daemon's log")
         .lines()

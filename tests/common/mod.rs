@@ -2222,6 +2222,7 @@ fn parse_host_port(s: &str) -> SocketAddr {
 
 pub mod edge;
 pub mod faults;
+pub mod ftps;
 pub mod guides;
 pub mod ha;
 pub mod handover;

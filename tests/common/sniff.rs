@@ -299,7 +299,7 @@ pub fn errors_and_exit_codes() {
 }
 
 /// `ftp-alg sniff --interface lan0` running in G.
-struct Sniffer {
+pub(super) struct Sniffer {
     child: Child,
     lines: Receiver<String>,
     stderr_path: PathBuf,
@@ -308,7 +308,7 @@ struct Sniffer {
 impl Sniffer {
     /// Starts it with `args` (and a `--timeout` of a minute unless they set one), and waits
     /// until it captures; `name` names its stderr file.
-    fn start(lab: &Lab, name: &str, args: &[&str]) -> Sniffer {
+    pub(super) fn start(lab: &Lab, name: &str, args: &[&str]) -> Sniffer {
         let stderr_path = lab.dir.join(format!("sniff-{name}.log"));
         let mut command = vec![ALG, "sniff", "--interface", "lan0"];
         command.extend(args);
@@ -362,7 +362,7 @@ impl Sniffer {
         })
     }
 
-    fn next_json<T: serde::de::DeserializeOwned>(&self) -> T {
+    pub(super) fn next_json<T: serde::de::DeserializeOwned>(&self) -> T {
         let line = self.next_line();
         println!("sniff --json: {line}");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("sniff printed {line:?}: {e}"))

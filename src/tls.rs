@@ -1,0 +1,301 @@
+//! FTPS termination (RFC 4217): the certificate ftp-alg presents, and the binding of every
+//! `PROT P` data connection to its control connection's TLS session.
+//!
+//! ftp-alg is the TLS server towards the client on the control connection (after `AUTH TLS`)
+//! and on every data connection, passive or active (RFC 4217 §9). A data connection is accepted
+//! only if its handshake resumes the TLS session of its own control connection, as vsftpd's
+//! `require_ssl_reuse` demands: each control connection embeds a random token in the session
+//! tickets and cached sessions it hands out ([`ServerConnection::set_resumption_data`]), and a
+//! data connection must come back with exactly that token. A third party that races the client
+//! to the data port, or a client that starts a fresh session, gets no data.
+//!
+//! Not here: the control-channel logic (which replies `AUTH`, `PBSZ` and `PROT` get is
+//! `session.rs`'s) and the data relay itself (`datarelay.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::{ServerConfig, ServerConnection, ServerSessionMemoryCache};
+use rustls::HandshakeKind;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// TLS 1.2 sessions kept for resumption by data connections, across all control connections.
+const SESSION_CACHE: usize = 4096;
+/// Length of the random token that binds data connections to their control session.
+const TOKEN_LEN: usize = 16;
+
+/// Why the `[tls]` files cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed, or holds no key (`no items found`).
+    #[error("{key} = {path}: {source}")]
+    Pem {
+        /// `tls.certificate` or `tls.key`.
+        key: &'static str,
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("tls.certificate: {path} holds no CERTIFICATE block")]
+    NoCertificate { path: PathBuf },
+    /// The key does not belong to the certificate, or is of a kind rustls cannot use.
+    #[error("tls: the key {key} does not fit the certificate {certificate}: {source}")]
+    Mismatch {
+        certificate: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    /// rustls refused the configuration (no randomness for tickets, say).
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// What `check-config` says about `[tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Certificates in the chain.
+    pub chain: usize,
+}
+
+/// The TLS server side of every FTPS connection of a daemon run; one session cache and one
+/// ticket key for all, so a data connection can resume its control connection's session.
+#[derive(Clone)]
+pub struct Terminator {
+    acceptor: TlsAcceptor,
+    summary: Summary,
+}
+
+impl std::fmt::Debug for Terminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminator")
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The random value a control session embeds in the sessions it hands out; compared, never
+/// shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token([u8; TOKEN_LEN]);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Why a `PROT P` data connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataRefusal {
+    /// The handshake failed or did not finish.
+    Handshake,
+    /// A full handshake: the client did not resume its control connection's session.
+    NotResumed,
+    /// It resumed a session, but another control connection's.
+    OtherSession,
+}
+
+impl DataRefusal {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [DataRefusal; 3] = [
+        DataRefusal::Handshake,
+        DataRefusal::NotResumed,
+        DataRefusal::OtherSession,
+    ];
+
+    /// For logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataRefusal::Handshake => "handshake",
+            DataRefusal::NotResumed => "not_resumed",
+            DataRefusal::OtherSession => "other_session",
+        }
+    }
+}
+
+impl Terminator {
+    /// Load the certificate chain and key of `[tls]` and check that they fit together.
+    pub fn load(config: &TlsConfig) -> Result<Terminator, TlsError> {
+        fn pem<'a>(
+            key: &'static str,
+            path: &'a Path,
+        ) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + 'a {
+            move |source| TlsError::Pem {
+                key,
+                path: path.to_owned(),
+                source,
+            }
+        }
+        let chain = CertificateDer::pem_file_iter(&config.certificate)
+            .map_err(pem("tls.certificate", &config.certificate))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem("tls.certificate", &config.certificate))?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: config.certificate.clone(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(pem("tls.key", &config.key))?;
+        let summary = Summary { chain: chain.len() };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::Mismatch {
+                certificate: config.certificate.clone(),
+                key: config.key.clone(),
+                source,
+            })?;
+        server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+        server.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        Ok(Terminator {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            summary,
+        })
+    }
+
+    /// What was loaded.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// A fresh token for one control session.
+    pub fn new_token(&self) -> Result<Token, rustls::Error> {
+        let mut token = [0u8; TOKEN_LEN];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut token)
+            .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+        Ok(Token(token))
+    }
+
+    /// The control connection's handshake, after the 234 reply; the sessions it hands out
+    /// carry `token`.
+    pub async fn accept_control<S>(&self, stream: S, token: &Token) -> std::io::Result<TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.acceptor
+            .accept_with(stream, |conn: &mut ServerConnection| {
+                conn.set_resumption_data(&token.0)
+            })
+            .await
+    }
+
+    /// A data connection's handshake; it must resume the session of the control connection
+    /// that holds `token`.
+    pub async fn accept_data<S>(
+        &self,
+        stream: S,
+        token: &Token,
+    ) -> Result<TlsStream<S>, DataRefusal>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tls = self
+            .acceptor
+            .accept_with(stream, |conn: &mut ServerConnection| {
+                // Tickets handed out on a data connection bind the same way.
+                conn.set_resumption_data(&token.0)
+            })
+            .await
+            .map_err(|e| {
+                tracing::info!(error = %e, "data connection's TLS handshake failed");
+                DataRefusal::Handshake
+            })?;
+        let conn = tls.get_ref().1;
+        binding(
+            conn.handshake_kind(),
+            conn.received_resumption_data(),
+            token,
+        )?;
+        Ok(tls)
+    }
+}
+
+/// Whether a data connection's handshake resumed the session that `token` marks.
+fn binding(
+    kind: Option<HandshakeKind>,
+    received: Option<&[u8]>,
+    token: &Token,
+) -> Result<(), DataRefusal> {
+    if kind != Some(HandshakeKind::Resumed) {
+        return Err(DataRefusal::NotResumed);
+    }
+    if received != Some(&token.0[..]) {
+        return Err(DataRefusal::OtherSession);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_resumption_of_the_same_session_binds() {
+        let token = Token([7; TOKEN_LEN]);
+        let other = [8; TOKEN_LEN];
+        assert_eq!(
+            binding(Some(HandshakeKind::Resumed), Some(&token.0), &token),
+            Ok(())
+        );
+        for (kind, received, refusal) in [
+            (
+                Some(HandshakeKind::Full),
+                Some(&token.0[..]),
+                DataRefusal::NotResumed,
+            ),
+            (None, None, DataRefusal::NotResumed),
+            (
+                Some(HandshakeKind::FullWithHelloRetryRequest),
+                None,
+                DataRefusal::NotResumed,
+            ),
+            (
+                Some(HandshakeKind::Resumed),
+                Some(&other[..]),
+                DataRefusal::OtherSession,
+            ),
+            (
+                Some(HandshakeKind::Resumed),
+                None,
+                DataRefusal::OtherSession,
+            ),
+            (
+                Some(HandshakeKind::Resumed),
+                Some(&[][..]),
+                DataRefusal::OtherSession,
+            ),
+        ] {
+            assert_eq!(binding(kind, received, &token), Err(refusal));
+        }
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("ftp-alg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let missing = dir.join("missing.pem");
+        let config = |certificate: &Path| TlsConfig {
+            certificate: certificate.to_owned(),
+            key: empty.clone(),
+            relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
+            implicit_listen: Vec::new(),
+        };
+        let e = Terminator::load(&config(&missing)).unwrap_err().to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        let e = Terminator::load(&config(&empty)).unwrap_err().to_string();
+        assert!(e.contains("holds no CERTIFICATE"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,678 @@
+//! FTPS end to end (docs/ftps.md): ftp-alg ends the client's TLS in reverse and sidecar mode,
+//! in front of a vsftpd that knows no TLS, with a certificate from a CA the test makes with the
+//! `openssl` command-line tool. Real clients: lftp (`ftp:ssl-force`, certificate verified),
+//! curl (`--ssl-reqd --cacert`; passive only: curl 7.88 cannot do active FTPS, see
+//! TESTING-NOTES) and Python's `ftplib.FTP_TLS` with `prot_p()`.
+//!
+//! ftplib does not resume the control connection's TLS session on its data connections by
+//! itself; [`FTPS_CLIENT`] passes `session=self.sock.session` in `ntransfercmd`, the usual
+//! nudge, and its `fresh` mode leaves it out: that is the negative control for the resumption
+//! requirement.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::faults::daemon_log_lines;
+use super::{
+    assert_same_bytes, must, require_tool, DataMode, Family, Lab, Run, Server, ServerLog, Setup,
+    Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, UPLOAD_FILE, UPLOAD_LEN,
+};
+
+/// The implicit FTPS listener's port.
+const IMPLICIT_PORT: u16 = 990;
+/// An address of the client's namespace that no session uses: the intruder's.
+const INTRUDER4: &str = "198.18.0.3";
+/// Where the daemon serves its metrics, inside G.
+const METRICS: &str = "127.0.0.1:9477";
+/// The comment of the counted rule that drops connections to the pinhole ports that no
+/// pinhole let through.
+const UNMARKED: &str = "e2e unmarked data";
+
+/// A client that speaks FTPS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsClient {
+    Lftp,
+    Curl,
+    Ftplib,
+}
+
+/// Python's FTP_TLS with `prot_p()`. `reuse`: the data connections resume the control
+/// connection's TLS session (`session=self.sock.session`); `fresh`: ftplib's own behaviour, a
+/// full handshake per data connection. `intrude`: before the first operation, a connection to
+/// the announced passive port from [`INTRUDER4`], reported as `intruder: ...`.
+pub(super) const FTPS_CLIENT: &str = r#"
+"""usage: HOST PORT USER PASSWORD MODE REUSE CAFILE (LIST | RETR REMOTE LOCAL | STOR LOCAL REMOTE | INTRUDE ADDR | SLEEP SECS)..."""
+import ftplib, socket, ssl, sys, time
+
+host, port, user, password, mode, reuse, cafile, *ops = sys.argv[1:]
+context = ssl.create_default_context(cafile=cafile)
+
+class Client(ftplib.FTP_TLS):
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            session = self.sock.session if reuse == "reuse" else None
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=session)
+        return conn, size
+
+    def makepasv(self):
+        if mode == "epsv":
+            return ftplib.parse229(self.sendcmd("EPSV"), self.sock.getpeername())
+        return super().makepasv()
+
+ftp = Client(context=context, timeout=5)
+ftp.connect(host, int(port))
+ftp.auth()
+ftp.login(user, password)
+ftp.prot_p()
+ftp.set_pasv(mode in ("pasv", "epsv"))
+args = iter(ops)
+for op in args:
+    if op == "LIST":
+        ftp.retrlines("LIST")
+    elif op == "RETR":
+        remote, local = next(args), next(args)
+        with open(local, "wb") as f:
+            ftp.retrbinary("RETR " + remote, f.write)
+    elif op == "STOR":
+        local, remote = next(args), next(args)
+        with open(local, "rb") as f:
+            ftp.storbinary("STOR " + remote, f)
+    elif op == "SLEEP":
+        time.sleep(float(next(args)))
+    elif op == "INTRUDE":
+        source = next(args)
+        _, data_port = ftp.makepasv()
+        try:
+            socket.create_connection((host, data_port), timeout=3, source_address=(source, 0))
+            print("intruder: connected")
+        except OSError as e:
+            print("intruder: " + type(e).__name__)
+    else:
+        sys.exit("unknown operation " + op)
+ftp.quit()
+"#;
+
+/// The test CA and the certificate ftp-alg presents (for G's client-side addresses).
+struct Pki {
+    ca: PathBuf,
+    chain: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn make(lab: &Lab) -> Pki {
+        require_tool("openssl");
+        let dir = lab.dir.join("pki");
+        fs::create_dir_all(&dir).expect("create the pki directory");
+        let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let openssl = |args: &[&str]| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(args);
+            must(cmd);
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", &file("ca.key"), "-out", &file("ca.pem")],
+                &["-days", "2", "-subj", "/CN=ftp-alg e2e CA"],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &file("server.key"), "-out", &file("server.csr")],
+                &["-subj", "/CN=ftp-alg e2e"],
+            ]
+            .concat(),
+        );
+        fs::write(
+            dir.join("ext.cnf"),
+            format!(
+                "subjectAltName=IP:{G_LAN4},IP:{G_LAN6}\nbasicConstraints=CA:FALSE\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .expect("write ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &file("server.csr"),
+            "-CA",
+            &file("ca.pem"),
+            "-CAkey",
+            &file("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &file("ext.cnf"),
+            "-out",
+            &file("server.pem"),
+        ]);
+        // The chain as a server sends it: its own certificate, then the CA's.
+        let chain = [
+            fs::read(dir.join("server.pem")).expect("server.pem"),
+            fs::read(dir.join("ca.pem")).expect("ca.pem"),
+        ]
+        .concat();
+        fs::write(dir.join("chain.pem"), chain).expect("write chain.pem");
+        Pki {
+            ca: dir.join("ca.pem"),
+            chain: dir.join("chain.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+
+    /// The daemon's `[tls]` section.
+    fn section(&self) -> String {
+        format!(
+            "[tls]\ncertificate = {:?}\nkey = {:?}\n",
+            self.chain.display().to_string(),
+            self.key.display().to_string()
+        )
+    }
+}
+
+/// A lab in `topology` (reverse or sidecar) with vsftpd, which has no TLS, behind a daemon
+/// configured with `config` (given the test's PKI). The pinholes' `ct mark` line in G's input
+/// chain is counted, since a `PROT P` data connection ends at the relay on G; connections to
+/// the pinhole ports that it does not accept are dropped by a counted rule ([`UNMARKED`]).
+fn lab(topology: Topology, config: impl FnOnce(&Pki) -> String) -> (Lab, Pki) {
+    let mut lab = Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |_| {
+        String::new()
+    });
+    let pki = Pki::make(&lab);
+    lab.alg_config = format!("[metrics]\nlisten = \"{METRICS}\"\n{}", config(&pki));
+    lab.count_mark_rule("input", "accept");
+    let unmarked = format!(
+        "tcp dport {}-{} counter drop comment \"{UNMARKED}\"",
+        super::PINHOLE_PORTS.start(),
+        super::PINHOLE_PORTS.end()
+    );
+    lab.nft(&["add rule inet gateway input", &unmarked]);
+    let implicit = format!("tcp dport {IMPLICIT_PORT} accept");
+    lab.nft(&["add rule inet gateway input", &implicit]);
+    if let Topology::Sidecar(_) = topology {
+        // An active PROT P data connection to the client starts at the relay on G, unmarked:
+        // a default-deny output chain must let the daemon's own connections out.
+        lab.nft(&["insert rule inet gateway output meta skuid 0 tcp sport >= 1024 accept"]);
+    }
+    lab.start_alg();
+    (lab, pki)
+}
+
+/// The packets counted by the rule with `comment` in G's table `inet gateway`.
+fn counted(lab: &Lab, comment: &str) -> u64 {
+    let text = must(lab.exec(
+        &lab.gateway_ns(),
+        &["nft", "-j", "list", "table", "inet", "gateway"],
+    ));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("nft -j output");
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| r["comment"] == comment)
+        .flat_map(|r| r["expr"].as_array().into_iter().flatten())
+        .filter_map(|e| e.get("counter"))
+        .map(|c| c["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// One sample of the daemon's metrics, `name{labels}`, read over HTTP inside G.
+fn metric(lab: &Lab, sample: &str) -> u64 {
+    let text = must(lab.exec(
+        &lab.gateway_ns(),
+        &[
+            "curl",
+            "-s",
+            "--noproxy",
+            "*",
+            &format!("http://{METRICS}/metrics"),
+        ],
+    ));
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+}
+
+impl Lab {
+    /// One FTPS session of `client` performing a listing, a download and an upload (curl: one
+    /// session each); with `implicit`, lftp and curl dial the implicit FTPS listener
+    /// ([`IMPLICIT_PORT`], `ftps://`) instead of sending AUTH TLS.
+    fn ftps_session(
+        &mut self,
+        client: TlsClient,
+        mode: DataMode,
+        ca: &Path,
+        implicit: bool,
+    ) -> Vec<Run> {
+        let dial = self.addrs().dial;
+        let ip = match dial {
+            SocketAddr::V4(v4) => v4.ip().to_string(),
+            SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+        };
+        let host = match implicit {
+            true => format!("ftps://{ip}:{IMPLICIT_PORT}"),
+            false => format!("ftp://{ip}"),
+        };
+        let ca = ca.to_string_lossy().into_owned();
+        let download = self.download_path().to_string_lossy().into_owned();
+        let upload = self.upload_source_path().to_string_lossy().into_owned();
+        match client {
+            TlsClient::Lftp => {
+                let script = [
+                    "set cmd:fail-exit yes".to_owned(),
+                    "set net:timeout 3".into(),
+                    "set net:max-retries 1".into(),
+                    "set net:reconnect-interval-base 1".into(),
+                    "set ftp:ssl-force yes".into(),
+                    "set ftp:ssl-protect-data yes".into(),
+                    "set ftp:ssl-auth TLS".into(),
+                    "set ssl:verify-certificate yes".into(),
+                    format!("set ssl:ca-file {ca}"),
+                    "set ftp:use-site-utime no".into(),
+                    "set ftp:use-site-utime2 no".into(),
+                    "set xfer:clobber on".into(),
+                    format!("set ftp:passive-mode {}", mode.passive()),
+                    format!("set ftp:prefer-epsv {}", mode == DataMode::Epsv),
+                    format!("open -u anonymous,e2e {host}"),
+                    "ls".into(),
+                    format!("get {DATA_FILE} -o {download}"),
+                    format!("put {upload} -o up/{UPLOAD_FILE}"),
+                    "bye".into(),
+                ];
+                let path = self.dir.join(format!("ftps-{}.lftp", self.runs));
+                fs::write(&path, script.join("\n") + "\n").expect("write lftp script");
+                let args = ["lftp", "-f", &path.to_string_lossy()].map(str::to_owned);
+                vec![self.run_args(&args)]
+            }
+            TlsClient::Curl => {
+                assert!(mode.passive(), "curl 7.88 cannot do active FTPS");
+                let base = [
+                    "curl",
+                    "-q",
+                    "--silent",
+                    "--show-error",
+                    "--noproxy",
+                    "*",
+                    "--max-time",
+                    "15",
+                    "--ssl-reqd",
+                    "--cacert",
+                    &ca,
+                    "--user",
+                    "anonymous:e2e",
+                ]
+                .map(str::to_owned);
+                let mode_args = match mode {
+                    DataMode::Pasv => &["--disable-epsv"][..],
+                    _ => &["--ftp-pasv"],
+                };
+                let ops: [Vec<String>; 3] = [
+                    vec![format!("{host}/")],
+                    vec![format!("{host}/{DATA_FILE}"), "-o".into(), download],
+                    vec!["-T".into(), upload, format!("{host}/up/{UPLOAD_FILE}")],
+                ];
+                ops.into_iter()
+                    .map(|op| {
+                        let args: Vec<String> = base
+                            .iter()
+                            .cloned()
+                            .chain(mode_args.iter().map(|s| s.to_string()))
+                            .chain(op)
+                            .collect();
+                        self.run_args(&args)
+                    })
+                    .collect()
+            }
+            TlsClient::Ftplib => {
+                assert!(!implicit, "the ftplib client speaks explicit FTPS only");
+                let ops = [
+                    "LIST".to_owned(),
+                    "RETR".into(),
+                    DATA_FILE.into(),
+                    download,
+                    "STOR".into(),
+                    upload,
+                    format!("up/{UPLOAD_FILE}"),
+                ];
+                vec![self.ftplib_tls(mode, "reuse", &ca, &ops)]
+            }
+        }
+    }
+
+    /// [`FTPS_CLIENT`] with `ops`.
+    fn ftplib_tls(&mut self, mode: DataMode, reuse: &str, ca: &str, ops: &[String]) -> Run {
+        let args = self.ftplib_tls_args(mode, reuse, ca, ops);
+        self.run_args(&args)
+    }
+
+    /// The command line of [`FTPS_CLIENT`] with `ops`.
+    fn ftplib_tls_args(
+        &self,
+        mode: DataMode,
+        reuse: &str,
+        ca: &str,
+        ops: &[String],
+    ) -> Vec<String> {
+        require_tool("python3");
+        let script = self.dir.join("ftps-client.py");
+        fs::write(&script, FTPS_CLIENT).expect("write the FTPS client");
+        let dial = self.addrs().dial;
+        let mode = match mode {
+            DataMode::Pasv => "pasv",
+            DataMode::Epsv => "epsv",
+            DataMode::Port => "port",
+            DataMode::Eprt => "eprt",
+        };
+        let mut args = vec![
+            "python3".to_owned(),
+            script.to_string_lossy().into_owned(),
+            dial.ip().to_string(),
+            dial.port().to_string(),
+            "anonymous".into(),
+            "e2e".into(),
+            mode.into(),
+            reuse.into(),
+            ca.into(),
+        ];
+        args.extend(ops.iter().cloned());
+        args
+    }
+
+    fn run_args(&mut self, args: &[String]) -> Run {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd = self.client_command(&args);
+        self.run_bounded(cmd, &args)
+    }
+}
+
+/// A listing, a download and an upload over FTPS with `PROT P`, each checked byte for byte;
+/// the server (no TLS) saw the scenario's data command; every data connection went through a
+/// pinhole to the relay (counted on G's input chain), and the relay counted the bytes.
+pub fn round_trip(topology: Topology, client: TlsClient, mode: DataMode) {
+    round_trip_via(topology, client, mode, false);
+}
+
+/// [`round_trip`] through the implicit FTPS listener: TLS from the first byte, no AUTH.
+pub fn implicit_round_trip(client: TlsClient, mode: DataMode) {
+    round_trip_via(Topology::Reverse(Family::V4), client, mode, true);
+}
+
+fn round_trip_via(topology: Topology, client: TlsClient, mode: DataMode, implicit: bool) {
+    let (mut lab, pki) = lab(topology, |pki| match implicit {
+        true => format!(
+            "{}implicit_listen = [\"{G_LAN4}:{IMPLICIT_PORT}\"]\n",
+            pki.section()
+        ),
+        false => pki.section(),
+    });
+    for run in lab.ftps_session(client, mode, &pki.ca, implicit) {
+        assert!(
+            run.status.success(),
+            "{client:?} {mode:?}: FTPS session failed\n{}",
+            run.transcript
+        );
+    }
+    let runs = lab.runs;
+    let listing = fs::read_to_string(lab.dir.join("client-1.stdout")).unwrap_or_default();
+    assert!(
+        listing.contains(DATA_FILE),
+        "{client:?}: the listing does not name {DATA_FILE} ({runs} runs)"
+    );
+    assert_same_bytes(
+        "download",
+        &lab.read(&lab.download_path()),
+        &lab.read(&lab.served_path()),
+    );
+    assert_same_bytes(
+        "upload",
+        &lab.read(&lab.stored_upload_path()),
+        &lab.read(&lab.upload_source_path()),
+    );
+    let marked = counted(&lab, super::DATA_PATH);
+    assert!(
+        marked >= 3,
+        "{client:?} {mode:?}: {marked} data connections went through a pinhole, not 3"
+    );
+    assert_eq!(counted(&lab, UNMARKED), 0, "unmarked data connections");
+    let to_client = metric(
+        &lab,
+        "ftp_alg_tls_relay_bytes_total{direction=\"to_client\"}",
+    );
+    let to_server = metric(
+        &lab,
+        "ftp_alg_tls_relay_bytes_total{direction=\"to_server\"}",
+    );
+    assert!(
+        to_client >= DATA_LEN as u64 && to_server >= UPLOAD_LEN as u64,
+        "relay counted {to_client} bytes to the client, {to_server} to the server"
+    );
+    assert!(metric(&lab, "ftp_alg_tls_data_connections_total") >= 3);
+    let log = ServerLog::read(&lab);
+    let verbs = log.data_verbs();
+    assert!(
+        verbs.len() >= 3 && verbs.iter().all(|v| v == mode.verb()),
+        "{client:?}: the server saw {verbs:?}, not {}",
+        mode.verb()
+    );
+    if implicit {
+        let implicit_sessions = daemon_log_lines(&lab, "implicit FTPS: TLS with the client");
+        assert!(
+            !implicit_sessions.is_empty(),
+            "no session came in implicitly"
+        );
+    }
+    for tls_verb in ["AUTH", "PBSZ", "PROT"] {
+        assert!(
+            !log.commands().iter().any(|c| c.starts_with(tls_verb)),
+            "{tls_verb} reached the server, which knows no TLS: {:?}",
+            log.commands()
+        );
+    }
+    lab.assert_no_pinholes_left();
+}
+
+/// Negative controls of the relay, in one session of [`FTPS_CLIENT`] (passive):
+/// - a connection to the announced data port from another address of the client's network is
+///   dropped (counted), and the real client's download through the same announcement's
+///   successor still works;
+/// - a data connection that does a full handshake instead of resuming the control
+///   connection's TLS session is refused, and the daemon says why.
+pub fn relay_refuses_strangers() {
+    let (mut lab, pki) = lab(Topology::Reverse(Family::V4), Pki::section);
+    lab.ip(&[
+        "-n",
+        &lab.client_ns(),
+        "addr",
+        "add",
+        &format!("{INTRUDER4}/24"),
+        "dev",
+        "eth0",
+    ]);
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let download = lab.download_path().to_string_lossy().into_owned();
+    let ops = [
+        "INTRUDE".to_owned(),
+        INTRUDER4.into(),
+        "RETR".into(),
+        DATA_FILE.into(),
+        download,
+    ];
+    let run = lab.ftplib_tls(DataMode::Pasv, "reuse", &ca, &ops);
+    assert!(run.status.success(), "{}", run.transcript);
+    assert!(
+        run.stdout.contains("intruder: TimeoutError"),
+        "the intruder's connection was not dropped\n{}",
+        run.transcript
+    );
+    assert!(
+        counted(&lab, UNMARKED) > 0,
+        "the firewall dropped nothing, so the intruder failed for another reason"
+    );
+    assert_same_bytes(
+        "download",
+        &lab.read(&lab.download_path()),
+        &lab.read(&lab.served_path()),
+    );
+
+    // ftplib's own behaviour: a fresh TLS session on the data connection.
+    let _ = fs::remove_file(lab.download_path());
+    let ops = [
+        "RETR".to_owned(),
+        DATA_FILE.into(),
+        lab.download_path().to_string_lossy().into(),
+    ];
+    let run = lab.ftplib_tls(DataMode::Pasv, "fresh", &ca, &ops);
+    assert!(
+        !run.status.success(),
+        "a data connection that did not resume the session was served\n{}",
+        run.transcript
+    );
+    assert!(
+        !lab.download_path().exists() || lab.read(&lab.download_path()).is_empty(),
+        "data arrived over a refused connection"
+    );
+    let refused = daemon_log_lines(&lab, "reason=\"not_resumed\"");
+    assert!(!refused.is_empty(), "the daemon did not say why it refused");
+    assert_eq!(
+        metric(
+            &lab,
+            "ftp_alg_tls_data_refusals_total{reason=\"not_resumed\"}"
+        ),
+        1
+    );
+}
+
+/// Where `[tls]` is off, a client that insists on TLS gets 534 and fails at once, before it
+/// sends its password; where `policy.require_tls` is on, a client without TLS gets 530 and
+/// the server never sees its USER.
+pub fn tls_off_and_tls_required() {
+    let (mut lab, pki) = lab(Topology::Reverse(Family::V4), |_| String::new());
+    let ca = pki.ca.clone();
+    for client in [TlsClient::Curl, TlsClient::Lftp] {
+        let runs = lab.ftps_session(client, DataMode::Pasv, &ca, false);
+        let run = &runs[0];
+        assert!(
+            !run.status.success() && run.elapsed.as_secs() < 10,
+            "{client:?} insisted on TLS where it is off, and did not fail at once\n{}",
+            run.transcript
+        );
+        if client == TlsClient::Curl {
+            // CURLE_USE_SSL_FAILED.
+            assert_eq!(run.status.code(), Some(64), "{}", run.transcript);
+        }
+    }
+    assert!(
+        !ServerLog::read(&lab)
+            .commands()
+            .iter()
+            .any(|c| c.starts_with("PASS") || c.starts_with("USER")),
+        "a login went to the server in clear"
+    );
+    assert!(!daemon_log_lines(&lab, "reason=\"tls_refused\"").is_empty());
+
+    let (mut lab, _) = lab_required();
+    let dial = lab.addrs().dial;
+    let args = [
+        "curl",
+        "-q",
+        "--silent",
+        "--show-error",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "15",
+        "--user",
+        "anonymous:e2e",
+        &format!("ftp://{}/", dial.ip()),
+    ]
+    .map(str::to_owned);
+    let run = lab.run_args(&args);
+    // CURLE_LOGIN_DENIED.
+    assert_eq!(run.status.code(), Some(67), "{}", run.transcript);
+    assert!(
+        !ServerLog::read(&lab)
+            .commands()
+            .iter()
+            .any(|c| c.starts_with("USER")),
+        "USER reached the server without TLS"
+    );
+    assert!(!daemon_log_lines(&lab, "reason=\"tls_required\"").is_empty());
+}
+
+fn lab_required() -> (Lab, Pki) {
+    lab(Topology::Reverse(Family::V4), |pki| {
+        format!("{}[policy]\nrequire_tls = true\n", pki.section())
+    })
+}
+
+/// An operator sees a session's TLS state: `sessions list` says `private` for a `PROT P`
+/// session, and `sniff` on the client's side says that the connection started TLS (and so
+/// that its announcements cannot be checked there). The negative control is the state before
+/// AUTH: the same session listed as `plain` while it has not started TLS.
+pub fn sessions_and_sniff_show_tls() {
+    let (lab, pki) = lab(Topology::Reverse(Family::V4), Pki::section);
+    let sniffer = super::sniff::Sniffer::start(&lab, "tls", &["--json", "--timeout", "30"]);
+    let listed = || -> serde_json::Value {
+        let text = must(lab.alg_cli(&["sessions", "list", "--json"]));
+        serde_json::from_str(&text).expect("sessions list --json")
+    };
+    // A plain session first: a raw connection that only reads the greeting.
+    let plain = [
+        "python3",
+        "-c",
+        "import socket,time; s=socket.create_connection(('198.18.0.1',21)); s.recv(100); time.sleep(2)",
+    ];
+    let mut plain = lab
+        .client_command(&plain)
+        .spawn()
+        .expect("spawn a plain client");
+    let seen = super::wait_for(Duration::from_secs(10), || {
+        let sessions = listed();
+        (sessions[0]["tls"] == "plain").then_some(())
+    });
+    assert!(seen.is_some(), "no plain session listed: {}", listed());
+    let _ = plain.wait();
+
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let ops = ["LIST".to_owned(), "SLEEP".into(), "3".into()];
+    let args = lab.ftplib_tls_args(DataMode::Pasv, "reuse", &ca, &ops);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut client = lab
+        .client_command(&args)
+        .spawn()
+        .expect("spawn the FTPS client");
+    let seen = super::wait_for(Duration::from_secs(10), || {
+        let sessions = listed();
+        let private = sessions.as_array()?.iter().any(|s| s["tls"] == "private");
+        private.then_some(())
+    });
+    assert!(seen.is_some(), "no private session listed: {}", listed());
+    let table = must(lab.alg_cli(&["sessions", "list"]));
+    assert!(
+        table.contains(" TLS ") && table.contains("private"),
+        "{table}"
+    );
+    assert!(client.wait().expect("wait for the client").success());
+    let note: serde_json::Value = sniffer.next_json();
+    assert_eq!(note["tls"], "started", "{note}");
+    assert_eq!(note["server"], format!("{G_LAN4}:21"), "{note}");
+}

@@ -1,0 +1,83 @@
+//! FTPS end to end (docs/ftps.md): ftp-alg ends TLS in front of a vsftpd without TLS, in
+//! reverse and sidecar mode, with lftp, curl and Python's ftplib, passive and active, `PROT P`
+//! data relayed; and the negative controls of `tests/common/ftps.rs`.
+
+// Each test binary uses its own part of the shared harness (this one not its macro).
+#[allow(unused)]
+mod common;
+
+use common::ftps::{self, TlsClient};
+use common::{DataMode, Family, Topology};
+
+const REVERSE: Topology = Topology::Reverse(Family::V4);
+const SIDECAR: Topology = Topology::Sidecar(Family::V4);
+
+#[test]
+fn reverse_lftp_pasv() {
+    ftps::round_trip(REVERSE, TlsClient::Lftp, DataMode::Pasv);
+}
+
+#[test]
+fn reverse_lftp_port() {
+    ftps::round_trip(REVERSE, TlsClient::Lftp, DataMode::Port);
+}
+
+#[test]
+fn reverse_curl_pasv() {
+    ftps::round_trip(REVERSE, TlsClient::Curl, DataMode::Pasv);
+}
+
+#[test]
+fn reverse_curl_epsv() {
+    ftps::round_trip(REVERSE, TlsClient::Curl, DataMode::Epsv);
+}
+
+#[test]
+fn reverse_ftplib_pasv() {
+    ftps::round_trip(REVERSE, TlsClient::Ftplib, DataMode::Pasv);
+}
+
+#[test]
+fn reverse_ftplib_port() {
+    ftps::round_trip(REVERSE, TlsClient::Ftplib, DataMode::Port);
+}
+
+#[test]
+fn sidecar_lftp_pasv() {
+    ftps::round_trip(SIDECAR, TlsClient::Lftp, DataMode::Pasv);
+}
+
+#[test]
+fn sidecar_lftp_port() {
+    ftps::round_trip(SIDECAR, TlsClient::Lftp, DataMode::Port);
+}
+
+#[test]
+fn sidecar_ftplib_port() {
+    ftps::round_trip(SIDECAR, TlsClient::Ftplib, DataMode::Port);
+}
+
+#[test]
+fn relay_refuses_strangers() {
+    ftps::relay_refuses_strangers();
+}
+
+#[test]
+fn tls_off_and_tls_required() {
+    ftps::tls_off_and_tls_required();
+}
+
+#[test]
+fn implicit_lftp_port() {
+    ftps::implicit_round_trip(TlsClient::Lftp, DataMode::Port);
+}
+
+#[test]
+fn implicit_curl_pasv() {
+    ftps::implicit_round_trip(TlsClient::Curl, DataMode::Pasv);
+}
+
+#[test]
+fn sessions_and_sniff_show_tls() {
+    ftps::sessions_and_sniff_show_tls();
+}
