@@ -161,6 +161,7 @@ fn context(flags: u8, limits: u8) -> SessionContext {
         max_line: 32 << ((limits >> 2) & 3),
         policy: Arc::new(policy),
         max_pinholes: 1 + usize::from(limits & 3),
+        tls: None,
     }
 }
 
