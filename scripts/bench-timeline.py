@@ -261,7 +261,7 @@ def table(paths, markdown=None):
         col = (r["setup"], r["mode"])
         if col not in columns:
             columns.append(col)
-    columns.sort(key=lambda c: (c[1] != "pasv", c[0] != "ftp-alg"))
+    columns.sort(key=lambda c: (c[1] != "pasv", not c[0].startswith("ftp-alg"), c[0]))
     per = {}
     order = []
     for r in runs:
