@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use super::faults::daemon_log_lines;
 use super::{
-    assert_same_bytes, must, require_tool, DataMode, Family, Lab, Run, Server, ServerLog, Setup,
-    Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, UPLOAD_FILE, UPLOAD_LEN,
+    assert_same_bytes, ftplib_script, must, require_tool, DataMode, Family, Lab, Run, Server,
+    ServerLog, Setup, Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, UPLOAD_FILE, UPLOAD_LEN,
 };
 
 /// The implicit FTPS listener's port.
@@ -27,6 +27,19 @@ const IMPLICIT_PORT: u16 = 990;
 const INTRUDER4: &str = "198.18.0.3";
 /// Where the daemon serves its metrics, inside G.
 const METRICS: &str = "127.0.0.1:9477";
+/// curl's options in every FTPS test: quiet but for errors, bounded, logged in as anonymous.
+const CURL: [&str; 10] = [
+    "curl",
+    "-q",
+    "--silent",
+    "--show-error",
+    "--noproxy",
+    "*",
+    "--max-time",
+    "15",
+    "--user",
+    "anonymous:e2e",
+];
 /// The comment of the counted rule that drops connections to the pinhole ports that no
 /// pinhole let through.
 const UNMARKED: &str = "e2e unmarked data";
@@ -69,19 +82,8 @@ ftp.auth()
 ftp.login(user, password)
 ftp.prot_p()
 ftp.set_pasv(mode in ("pasv", "epsv"))
-args = iter(ops)
-for op in args:
-    if op == "LIST":
-        ftp.retrlines("LIST")
-    elif op == "RETR":
-        remote, local = next(args), next(args)
-        with open(local, "wb") as f:
-            ftp.retrbinary("RETR " + remote, f.write)
-    elif op == "STOR":
-        local, remote = next(args), next(args)
-        with open(local, "rb") as f:
-            ftp.storbinary("STOR " + remote, f)
-    elif op == "SLEEP":
+def extra(op, args):
+    if op == "SLEEP":
         time.sleep(float(next(args)))
     elif op == "INTRUDE":
         source = next(args)
@@ -92,7 +94,10 @@ for op in args:
         except OSError as e:
             print("intruder: " + type(e).__name__)
     else:
-        sys.exit("unknown operation " + op)
+        return False
+    return True
+
+run_ops(ftp, ops, extra)
 ftp.quit()
 "#;
 
@@ -305,22 +310,11 @@ impl Lab {
             }
             TlsClient::Curl => {
                 assert!(mode.passive(), "curl 7.88 cannot do active FTPS");
-                let base = [
-                    "curl",
-                    "-q",
-                    "--silent",
-                    "--show-error",
-                    "--noproxy",
-                    "*",
-                    "--max-time",
-                    "15",
-                    "--ssl-reqd",
-                    "--cacert",
-                    &ca,
-                    "--user",
-                    "anonymous:e2e",
-                ]
-                .map(str::to_owned);
+                let base: Vec<String> = CURL
+                    .into_iter()
+                    .chain(["--ssl-reqd", "--cacert", &ca])
+                    .map(str::to_owned)
+                    .collect();
                 let mode_args = match mode {
                     DataMode::Pasv => &["--disable-epsv"][..],
                     _ => &["--ftp-pasv"],
@@ -374,7 +368,7 @@ impl Lab {
     ) -> Vec<String> {
         require_tool("python3");
         let script = self.dir.join("ftps-client.py");
-        fs::write(&script, FTPS_CLIENT).expect("write the FTPS client");
+        fs::write(&script, ftplib_script(FTPS_CLIENT)).expect("write the FTPS client");
         let dial = self.addrs().dial;
         let mode = match mode {
             DataMode::Pasv => "pasv",
@@ -591,20 +585,12 @@ pub fn tls_off_and_tls_required() {
 
     let (mut lab, _) = lab_required();
     let dial = lab.addrs().dial;
-    let args = [
-        "curl",
-        "-q",
-        "--silent",
-        "--show-error",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "15",
-        "--user",
-        "anonymous:e2e",
-        &format!("ftp://{}/", dial.ip()),
-    ]
-    .map(str::to_owned);
+    let url = format!("ftp://{}/", dial.ip());
+    let args: Vec<String> = CURL
+        .into_iter()
+        .chain([url.as_str()])
+        .map(str::to_owned)
+        .collect();
     let run = lab.run_args(&args);
     // CURLE_LOGIN_DENIED.
     assert_eq!(run.status.code(), Some(67), "{}", run.transcript);

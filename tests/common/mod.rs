@@ -753,22 +753,37 @@ ftp.trust_server_pasv_ipv4_address = mode == "pasv"
 ftp.connect(host, int(port))
 ftp.login(user, password)
 ftp.set_pasv(mode in ("pasv", "epsv"))
-args = iter(ops)
-for op in args:
-    if op == "LIST":
-        ftp.retrlines("LIST")
-    elif op == "RETR":
-        remote, local = next(args), next(args)
-        with open(local, "wb") as f:
-            ftp.retrbinary("RETR " + remote, f.write)
-    elif op == "STOR":
-        local, remote = next(args), next(args)
-        with open(local, "rb") as f:
-            ftp.storbinary("STOR " + remote, f)
-    else:
-        sys.exit("unknown operation " + op)
+run_ops(ftp, ops)
 ftp.quit()
 "#;
+
+/// The operations loop both ftplib clients share ([`FTPLIB_CLIENT`] and the FTPS one), put in
+/// front of each script by [`ftplib_script`]. `extra(op, args)` handles a script's own
+/// operations and says whether it knew `op`.
+const FTPLIB_OPS: &str = r#"
+import sys
+
+def run_ops(ftp, ops, extra=lambda op, args: False):
+    args = iter(ops)
+    for op in args:
+        if op == "LIST":
+            ftp.retrlines("LIST")
+        elif op == "RETR":
+            remote, local = next(args), next(args)
+            with open(local, "wb") as f:
+                ftp.retrbinary("RETR " + remote, f.write)
+        elif op == "STOR":
+            local, remote = next(args), next(args)
+            with open(local, "rb") as f:
+                ftp.storbinary("STOR " + remote, f)
+        elif not extra(op, args):
+            sys.exit("unknown operation " + op)
+"#;
+
+/// An ftplib client script: `main` after the shared [`FTPLIB_OPS`].
+pub(crate) fn ftplib_script(main: &str) -> String {
+    format!("{FTPLIB_OPS}{main}")
+}
 
 /// `sh -c PURE_FTPD_MOUNTS sh DIR PROGRAM ARGS...` runs PROGRAM with DIR as its /dev (the
 /// device nodes pure-ftpd opens, bound from the real /dev, beside the test's socket as
@@ -1855,7 +1870,7 @@ impl Lab {
             Client::Ftplib => {
                 require_tool("python3");
                 let script = self.dir.join("ftplib-client.py");
-                fs::write(&script, FTPLIB_CLIENT).expect("write the ftplib client");
+                fs::write(&script, ftplib_script(FTPLIB_CLIENT)).expect("write the ftplib client");
                 let mode = match mode {
                     DataMode::Pasv => "pasv",
                     DataMode::Epsv => "epsv",
