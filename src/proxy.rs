@@ -205,18 +205,14 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted,
     let mut session = Session::new(ctx);
     let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
     let mut client = ClientIo::Plain(client);
-    let mut token = None;
     if implicit {
         match implicit_tls(shared, client, idle_limit).await {
-            Ok((tls, fresh)) => {
-                client = tls;
-                token = Some(fresh);
-            }
+            Ok(tls) => client = tls,
             Err(e) => return tracing::info!(error = %e, "implicit FTPS: no TLS handshake"),
         }
     }
     let streams = (client, upstream);
-    if let Err(e) = relay(&mut session, streams, token, shared, entry, idle_limit).await {
+    if let Err(e) = relay(&mut session, streams, shared, entry, idle_limit).await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -240,12 +236,9 @@ async fn refuse_unreachable(shared: &Shared, mut client: TcpStream, why: &str) {
 
 /// Move bytes between the peers through the session until the server's side closes, or the
 /// client's side closes and the server has not finished within [`HALF_CLOSE_GRACE`].
-/// `token`: the random value this session's TLS sessions carry, once the client has started
-/// TLS (at once on an implicit FTPS listener).
 async fn relay(
     session: &mut Session,
     (mut client, server): (ClientIo, TcpStream),
-    mut token: Option<Token>,
     shared: &Shared,
     entry: &Entry,
     idle_limit: Duration,
@@ -272,15 +265,10 @@ async fn relay(
                     let relay = shared.relay.as_ref().ok_or_else(|| {
                         std::io::Error::other("AUTH TLS without [tls]: the session core erred")
                     })?;
-                    let fresh = relay
-                        .terminator()
-                        .new_token()
-                        .map_err(std::io::Error::other)?;
-                    client = bounded(entry, idle_limit, client.start_tls(relay, &fresh)).await?;
+                    client = bounded(entry, idle_limit, client.start_tls(relay)).await?;
                     tracing::info!(tls = "control", "TLS with the client established");
-                    token = Some(fresh);
                 }
-                Action::Expect(expectation) => match (&shared.relay, &token) {
+                Action::Expect(expectation) => match (&shared.relay, client.token()) {
                     (Some(relay), Some(token)) => relay.expect(expectation, token.clone()),
                     _ => tracing::error!(
                         "PROT P data connection without TLS: the session core erred"
@@ -368,26 +356,21 @@ async fn implicit_tls(
     shared: &Shared,
     client: ClientIo,
     limit: Duration,
-) -> std::io::Result<(ClientIo, Token)> {
+) -> std::io::Result<ClientIo> {
     let relay = shared
         .relay
         .as_ref()
         .ok_or_else(|| std::io::Error::other("an implicit FTPS listener without [tls]"))?;
-    let token = relay
-        .terminator()
-        .new_token()
-        .map_err(std::io::Error::other)?;
-    let tls = tokio::time::timeout(
-        limit.min(TLS_HANDSHAKE_TIMEOUT),
-        client.start_tls(relay, &token),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let tls = tokio::time::timeout(limit.min(TLS_HANDSHAKE_TIMEOUT), client.start_tls(relay))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+        })??;
     tracing::info!(
         tls = "control",
         "implicit FTPS: TLS with the client established"
     );
-    Ok((tls, token))
+    Ok(tls)
 }
 
 /// Carry out a write to a peer, unless the operator ends the session first or the peer has
@@ -426,6 +409,9 @@ enum ClientIo {
     Plain(TcpStream),
     Tls {
         stream: Box<TlsStream<TcpStream>>,
+        /// The random value this session's TLS sessions carry: a `PROT P` data connection
+        /// must resume one of them.
+        token: Token,
         /// Decrypted bytes read and not yet given to the session, and how many: TLS hides the
         /// socket's readiness, so a read happens before the session is asked to take it.
         buf: Box<[u8]>,
@@ -443,6 +429,7 @@ impl ClientIo {
                 stream,
                 buf,
                 filled,
+                ..
             } => {
                 if filled.is_none() {
                     *filled = Some(stream.read(buf).await?);
@@ -486,13 +473,27 @@ impl ClientIo {
         }
     }
 
-    /// The TLS handshake with the client, as TLS server, after the 234.
-    async fn start_tls(self, relay: &Relay, token: &Token) -> std::io::Result<ClientIo> {
+    /// The token of this session's TLS sessions, once the client has started TLS.
+    fn token(&self) -> Option<&Token> {
+        match self {
+            ClientIo::Plain(_) => None,
+            ClientIo::Tls { token, .. } => Some(token),
+        }
+    }
+
+    /// The TLS handshake with the client, as TLS server, after the 234 (or at once on an
+    /// implicit FTPS listener), under a fresh token.
+    async fn start_tls(self, relay: &Relay) -> std::io::Result<ClientIo> {
         match self {
             ClientIo::Plain(stream) => {
-                let tls = relay.terminator().accept_control(stream, token).await?;
+                let token = relay
+                    .terminator()
+                    .new_token()
+                    .map_err(std::io::Error::other)?;
+                let tls = relay.terminator().accept_control(stream, &token).await?;
                 Ok(ClientIo::Tls {
                     stream: Box::new(tls),
+                    token,
                     buf: vec![0; READ_BUFFER].into_boxed_slice(),
                     filled: None,
                 })
