@@ -147,16 +147,14 @@ def read_perf(path):
     return calls
 
 
-def median_us(values):
-    return round(statistics.median(values) / 1000, 1) if values else None
+def add(steps, name, ns):
+    """Record one occurrence of the step `name`, `ns` nanoseconds long."""
+    steps.setdefault(name, []).append(ns)
 
 
 def analyse(lan_path, wan_path, perf_path=None, client_ip=None, netlink_fds=""):
     lan, wan = read_pcap(lan_path), read_pcap(wan_path)
     steps = {}
-
-    def add(name, ns):
-        steps.setdefault(name, []).append(ns)
 
     # lan0: commands come in from the client, replies go out to it; wan0 the other way round.
     cmd_in = lines([p for p in lan if p["dport"] == FTP], True)
@@ -166,22 +164,22 @@ def analyse(lan_path, wan_path, perf_path=None, client_ip=None, netlink_fds=""):
     commands = align(cmd_in, cmd_out)
     replies = align(rep_in, rep_out)
     for a, b, verb in commands:
-        add("%s: lan in -> wan out" % verb, b - a)
+        add(steps, "%s: lan in -> wan out" % verb, b - a)
     for a, b, code in replies:
-        add("%s reply: wan in -> lan out" % code, b - a)
+        add(steps, "%s reply: wan in -> lan out" % code, b - a)
     # The server's time: a command leaving wan0 to the first reply coming back after it; the
     # client's: a reply delivered on lan0 to the next command arriving.
     events = sorted([(b, "cmd", v) for _, b, v in commands] + [(a, "rep", c) for a, _, c in replies])
     for (t0, k0, w0), (t1, k1, _) in zip(events, events[1:]):
         if k0 == "cmd" and k1 == "rep":
-            add("%s: server" % w0, t1 - t0)
+            add(steps, "%s: server" % w0, t1 - t0)
     timeline = sorted([(a, "cmd") for a, _, _ in commands] + [(b, "rep") for _, b, _ in replies])
     for (t0, k0), (t1, k1) in zip(timeline, timeline[1:]):
         if k0 == "rep" and k1 == "cmd":
-            add("client: reply -> next command", t1 - t0)
+            add(steps, "client: reply -> next command", t1 - t0)
     data_cmds = [a for a, _, v in commands if v in ("PASV", "EPSV", "PORT", "EPRT")]
     for t0, t1 in zip(data_cmds, data_cmds[1:]):
-        add("per file", t1 - t0)
+        add(steps, "per file", t1 - t0)
     # Data connections: a passive one's SYN comes in on lan0, an active one's on wan0.
     syn_lan_in = syns(lan, lambda p: p["dport"] != FTP and p["sport"] > 1023 and p["src"] == client_ip)
     passive = bool(syn_lan_in)
@@ -191,13 +189,13 @@ def analyse(lan_path, wan_path, perf_path=None, client_ip=None, netlink_fds=""):
         ins = syns(wan, lambda p: p["dport"] > 1023 or p["dport"] == 20 or p["sport"] == 20)
         outs = syns(lan, lambda p: p["dst"] == client_ip)
     for a, b in zip(ins, outs):
-        add("data SYN: in -> out", b - a)
+        add(steps, "data SYN: in -> out", b - a)
     announce = "227" if passive else "200"
     announced = [b for _, b, c in replies if c == announce]
     for t in announced:
         later = [s for s in ins if s > t]
         if later:
-            add("data SYN after the %s reached the client" % announce if passive
+            add(steps, "data SYN after the %s reached the client" % announce if passive
                 else "data SYN after the 200 reached the client (server dials)", later[0] - t)
     if perf_path:
         split_hops(steps, read_perf(perf_path), commands, replies,
@@ -207,9 +205,6 @@ def analyse(lan_path, wan_path, perf_path=None, client_ip=None, netlink_fds=""):
 
 def split_hops(steps, calls, commands, replies, netfilter_fds):
     """Split each hop through the daemon at its system calls."""
-    def add(name, ns):
-        steps.setdefault(name, []).append(ns)
-
     reads = [c for c in calls if c["name"] in ("recvfrom", "read") and c["ret"] > 0
              and c["fd"] not in netfilter_fds]
     writes = [c for c in calls if c["name"] in ("sendto", "write", "writev") and c["fd"] not in netfilter_fds]
@@ -235,23 +230,23 @@ def split_hops(steps, calls, commands, replies, netfilter_fds):
             continue
         wake = first(wakes, a - 2000)
         if wake is not None and wake["exit"] <= read["exit"]:
-            add("%s: packet in -> epoll_wait returns" % label, wake["exit"] - a)
-            add("%s: epoll_wait returns -> read returns" % label, read["exit"] - wake["exit"])
-        add("%s: packet in -> read returns" % label, read["exit"] - a)
-        add("%s: read returns -> write entered" % label, write["enter"] - read["exit"])
-        add("%s: write entered -> packet out" % label, b - write["enter"])
+            add(steps, "%s: packet in -> epoll_wait returns" % label, wake["exit"] - a)
+            add(steps, "%s: epoll_wait returns -> read returns" % label, read["exit"] - wake["exit"])
+        add(steps, "%s: packet in -> read returns" % label, read["exit"] - a)
+        add(steps, "%s: read returns -> write entered" % label, write["enter"] - read["exit"])
+        add(steps, "%s: write entered -> packet out" % label, b - write["enter"])
         sends = [c for c in nl_send if read["exit"] <= c["enter"] <= write["enter"]]
         if word in ("227", "229", "PORT", "EPRT"):
-            add("%s: netlink transactions in the hop" % label, len(sends) * 1000)
+            add(steps, "%s: netlink transactions in the hop" % label, len(sends) * 1000)
         if sends:
             ack = first(nl_recv, sends[-1]["enter"])
             if ack is not None and ack["exit"] <= write["enter"]:
-                add("%s: read returns -> pinhole request sent" % label, sends[0]["enter"] - read["exit"])
-                add("%s: pinhole request -> acknowledgement read" % label, ack["exit"] - sends[-1]["enter"])
-                add("%s: acknowledgement -> write entered" % label, write["enter"] - ack["exit"])
+                add(steps, "%s: read returns -> pinhole request sent" % label, sends[0]["enter"] - read["exit"])
+                add(steps, "%s: pinhole request -> acknowledgement read" % label, ack["exit"] - sends[-1]["enter"])
+                add(steps, "%s: acknowledgement -> write entered" % label, write["enter"] - ack["exit"])
     data_cmds = [a for a, _, v in commands if v in ("PASV", "EPSV", "PORT", "EPRT")]
     for t0, t1 in zip(data_cmds, data_cmds[1:]):
-        add("netlink transactions per file", 1000 * sum(1 for c in nl_send if t0 <= c["enter"] < t1))
+        add(steps, "netlink transactions per file", 1000 * sum(1 for c in nl_send if t0 <= c["enter"] < t1))
 
 
 def table(paths, markdown=None):
