@@ -19,7 +19,6 @@ check of what vsftpd received, and the statistics and the table. Standard librar
 
 import asyncio
 import json
-import os
 import re
 import resource
 import socket
