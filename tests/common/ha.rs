@@ -196,16 +196,31 @@ impl Pair {
                 pair.start_conntrackd(i);
             }
         }
-        for i in 0..2 {
-            pair.start_keepalived(i);
-        }
+        // g1 first, and g2 only once g1 is primary: with `nopreempt`, a g2 whose keepalived
+        // came up first on a busy machine would keep the addresses for good.
+        pair.start_keepalived(0);
         let primary = wait_for(Duration::from_secs(10), || {
             (pair.holds_virtual_addresses(0)
-                && pair.transitions(0).last().is_some_and(|t| t.1 == "primary")
-                && pair.transitions(1).last().is_some_and(|t| t.1 == "backup"))
+                && pair.transitions(0).last().is_some_and(|t| t.1 == "primary"))
             .then_some(())
         });
-        assert!(primary.is_some(), "g1 did not become primary, g2 backup");
+        assert!(
+            primary.is_some(),
+            "g1 did not become primary: {:?}",
+            pair.transitions(0)
+        );
+        pair.start_keepalived(1);
+        let backup = wait_for(Duration::from_secs(10), || {
+            pair.transitions(1)
+                .last()
+                .is_some_and(|t| t.1 == "backup")
+                .then_some(())
+        });
+        assert!(
+            backup.is_some(),
+            "g2 did not become backup: {:?}",
+            pair.transitions(1)
+        );
         for i in 0..2 {
             pair.start_alg(i, carry != Carry::NodeAddress);
         }
