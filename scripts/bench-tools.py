@@ -14,6 +14,10 @@ check of what vsftpd received, and the statistics and the table. Standard librar
                                    reads VmRSS of PID before and with them open; prints JSON
   check-log LOG OFFSET VERB MIN CLIENT
                                    checks the data commands vsftpd logged after byte OFFSET
+  sched TIMEHIST FILES ALG_PID KEY SETUP ROUND
+                                   from `perf sched timehist` output of one mirror, per file:
+                                   how often lftp, vsftpd and ftp-alg ran, changed CPU, and
+                                   waited to run; prints result lines
   table RESULTS [MARKDOWN]         medians, ratios and targets of a results file, as a table
 """
 
@@ -310,6 +314,46 @@ def check_log(log, offset, verb, minimum, client):
         sys.exit(1)
 
 
+# --- where the scheduler put the processes ---------------------------------------------------
+
+SCHED_METRICS = [("runs", "times it ran"), ("moves", "times it ran on another CPU than before"),
+                 ("delay", "µs it waited, runnable, for a CPU")]
+
+
+def sched(timehist, files, alg_pid, key, setup, rnd):
+    """Per file, for each of lftp, vsftpd (all its processes) and ftp-alg (all its threads): how
+    many times it was switched in, how many of those on another CPU than that thread's last
+    run (a wake-up that crossed CPUs, with a cold cache), and its scheduling delay."""
+    files, alg_pid = int(files), int(alg_pid)
+    totals = {}
+    last_cpu = {}
+    line_re = re.compile(r"^\s*[\d.]+\s+\[(\d+)\]\s+(.+)\[(\d+)(?:/(\d+))?\]\s+"
+                         r"([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+    with open(timehist) as f:
+        for line in f:
+            m = line_re.match(line)
+            if not m:
+                continue
+            cpu, comm, tid = int(m.group(1)), m.group(2), int(m.group(3))
+            pid = int(m.group(4) or tid)
+            if pid == alg_pid:
+                who = "ftp-alg"
+            elif comm in ("lftp", "vsftpd"):
+                who = comm
+            else:
+                continue
+            t = totals.setdefault(who, {"runs": 0, "moves": 0, "delay": 0.0})
+            t["runs"] += 1
+            if tid in last_cpu and last_cpu[tid] != cpu:
+                t["moves"] += 1
+            last_cpu[tid] = cpu
+            t["delay"] += float(m.group(6)) * 1000
+    for who, t in sorted(totals.items()):
+        for metric, _ in SCHED_METRICS:
+            print("sched_%s_%s_%s\t%s\t%s\t%.2f" % (key, who, metric, setup, rnd,
+                                                   t[metric] / files))
+
+
 # --- statistics and the table ---------------------------------------------------------------
 
 SETUPS = ["ftp-alg", "kernel helper", "open"]
@@ -320,6 +364,12 @@ WORKLOADS = [
     ("small_port", "{files} x 1 KiB, lftp mirror, active (PORT)", "s", False),
     ("small_pasv_cpu", "{files} x 1 KiB, passive: the daemon's CPU time per file", "us", False),
     ("small_port_cpu", "{files} x 1 KiB, active: the daemon's CPU time per file", "us", False),
+    ("reverse_pasv", "{files} x 1 KiB, lftp mirror, passive (PASV), reverse topology", "s", False),
+    ("reverse_port", "{files} x 1 KiB, lftp mirror, active (PORT), reverse topology", "s", False),
+    ("reverse_pasv_cpu", "{files} x 1 KiB, passive, reverse: the daemon's CPU time per file",
+     "us", False),
+    ("reverse_port_cpu", "{files} x 1 KiB, active, reverse: the daemon's CPU time per file",
+     "us", False),
     ("xfer_pasv_227", "one passive transfer: PASV until 227 (median of {xfers})", "us", False),
     ("xfer_total", "one passive transfer: PASV until 226 (median of {xfers})", "us", False),
     ("parallel", "{parallel} curl downloads of 1 MiB at once, passive (until the last ends)", "s", False),
@@ -330,6 +380,10 @@ WORKLOADS = [
     ("bulk_data", "{bulk} MiB download, after the first byte", "MiB/s", True),
     ("noop", "NOOP round trip, {noops} on one session", "us", False),
 ]
+
+
+# The small-file mirrors whose target is ≤ 1.10 × the kernel helper (gateway and reverse).
+SMALL_FILES = ("small_pasv", "small_port", "reverse_pasv", "reverse_port")
 
 
 def fmt(value, unit):
@@ -345,7 +399,7 @@ def fmt(value, unit):
         return "%.0f ms" % value
     if unit == "KiB":
         return "%.1f MiB" % (value / 1024) if value >= 1024 else "%.2f KiB" % value
-    return "%g %s" % (value, unit)
+    return ("%g %s" % (value, unit)).rstrip()
 
 
 def table(results, markdown=None):
@@ -390,9 +444,11 @@ def table(results, markdown=None):
         helper = median((key, "kernel helper"))
         for setup in SETUPS:
             m = median((key, setup))
+            if key.startswith("reverse") and setup == "open":
+                continue
             ratio = "%.3f" % (m / helper) if m is not None and helper else "-"
             target = met = ""
-            if setup == "ftp-alg" and key in ("small_pasv", "small_port"):
+            if setup == "ftp-alg" and key in SMALL_FILES:
                 target = "≤ 1.10 × helper"
                 ok = m is not None and helper is not None and m <= 1.10 * helper
                 met = "yes" if ok else "no"
@@ -443,6 +499,17 @@ def table(results, markdown=None):
                             fmt(statistics.median(diffs), "us"), "-", "(info)", "",
                             "n=%d, %s – %s" % (len(diffs), fmt(min(diffs), "us"),
                                                fmt(max(diffs), "us"))])
+    # Where the scheduler put the processes (--sched), per file of each mirror.
+    titles = {key: title for key, title, _, _ in WORKLOADS}
+    described = dict(SCHED_METRICS)
+    for sched_key in sorted({k for k, _ in rows if k.startswith("sched_")}):
+        key, who, metric = sched_key[len("sched_"):].rsplit("_", 2)
+        title = "%s: %s, %s, per file" % (titles[key].format(**meta), who, described[metric])
+        for setup in SETUPS:
+            m = median((sched_key, setup))
+            if m is not None:
+                out.append([title, setup, "%.2f" % m, "-", "(info)", "",
+                            spread((sched_key, setup), "")])
     for key, label in [("idle_rss_per_session", "RSS per idle session"),
                        ("idle_rss_idle", "daemon RSS, no session"),
                        ("idle_rss_loaded", "daemon RSS, {sessions} sessions")]:
@@ -531,6 +598,7 @@ def main():
         "idle-server": idle_server,
         "idle-client": idle_client,
         "check-log": check_log,
+        "sched": sched,
         "table": table,
     }[cmd](*args)
 
