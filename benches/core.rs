@@ -129,6 +129,7 @@ mod session {
             max_line: 2048,
             policy: Arc::default(),
             max_pinholes: 8,
+            max_windows: 2,
             tls: None,
         }
     }

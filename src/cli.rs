@@ -15,7 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, Mode, DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET};
 use crate::control::{self, Answer, ClientError, ErrorKind, Request, Status};
-use crate::pinhole::{nft, PinholeEntry, PinholeId, PinholeState};
+use crate::pinhole::{nft, PinholeEntry, PinholeId, PinholeKind, PinholeState};
 use crate::registry::{SessionId, SessionInfo};
 
 /// Exit statuses, stable for scripts.
@@ -626,8 +626,8 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 fn write_pinholes(out: &mut dyn Write, entries: &[PinholeEntry]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<6} {:<8} {:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>5}",
-        "ID", "SESSION", "STATE", "CLIENT", "SERVER", "SOURCE", "DIAL", "MAPS TO", "LEFT"
+        "{:<6} {:<8} {:<7} {:<8} {:<26} {:<26} {:<26} {:<38} {:<26} {:>5}",
+        "ID", "SESSION", "KIND", "STATE", "CLIENT", "SERVER", "SOURCE", "DIAL", "MAPS TO", "LEFT"
     )?;
     for e in entries {
         let maps_to = match (e.maps_to, e.snat) {
@@ -639,17 +639,28 @@ fn write_pinholes(out: &mut dyn Write, entries: &[PinholeEntry]) -> std::io::Res
         let state = match e.state {
             PinholeState::Waiting => "waiting",
             PinholeState::Used => "used",
+            PinholeState::Open => "open",
+        };
+        let kind = match e.kind {
+            PinholeKind::Pinhole => "pinhole",
+            PinholeKind::Window => "window",
+        };
+        // A window's ports as a range: 203.0.113.2:1024-65535.
+        let dial = match e.last_port {
+            Some(last) => format!("{}-{last}", e.dial),
+            None => e.dial.to_string(),
         };
         writeln!(
             out,
-            "{:<6} {:<8} {:<8} {:<26} {:<26} {:<26} {:<32} {:<26} {:>4}s",
+            "{:<6} {:<8} {:<7} {:<8} {:<26} {:<26} {:<26} {:<38} {:<26} {:>4}s",
             or_dash(e.id),
             or_dash(e.session),
+            kind,
             state,
             or_dash(e.client),
             or_dash(e.server),
             e.source,
-            e.dial,
+            dial,
             maps_to,
             e.seconds_left
         )?;

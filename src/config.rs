@@ -79,6 +79,10 @@ pub const DEFAULT_HANDOVER_GRACE_SECS: u64 = 24 * 3600;
 /// Pinholes one session may hold at once: the current endpoint plus those of pipelined
 /// transfers still awaiting their final reply.
 pub const DEFAULT_MAX_PINHOLES_PER_SESSION: usize = 8;
+/// Windows (`policy.tls_window`) one client address may hold at once: a window opens far more
+/// than a pinhole, so fewer than sessions; enough for a parallel client and a few users behind
+/// one NAT address. A session beyond it ends with 421 when its TLS starts.
+pub const DEFAULT_MAX_WINDOWS_PER_CLIENT: usize = 16;
 
 /// The configuration file `ftp-alg run` reads when no `--config` is given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/ftp-alg/ftp-alg.toml";
@@ -265,6 +269,10 @@ pub struct LimitsConfig {
     /// Pinholes one session may hold at once; an announcement beyond it gets 425.
     #[serde(default = "default_max_pinholes_per_session")]
     pub max_pinholes_per_session: usize,
+    /// Windows (`policy.tls_window`) one client address may hold at once; a session gone TLS
+    /// beyond it ends with 421.
+    #[serde(default = "default_max_windows_per_client")]
+    pub max_windows_per_client: usize,
     /// IPv6 clients count towards `max_sessions_per_client` per network of this prefix length.
     #[serde(default = "default_client_prefix_v6")]
     pub client_prefix_v6: u8,
@@ -295,6 +303,11 @@ pub struct PolicyConfig {
     /// What to do with AUTH (TLS), which ftp-alg cannot see into.
     #[serde(default)]
     pub auth: AuthPolicy,
+    /// Gateway mode, with `auth = "transparent"`: when a session goes TLS, open a window that
+    /// lets its client make any new connection to its server's ports 1024-65535 for as long as
+    /// the session lives (docs/ftps.md: the trade-off). Off by default.
+    #[serde(default)]
+    pub tls_window: bool,
     /// Answer USER and PASS with 530 until the client has secured the control connection with
     /// AUTH TLS (needs `[tls]`).
     #[serde(default)]
@@ -376,7 +389,8 @@ pub enum AuthPolicy {
     #[default]
     Refuse,
     /// Pass AUTH on; once the server accepts it (234), pass every byte both ways unread and
-    /// open no pinhole: transfers then need another way through the firewall.
+    /// open no pinhole: transfers then need another way through the firewall, such as
+    /// `policy.tls_window`.
     Transparent,
 }
 
@@ -387,6 +401,7 @@ impl Default for LimitsConfig {
             max_sessions_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_pinholes_per_session: DEFAULT_MAX_PINHOLES_PER_SESSION,
+            max_windows_per_client: DEFAULT_MAX_WINDOWS_PER_CLIENT,
             client_prefix_v6: DEFAULT_CLIENT_PREFIX_V6,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             handover_grace_secs: DEFAULT_HANDOVER_GRACE_SECS,
@@ -510,6 +525,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_max_pinholes_per_session() -> usize {
     DEFAULT_MAX_PINHOLES_PER_SESSION
+}
+fn default_max_windows_per_client() -> usize {
+    DEFAULT_MAX_WINDOWS_PER_CLIENT
 }
 fn default_shutdown_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECS
@@ -790,6 +808,14 @@ impl Config {
         if l.max_pinholes_per_session == 0 {
             return Err("limits.max_pinholes_per_session must be at least 1".into());
         }
+        if l.max_windows_per_client == 0 {
+            return Err("limits.max_windows_per_client must be at least 1 (policy.tls_window = false turns windows off)".into());
+        }
+        if self.policy.tls_window
+            && (p.mode != Mode::Gateway || self.policy.auth != AuthPolicy::Transparent)
+        {
+            return Err("policy.tls_window is for gateway mode with policy.auth = \"transparent\": it opens a window for sessions that go TLS unread (see docs/ftps.md)".into());
+        }
         if l.idle_timeout_secs == 0 || l.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
             return Err(format!(
                 "limits.idle_timeout_secs = {}: must be 1..={MAX_IDLE_TIMEOUT_SECS} (a week)",
@@ -983,6 +1009,29 @@ mod tests {
             let e = parse(&text).unwrap_err();
             assert!(e.to_string().contains("idle_timeout_secs"), "{idle}: {e}");
         }
+    }
+
+    #[test]
+    fn a_tls_window_needs_a_gateway_that_passes_auth() {
+        let c = parse(
+            "[proxy]\nmode = \"gateway\"\n[policy]\nauth = \"transparent\"\ntls_window = true\n",
+        )
+        .unwrap();
+        assert!(c.policy.tls_window);
+        assert_eq!(
+            c.limits.max_windows_per_client,
+            DEFAULT_MAX_WINDOWS_PER_CLIENT
+        );
+        for text in [
+            "[proxy]\nmode = \"gateway\"\n[policy]\ntls_window = true\n",
+            "[proxy]\nmode = \"reverse\"\nupstream = \"203.0.113.2:21\"\n[policy]\nauth = \"transparent\"\ntls_window = true\n",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.to_string().contains("policy.tls_window is for gateway mode"), "{e}");
+        }
+        let e = parse("[proxy]\nmode = \"gateway\"\n[limits]\nmax_windows_per_client = 0\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("max_windows_per_client"), "{e}");
     }
 
     #[test]

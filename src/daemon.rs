@@ -222,6 +222,7 @@ pub async fn run(
         )));
     }
     services.push(tokio::spawn(crate::heal::guard(shared.clone())));
+    services.push(tokio::spawn(renew_windows(shared.clone())));
     if let Some(taken) = taken {
         // Accepting already: the old process may stop now.
         let from = taken.pid;
@@ -498,7 +499,18 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
             if !shared.pinholes.is_open(id) {
                 return control::error(ErrorKind::NotFound, format!("no open pinhole {id}"));
             }
-            close(shared, vec![id]).await
+            // A TLS session without its window could transfer nothing: it ends too.
+            let session = shared.pinholes.window_session(id);
+            let answer = close(shared, vec![id]).await;
+            if let Some(session) = session {
+                tracing::info!(
+                    session,
+                    window = id,
+                    "window closed by the operator: ending its session"
+                );
+                shared.registry.kill(session);
+            }
+            answer
         }
         Request::FlushPinholes => close(shared, shared.pinholes.open_ids()).await,
         // The control server hands these connections to the daemon's main loop.
@@ -506,6 +518,21 @@ async fn answer(shared: &Shared, started: Instant, request: Request) -> Answer {
             ErrorKind::BadRequest,
             "a hand-over is asked by ftp-alg run --take-over",
         ),
+    }
+}
+
+/// Renew the kernel timeout of every open window three times per timeout, for as long as the
+/// daemon runs: a window lives as long as its session, and goes within one timeout of a
+/// crashed daemon. A renewal also puts back a window that the kernel lost (a table reloaded
+/// under ftp-alg, see `heal`).
+async fn renew_windows(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(shared.config.pinhole_timeout() / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = shared.pinholes.refresh_windows().await {
+            tracing::warn!(error = %e, "cannot renew the windows' kernel timeout");
+        }
     }
 }
 

@@ -337,6 +337,7 @@ fn describe(p: &PinholeEntry) -> String {
     let state = match p.state {
         PinholeState::Waiting => "waiting for its connection",
         PinholeState::Used => "connection arrived",
+        PinholeState::Open => "a window, open while its session lives",
     };
     line.push_str(&format!(" ({state}, {} s left)", p.seconds_left));
     line

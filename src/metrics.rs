@@ -255,6 +255,13 @@ impl Metrics {
             "Pinholes the daemon holds open now.",
         );
         sample(&mut out, "ftp_alg_pinholes_open", "", p.open);
+        family(
+            &mut out,
+            "ftp_alg_windows_open",
+            "gauge",
+            "Windows (policy.tls_window) open now: one per TLS session on a gateway.",
+        );
+        sample(&mut out, "ftp_alg_windows_open", "", p.windows_open);
         for (name, help, value) in [
             (
                 "ftp_alg_pinholes_opened_total",
@@ -270,6 +277,16 @@ impl Metrics {
                 "ftp_alg_pinholes_expired_total",
                 "Pinholes whose kernel timeout ran out before the daemon removed them.",
                 p.expired,
+            ),
+            (
+                "ftp_alg_windows_opened_total",
+                "Windows (policy.tls_window) installed since start.",
+                p.windows_opened,
+            ),
+            (
+                "ftp_alg_windows_refused_total",
+                "Windows refused since start (limits.max_windows_per_client, or a firewall error); each ended its session.",
+                p.windows_refused,
             ),
             (
                 "ftp_alg_port_waits_total",
@@ -540,6 +557,9 @@ mod tests {
                 closed: 3,
                 expired: 1,
                 waited: 2,
+                windows_open: 4,
+                windows_opened: 6,
+                windows_refused: 1,
             },
             limits: LimitsConfig::default(),
             pool: (61000, 61009),
@@ -563,6 +583,10 @@ mod tests {
             "ftp_alg_pinholes_closed_total 3",
             "ftp_alg_pinholes_expired_total 1",
             "ftp_alg_port_waits_total 2",
+            "# TYPE ftp_alg_windows_open gauge",
+            "ftp_alg_windows_open 4",
+            "ftp_alg_windows_opened_total 6",
+            "ftp_alg_windows_refused_total 1",
             "ftp_alg_rewrites_total{kind=\"epsv\"} 1",
             "ftp_alg_rewrites_total{kind=\"port\"} 0",
             "ftp_alg_refusals_total{reason=\"third_party_address\"} 1",

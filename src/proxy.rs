@@ -197,6 +197,7 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted,
         max_line: cfg.max_line,
         policy: live.policy.clone(),
         max_pinholes: live.limits.max_pinholes_per_session,
+        max_windows: live.limits.max_windows_per_client,
         tls: shared.relay.as_ref().map(|relay| TlsContext {
             relay_port: relay.port(),
             implicit,
@@ -285,12 +286,19 @@ async fn relay(
                         Err(e) => {
                             shared.metrics.pinhole_failed(match e {
                                 OpenError::PortsExhausted => PinholeFailure::PortsExhausted,
-                                OpenError::Backend(_) | OpenError::ShuttingDown => {
-                                    PinholeFailure::Firewall
-                                }
+                                OpenError::Backend(_)
+                                | OpenError::ShuttingDown
+                                | OpenError::WindowLimit(_) => PinholeFailure::Firewall,
                             });
                             tracing::error!(error = %e, ?request, "cannot open pinhole")
                         }
+                    }
+                    session.handle_opened(result.ok());
+                }
+                Action::OpenWindow(request) => {
+                    let result = shared.pinholes.open_window(&request).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(error = %e, "cannot open the TLS session's window");
                     }
                     session.handle_opened(result.ok());
                 }

@@ -16,12 +16,13 @@ use crate::registry::Registry;
 
 /// Keys a reload applies to new sessions; every other key needs a restart.
 /// `limits.client_prefix_v6` is not among them: the sessions open are counted by it.
-const RELOADABLE: [&str; 8] = [
+const RELOADABLE: [&str; 9] = [
     "policy.",
     "limits.max_sessions",
     "limits.max_sessions_per_client",
     "limits.idle_timeout_secs",
     "limits.max_pinholes_per_session",
+    "limits.max_windows_per_client",
     "limits.shutdown_grace_secs",
     "limits.handover_grace_secs",
     "log.level",

@@ -20,7 +20,7 @@ use crate::config::{AuthPolicy, ForeignPasv, ForeignPort, Mode, PolicyConfig};
 use crate::ftp::command::{self, Command};
 use crate::ftp::reply::{PassiveReply, ReplyPosition, ReplyTracker};
 use crate::ftp::{canonical, framing, FramingError, LineBuffer};
-use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest};
+use crate::pinhole::{Label, Opened, PinholeId, PinholeRequest, WindowRequest};
 
 /// Lowest data port accepted in any announcement (DESIGN.md, safety defaults).
 const MIN_DATA_PORT: u16 = 1024;
@@ -63,6 +63,8 @@ pub struct SessionContext {
     pub policy: Arc<PolicyConfig>,
     /// Pinholes the session may hold at once (`limits.max_pinholes_per_session`).
     pub max_pinholes: usize,
+    /// Windows the session's client may hold at once (`limits.max_windows_per_client`).
+    pub max_windows: usize,
     /// FTPS termination (`[tls]`, reverse mode): `None`, AUTH is handled as `policy.auth` says.
     pub tls: Option<TlsContext>,
 }
@@ -128,6 +130,9 @@ pub enum Action {
     Expect(Expectation),
     /// Open this pinhole, then call [`Session::handle_opened`] with the result.
     Open(PinholeRequest),
+    /// Open this window (`policy.tls_window`), then call [`Session::handle_opened`] with the
+    /// result.
+    OpenWindow(WindowRequest),
     /// Close these pinholes (their transfer is over or they were superseded).
     Close(Vec<PinholeId>),
     /// The client has finished sending: shut down the write half towards the server, and keep
@@ -253,11 +258,16 @@ pub enum Reject {
     /// A 227 or 229 that does not answer a PASV or an EPSV (or a passive reply spread over
     /// several lines): it opens nothing, and its text does not reach the client.
     UnexpectedPassiveReply,
+    /// The window of a gateway session gone TLS (`policy.tls_window`) could not be opened: the
+    /// client holds `limits.max_windows_per_client` already, or the firewall failed. The
+    /// server has started TLS, so the session cannot go on in plain text: it ends with 421
+    /// instead of the 234, and the client learns at once rather than at its first transfer.
+    WindowRefused,
 }
 
 impl Reject {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Reject; 15] = [
+    pub const ALL: [Reject; 16] = [
         Reject::ThirdPartyAddress,
         Reject::PrivilegedPort,
         Reject::BadArgument,
@@ -273,6 +283,7 @@ impl Reject {
         Reject::TooManyPinholes,
         Reject::AmbiguousLine,
         Reject::UnexpectedPassiveReply,
+        Reject::WindowRefused,
     ];
 
     /// The reason as it appears in logs and metrics.
@@ -293,6 +304,7 @@ impl Reject {
             Reject::TooManyPinholes => "too_many_pinholes",
             Reject::AmbiguousLine => "ambiguous_line",
             Reject::UnexpectedPassiveReply => "unexpected_passive_reply",
+            Reject::WindowRefused => "window_refused",
         }
     }
 
@@ -320,6 +332,9 @@ impl Reject {
                 b"500 Syntax error: control characters or a malformed command name.\r\n"
             }
             Reject::UnexpectedPassiveReply => Reject::UnexpectedPassiveReply.passive_reply(),
+            Reject::WindowRefused => {
+                b"421 No data window for a TLS session through this gateway now; closing.\r\n"
+            }
         }
     }
 
@@ -415,6 +430,8 @@ enum Pending {
     Active { eprt: bool },
     /// The server's 227 or 229.
     Passive(PassiveReply),
+    /// The server's 234 to AUTH, held until the session's window is open.
+    Window(Vec<u8>),
 }
 
 /// One control connection's state.
@@ -429,6 +446,9 @@ pub struct Session {
     pending: Option<Pending>,
     /// Pinholes of the current data endpoint: announced, not yet taken by a transfer command.
     pinholes: Vec<PinholeId>,
+    /// The window opened when TLS started (`policy.tls_window`); it lives as long as the
+    /// session.
+    window: Option<PinholeId>,
     /// The final replies the server still owes, in order: its greeting, then one per forwarded
     /// command, each with the pinholes that its reply settles.
     owed: VecDeque<Owed>,
@@ -475,6 +495,7 @@ impl Session {
             events: VecDeque::new(),
             pending: None,
             pinholes: Vec::new(),
+            window: None,
             owed: VecDeque::from([Owed::Plain]),
             blocked: None,
             logged_in: false,
@@ -524,7 +545,11 @@ impl Session {
             Owed::Transfer { ids, .. } => Some(ids.as_slice()),
             _ => None,
         });
-        announced.flatten().chain(&self.pinholes).copied()
+        announced
+            .flatten()
+            .chain(&self.pinholes)
+            .chain(&self.window)
+            .copied()
     }
 
     /// The next event to count, if any.
@@ -535,7 +560,10 @@ impl Session {
     /// Bytes read from the client.
     pub fn handle_client_data(&mut self, data: &[u8]) {
         if self.transparent {
-            self.actions.push_back(Action::ToServer(data.to_vec()));
+            // A session ended by a refused window forwards nothing more.
+            if !self.closed {
+                self.actions.push_back(Action::ToServer(data.to_vec()));
+            }
         } else if !self.client_eof {
             self.from_client.push(data);
         }
@@ -560,7 +588,9 @@ impl Session {
     /// Bytes read from the server.
     pub fn handle_server_data(&mut self, data: &[u8]) {
         if self.transparent {
-            self.actions.push_back(Action::ToClient(data.to_vec()));
+            if !self.closed {
+                self.actions.push_back(Action::ToClient(data.to_vec()));
+            }
             return;
         }
         self.from_server.push(data);
@@ -601,6 +631,7 @@ impl Session {
                         self.pinholes.extend(ids);
                     }
                 }
+                self.pinholes.extend(self.window.take());
                 self.close_pinholes();
                 self.actions.push_back(Action::Shutdown);
             }
@@ -626,10 +657,13 @@ impl Session {
             }
             return;
         }
+        if let Pending::Window(reply) = pending {
+            return self.window_opened(result, reply);
+        }
         let Some(opened) = result else {
             match pending {
                 Pending::Active { .. } => self.refuse_command(Reject::PinholeFailed),
-                Pending::Passive(_) => self.refuse_reply(Reject::PinholeFailed),
+                _ => self.refuse_reply(Reject::PinholeFailed),
             }
             return;
         };
@@ -657,6 +691,7 @@ impl Session {
                     self.forward_command(Action::ToServer(line), Owed::Announcement(opened.id));
                 }
             }
+            Pending::Window(_) => {}
             Pending::Passive(reply) => {
                 let endpoint = match self.ctx.mode {
                     Mode::Gateway => SocketAddr::new(self.ctx.server.ip(), opened.dial_port),
@@ -678,6 +713,37 @@ impl Session {
                         self.refuse_reply(Reject::FamilyMismatch);
                     }
                 }
+            }
+        }
+    }
+
+    /// The window for TLS is open (`Some`) or refused: forward the server's 234 that waited for
+    /// it, or end the session (see [`Reject::WindowRefused`]).
+    fn window_opened(&mut self, result: Option<Opened>, reply: Vec<u8>) {
+        match result {
+            Some(opened) => {
+                tracing::info!(
+                    window = opened.id,
+                    "TLS started: passing the session through unread; its client may reach the \
+                     server's ports 1024-65535 while the session lives"
+                );
+                self.window = Some(opened.id);
+                self.actions.push_back(Action::ToClient(reply));
+            }
+            None => {
+                if self.refusal_logged() {
+                    tracing::warn!(
+                        reason = Reject::WindowRefused.as_str(),
+                        "no window for the TLS session: closing it"
+                    );
+                }
+                self.events.push_back(Event::Refused(Reject::WindowRefused));
+                self.actions.push_back(Action::ToClient(
+                    Reject::WindowRefused.client_reply().to_vec(),
+                ));
+                self.closed = true;
+                self.close_pinholes();
+                self.actions.push_back(Action::Shutdown);
             }
         }
     }
@@ -876,6 +942,10 @@ impl Session {
         let mut answered = None;
         if complete && (200..700).contains(&code) {
             answered = self.settle(code);
+            if let Some(Pending::Window(held)) = &mut self.pending {
+                *held = canonical::reply(&raw);
+                return;
+            }
             if code == 230 || code == 232 {
                 self.logged_in = true;
             }
@@ -1087,7 +1157,7 @@ impl Session {
         if held >= self.ctx.max_pinholes {
             return match pending {
                 Pending::Active { .. } => self.refuse_command(Reject::TooManyPinholes),
-                Pending::Passive(_) => self.refuse_reply(Reject::TooManyPinholes),
+                _ => self.refuse_reply(Reject::TooManyPinholes),
             };
         }
         self.pending = Some(pending);
@@ -1117,8 +1187,21 @@ impl Session {
                 Vec::new()
             }
             Some(Owed::Auth) if code == 234 => {
-                tracing::info!("TLS started: passing the session through unread, without pinholes");
                 self.transparent = true;
+                if self.ctx.policy.tls_window {
+                    // The 234 waits for the window (see `server_line`): once the client has it,
+                    // its data connections may follow at once.
+                    self.pending = Some(Pending::Window(Vec::new()));
+                    self.actions.push_back(Action::OpenWindow(WindowRequest {
+                        label: self.label(),
+                        snat: self.ctx.upstream_local.ip(),
+                        max_per_client: self.ctx.max_windows,
+                    }));
+                } else {
+                    tracing::info!(
+                        "TLS started: passing the session through unread, without pinholes"
+                    );
+                }
                 std::mem::take(&mut self.pinholes)
             }
             Some(Owed::Announcement(id)) if !(200..300).contains(&code) => {
@@ -1261,6 +1344,7 @@ pub(super) mod tests {
             max_line: 512,
             policy: Arc::default(),
             max_pinholes: 8,
+            max_windows: 2,
             tls: None,
         }
     }
@@ -1837,6 +1921,82 @@ pub(super) mod tests {
         );
         s.handle_eof(Side::Client);
         assert_eq!(drain(&mut s), vec![Action::EndToServer]);
+    }
+
+    /// A gateway session with `policy.tls_window` whose server has just accepted AUTH TLS, its
+    /// first TLS bytes in the same read: nothing reaches the client but the window request.
+    fn windowed() -> Session {
+        let mut s = with_policy(PolicyConfig {
+            auth: AuthPolicy::Transparent,
+            tls_window: true,
+            ..PolicyConfig::default()
+        });
+        s.handle_client_data(b"AUTH TLS\r\n");
+        drain(&mut s);
+        s.handle_server_data(b"234 Proceed with negotiation.\r\n\x16\x03\x01hello");
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::OpenWindow(WindowRequest {
+                label: Label {
+                    session: 7,
+                    client: ip("198.18.0.2"),
+                    server: ip("203.0.113.2"),
+                },
+                snat: ip("203.0.113.1"),
+                max_per_client: 2,
+            })]
+        );
+        s
+    }
+
+    #[test]
+    fn a_tls_window_opens_before_the_234_and_closes_with_the_session() {
+        let mut s = windowed();
+        s.handle_opened(opened(9, 1024));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                to_client("234 Proceed with negotiation.\r\n"),
+                Action::ToClient(b"\x16\x03\x01hello".to_vec()),
+            ]
+        );
+        assert_eq!(s.tls_state(), TlsState::Transparent);
+        assert_eq!(s.pinhole_ids().collect::<Vec<_>>(), vec![9]);
+        s.handle_server_data(b"\x17\x03\x03 227 (203,0,113,2,200,1)\r\n");
+        s.handle_client_data(b"\x17\x03\x03 PORT 1,2,3,4,5,6\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(b"\x17\x03\x03 227 (203,0,113,2,200,1)\r\n".to_vec()),
+                Action::ToServer(b"\x17\x03\x03 PORT 1,2,3,4,5,6\r\n".to_vec()),
+            ],
+            "TLS passes unread: no pinhole for what looks like an announcement"
+        );
+        s.handle_eof(Side::Client);
+        assert_eq!(drain(&mut s), vec![Action::EndToServer]);
+        s.handle_eof(Side::Server);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Close(vec![9]), Action::Shutdown]
+        );
+    }
+
+    #[test]
+    fn a_refused_tls_window_ends_the_session_with_421_instead_of_the_234() {
+        let mut s = windowed();
+        s.handle_opened(None);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(Reject::WindowRefused.client_reply().to_vec()),
+                Action::Shutdown,
+            ]
+        );
+        assert_eq!(s.poll_event(), Some(Event::Refused(Reject::WindowRefused)));
+        s.handle_server_data(b"more TLS");
+        s.handle_client_data(b"more TLS");
+        s.handle_eof(Side::Server);
+        assert_eq!(drain(&mut s), vec![], "nothing follows the shutdown");
     }
 
     /// A reverse session with `[tls]`, greeted by the server, nothing else yet.

@@ -1,7 +1,8 @@
 //! Both pinhole backends against the real kernel: pinholes installed over netlink or through
 //! the nft program, read back with `nft -j list` and with `pinholes list`'s reader
 //! ([`nft::list`]), shared between owners, removed after the kernel has dropped them, and refused
-//! with the kernel's reason.
+//! with the kernel's reason; and windows (a TLS session's range of server ports) installed,
+//! listed, shared, renewed, put back after the kernel lost them, and removed.
 //!
 //! Each test moves its own thread into a new network namespace (unshare(2) acts on the calling
 //! thread) and runs a single-threaded runtime there, so the netlink socket and every nft process
@@ -14,7 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use ftp_alg::pinhole::{
-    netlink, nft, Firewall, Label, OpenError, PinholeEntry, PinholeRequest, PinholeState, Pinholes,
+    netlink, nft, Firewall, Label, OpenError, PinholeEntry, PinholeKind, PinholeRequest,
+    PinholeState, Pinholes, WindowRequest,
 };
 use ftp_alg::ports::PortPool;
 
@@ -143,12 +145,14 @@ async fn round_trip(backend: Firewall) {
         *entry,
         PinholeEntry {
             id: None,
+            kind: PinholeKind::Pinhole,
             state: PinholeState::Waiting,
             session: Some(3),
             client: Some("198.18.0.2".parse().unwrap()),
             server: Some("203.0.113.2".parse().unwrap()),
             source: "198.18.0.2".parse().unwrap(),
             dial: "198.18.0.1:61000".parse().unwrap(),
+            last_port: None,
             maps_to: Some("203.0.113.2:40000".parse().unwrap()),
             snat: Some("203.0.113.1".parse().unwrap()),
             seconds_left: entry.seconds_left,
@@ -224,6 +228,146 @@ fn netlink_pinholes_read_back_through_nft() {
 #[test]
 fn nft_pinholes_read_back_through_nft() {
     in_namespace(|| async { round_trip(nft::backend("nft".into())).await });
+}
+
+/// A window for session `session` of the client of `label`, IPv4 or IPv6.
+fn window(session: u64, v6: bool) -> WindowRequest {
+    let (client, server, snat) = match v6 {
+        false => ("198.18.0.2", "203.0.113.2", "203.0.113.1"),
+        true => ("2001:db8:a::2", "2001:db8:b::2", "2001:db8:b::1"),
+    };
+    WindowRequest {
+        label: Label {
+            session,
+            client: client.parse().unwrap(),
+            server: server.parse().unwrap(),
+        },
+        snat: snat.parse().unwrap(),
+        max_per_client: 2,
+    }
+}
+
+/// Seconds until the kernel drops the one element of `set`.
+fn expires(set: &str) -> u64 {
+    let elements = json_elements(set);
+    let [element] = &elements[..] else {
+        panic!("one {set} element: {elements:?}");
+    };
+    element[0]["elem"]["expires"].as_u64().expect("expires")
+}
+
+/// Windows, the same for either backend: a range element with its label and source address,
+/// listed as a window, shared by two sessions of one client, limited per client, renewed,
+/// put back by a renewal after the kernel lost it, removed by the last owner; IPv6 alike.
+async fn window_round_trip(backend: Firewall) {
+    let pinholes = Pinholes::new(
+        backend,
+        PortPool::new(61000, 61009, Duration::from_secs(30), Duration::ZERO),
+        Duration::from_secs(4),
+    );
+    let a = pinholes.open_window(&window(3, false)).await.unwrap();
+    let [element] = &json_elements("win_v4")[..] else {
+        panic!("one win_v4 element: {:?}", json_elements("win_v4"));
+    };
+    assert_eq!(
+        element[0]["elem"]["val"],
+        serde_json::json!({"concat": ["198.18.0.2", "203.0.113.2", {"range": [1024, 65535]}]})
+    );
+    assert_eq!(element[0]["elem"]["timeout"], 4);
+    assert_eq!(
+        element[0]["elem"]["comment"],
+        label(3).to_comment(std::process::id()).as_str()
+    );
+    assert_eq!(element[1], "203.0.113.1");
+    let entries = listed().await;
+    let [entry] = &entries[..] else {
+        panic!("one window: {entries:#?}");
+    };
+    assert_eq!(
+        *entry,
+        PinholeEntry {
+            id: None,
+            kind: PinholeKind::Window,
+            state: PinholeState::Open,
+            session: Some(3),
+            client: Some("198.18.0.2".parse().unwrap()),
+            server: Some("203.0.113.2".parse().unwrap()),
+            source: "198.18.0.2".parse().unwrap(),
+            dial: "203.0.113.2:1024".parse().unwrap(),
+            last_port: Some(65535),
+            maps_to: None,
+            snat: Some("203.0.113.1".parse().unwrap()),
+            seconds_left: entry.seconds_left,
+        }
+    );
+
+    // A second session of the client to the same server shares the element; a third is over
+    // the limit.
+    let b = pinholes.open_window(&window(4, false)).await.unwrap();
+    let refused = pinholes.open_window(&window(5, false)).await;
+    assert!(
+        matches!(refused, Err(OpenError::WindowLimit(2))),
+        "{refused:?}"
+    );
+    assert_eq!(json_elements("win_v4").len(), 1);
+
+    // A renewal starts the kernel timeout over.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = expires("win_v4");
+    assert!(before <= 2, "{before} s left after 2.1 s of 4");
+    pinholes.refresh_windows().await.unwrap();
+    assert!(
+        expires("win_v4") >= 3,
+        "renewed: {} s left",
+        expires("win_v4")
+    );
+
+    // A window the kernel lost (a table reloaded under the daemon) comes back at the next
+    // renewal.
+    nft(&["flush", "map", "inet", "ftp_alg", "win_v4"]);
+    pinholes.refresh_windows().await.unwrap();
+    assert_eq!(json_elements("win_v4").len(), 1, "renewed back");
+
+    pinholes.close(&[a.id]).await.unwrap();
+    assert_eq!(
+        json_elements("win_v4").len(),
+        1,
+        "the second owner keeps it"
+    );
+    pinholes.close(&[b.id]).await.unwrap();
+    assert!(listed().await.is_empty());
+    pinholes.refresh_windows().await.unwrap();
+    assert!(listed().await.is_empty(), "nothing to renew once closed");
+
+    let v6 = pinholes.open_window(&window(6, true)).await.unwrap();
+    let entries = listed().await;
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| (e.kind, e.source, e.dial, e.last_port, e.snat))
+            .collect::<Vec<_>>(),
+        [(
+            PinholeKind::Window,
+            "2001:db8:a::2".parse::<IpAddr>().unwrap(),
+            "[2001:db8:b::2]:1024".parse::<SocketAddr>().unwrap(),
+            Some(65535),
+            Some("2001:db8:b::1".parse::<IpAddr>().unwrap())
+        )]
+    );
+    // Removed after the kernel dropped it (its timeout ran out): no error.
+    nft(&["flush", "map", "inet", "ftp_alg", "win_v6"]);
+    pinholes.close(&[v6.id]).await.unwrap();
+    assert!(listed().await.is_empty());
+}
+
+#[test]
+fn netlink_windows_round_trip() {
+    in_namespace(|| async { window_round_trip(netlink::backend().unwrap()).await });
+}
+
+#[test]
+fn nft_windows_round_trip() {
+    in_namespace(|| async { window_round_trip(nft::backend("nft".into())).await });
 }
 
 /// Reverse mode, passive, from `client`, to the server's passive port `server_port`: the

@@ -92,7 +92,8 @@ fuzz_target!(|data: &[u8]| {
 /// reach the family checks, which a single family never does.
 ///
 /// `limits`: bits 0-1 the pinholes a session may hold (1 to 4, so that the cap is reached);
-/// bits 2-3 the longest line (32 to 256 bytes, so that over-long lines are common).
+/// bits 2-3 the longest line (32 to 256 bytes, so that over-long lines are common); bit 4 a
+/// window for TLS (`policy.tls_window`, in a gateway that passes AUTH on).
 fn context(flags: u8, limits: u8) -> SessionContext {
     let mode = if flags & 1 == 0 {
         Mode::Gateway
@@ -117,6 +118,7 @@ fn context(flags: u8, limits: u8) -> SessionContext {
             AuthPolicy::Transparent
         },
         read_only: flags & 32 != 0,
+        tls_window: mode == Mode::Gateway && flags & 16 != 0 && limits & 16 != 0,
         ..PolicyConfig::default()
     };
     let (client, client_local, server, upstream_local, announce) = match flags >> 6 {
@@ -161,6 +163,7 @@ fn context(flags: u8, limits: u8) -> SessionContext {
         max_line: 32 << ((limits >> 2) & 3),
         policy: Arc::new(policy),
         max_pinholes: 1 + usize::from(limits & 3),
+        max_windows: 1,
         tls: None,
     }
 }
@@ -254,6 +257,11 @@ impl Watch {
                     assert!(self.peers.contains(&target), "{r:?}");
                     assert!(r.dial_port.is_none_or(|p| p >= MIN_DATA_PORT), "{r:?}");
                     assert!(r.dnat.is_none_or(|d| d.port() >= MIN_DATA_PORT), "{r:?}");
+                    self.awaiting_open = true;
+                }
+                Action::OpenWindow(w) => {
+                    assert!(self.peers.contains(&w.label.client), "{w:?}");
+                    assert!(self.peers.contains(&w.label.server), "{w:?}");
                     self.awaiting_open = true;
                 }
                 Action::Close(ids) => {

@@ -1,7 +1,7 @@
 //! What both kernel interfaces share: pinholes as set and map elements, batching, ownership.
 //!
 //! A pinhole is one element of `pin_v4`/`pin_v6` plus optional elements of the dnat and snat
-//! maps (`rules/ftp-alg.nft`). Sessions ask for pinholes one at a time and concurrently; a
+//! maps (`rules/ftp-alg.nft`); a window is one element of `win_v4`/`win_v6`. Sessions ask for pinholes one at a time and concurrently; a
 //! [`Firewall`] queues each request, and one worker task applies whatever has queued up in one
 //! kernel transaction, so the fixed cost of a transaction is paid per batch, not per pinhole. A
 //! failed batch is retried one request at a time, so one bad request cannot fail the others.
@@ -38,8 +38,10 @@ pub(crate) struct Element {
     pub set: &'static str,
     /// First field of the key.
     pub source: IpAddr,
-    /// Second and third fields of the key.
+    /// Second and third fields of the key (the third, a window's first port).
     pub dest: SocketAddr,
+    /// A window's last port: its third field is the range from `dest`'s port to this one.
+    pub last_port: Option<u16>,
     /// What a map element maps to; `None` in a set.
     pub value: Option<Value>,
     /// Kernel-side lifetime in whole seconds, as nft counts it.
@@ -49,16 +51,21 @@ pub(crate) struct Element {
 }
 
 impl fmt::Display for Element {
-    /// The element as nft writes it, e.g. `pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }`.
+    /// The element as nft writes it, e.g. `pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 }` or
+    /// `win_v4 { 198.18.0.2 . 203.0.113.2 . 1024-65535 }`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {{ {} . {} . {} }}",
+            "{} {{ {} . {} . {}",
             self.set,
             self.source,
             self.dest.ip(),
             self.dest.port()
-        )
+        )?;
+        if let Some(last) = self.last_port {
+            write!(f, "-{last}")?;
+        }
+        f.write_str(" }")
     }
 }
 
@@ -95,7 +102,7 @@ pub(crate) trait Transaction: Send + 'static {
     ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
 }
 
-/// The set and map elements that make up one pinhole.
+/// The set and map elements that make up one pinhole, or the one element of a window.
 pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
     let mixed = || BackendError::Invalid(format!("pinhole mixes address families: {p:?}"));
     let v6 = match (p.source, p.dial.ip()) {
@@ -114,10 +121,28 @@ pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
         set,
         source: p.source,
         dest,
+        last_port: None,
         value,
         timeout_secs: u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX),
         comment: p.label.to_comment(std::process::id()),
     };
+    if let Some(last) = p.last_port {
+        // A window translates its connections' source only, and its map element says to what.
+        let (Some(from), None) = (p.snat, p.dnat) else {
+            return Err(BackendError::Invalid(format!(
+                "a window needs a source translation and no destination one: {p:?}"
+            )));
+        };
+        if last < p.dial.port() {
+            return Err(BackendError::Invalid(format!(
+                "window with an empty port range: {p:?}"
+            )));
+        }
+        return Ok(vec![Element {
+            last_port: Some(last),
+            ..element(name("win_v4", "win_v6"), p.dial, Some(Value::Address(from)))
+        }]);
+    }
     let mut out = vec![element(name("pin_v4", "pin_v6"), p.dial, None)];
     if let Some(to) = p.dnat {
         out.push(element(
@@ -140,6 +165,8 @@ pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
 enum Op {
     Install,
     Remove,
+    /// Write the elements again, with a fresh kernel timeout; owners stay as they are.
+    Refresh,
 }
 
 struct Job {
@@ -217,6 +244,13 @@ impl Backend for Firewall {
         pinholes: Vec<Pinhole>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
         self.submit(Op::Remove, pinholes)
+    }
+
+    fn refresh(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+        self.submit(Op::Refresh, pinholes)
     }
 
     fn waiting(
@@ -417,7 +451,12 @@ impl<T: Transaction> Worker<T> {
         let mut seen = HashSet::new();
         for job in jobs {
             for pinhole in &job.pinholes {
-                if let Some(pin) = elements(pinhole)?.into_iter().next() {
+                // A window's element is a map element, which the packet path never deletes.
+                let pin = elements(pinhole)?
+                    .into_iter()
+                    .next()
+                    .filter(|e| e.value.is_none());
+                if let Some(pin) = pin {
                     let key = (pin.set, pin.source, pin.dest);
                     if self.owners.contains_key(&key) && seen.insert(key) {
                         pins.push(pin);
@@ -477,6 +516,15 @@ impl<T: Transaction> Worker<T> {
         // to be deleted (see `live_pins`).
         let pin = element.value.is_none();
         match op {
+            // Only what some open pinhole owns is renewed: a refresh racing a removal must not
+            // bring the element back. Added, deleted and added again with the new timeout, as an
+            // install replaces a shared element: the kernel's add alone keeps the old timeout.
+            Op::Refresh if before.as_ref().is_some_and(|o| o.count > 0) => {
+                push(Verb::Add, &current);
+                push(Verb::Delete, &current);
+                push(Verb::Add, &element);
+            }
+            Op::Refresh => {}
             Op::Install if pin => {
                 if live.contains(&key) {
                     // Replace it, so that its timeout and label are the new pinhole's.
@@ -559,7 +607,26 @@ pub(crate) mod tests {
         Pinhole {
             source: "198.18.0.2".parse().unwrap(),
             dial: "198.18.0.1:61000".parse().unwrap(),
+            last_port: None,
             dnat: Some("203.0.113.2:40000".parse().unwrap()),
+            snat: Some("203.0.113.1".parse().unwrap()),
+            label: Label {
+                session: 3,
+                client: "198.18.0.2".parse().unwrap(),
+                server: "203.0.113.2".parse().unwrap(),
+            },
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// A gateway window: client 198.18.0.2 to server 203.0.113.2's ports 1024-65535, its
+    /// connections given the source 203.0.113.1.
+    pub(crate) fn window() -> Pinhole {
+        Pinhole {
+            source: "198.18.0.2".parse().unwrap(),
+            dial: "203.0.113.2:1024".parse().unwrap(),
+            last_port: Some(65535),
+            dnat: None,
             snat: Some("203.0.113.1".parse().unwrap()),
             label: Label {
                 session: 3,
@@ -667,6 +734,36 @@ pub(crate) mod tests {
             staged(&mut worker, Op::Install, &p),
             sets(&["delete", "add"], &["add", "delete", "add"])
         );
+    }
+
+    /// A window is one map element; a refresh writes it again (its timeout starts over) only
+    /// while some window owns it, and leaves the owner count alone.
+    #[test]
+    fn a_window_is_refreshed_only_while_owned() {
+        let mut worker = worker();
+        let w = window();
+        assert_eq!(staged(&mut worker, Op::Install, &w), ["add win_v4"]);
+        assert_eq!(
+            staged(&mut worker, Op::Refresh, &w),
+            ["add win_v4", "delete win_v4", "add win_v4"]
+        );
+        assert_eq!(worker.owners.values().map(|o| o.count).sum::<usize>(), 1);
+        assert_eq!(
+            staged(&mut worker, Op::Remove, &w),
+            ["add win_v4", "delete win_v4"]
+        );
+        assert!(
+            staged(&mut worker, Op::Refresh, &w).is_empty(),
+            "a refresh racing the removal does not bring the window back"
+        );
+        let e = elements(&w).unwrap();
+        assert_eq!(
+            e[0].to_string(),
+            "win_v4 { 198.18.0.2 . 203.0.113.2 . 1024-65535 }"
+        );
+        let mut bad = w.clone();
+        bad.snat = None;
+        assert!(elements(&bad).is_err());
     }
 
     /// A used pin element (the packet path has deleted it) is neither deleted nor added to be

@@ -9,6 +9,13 @@
 //! ([`netlink`]) or through the nft program ([`nft`], which also loads the table and lists
 //! pinholes). Sessions never touch any of this directly: they ask for pinholes through
 //! `session::Action::Open`.
+//!
+//! A window is the wide cousin of a pinhole, for a gateway session that has gone TLS
+//! (`policy.tls_window`, asked for with `session::Action::OpenWindow`): every new connection
+//! from the session's client to its server's ports [`WINDOW_PORTS`], for as long as the
+//! session lives. It is kept in the same registry, listed and closed like a pinhole, but takes
+//! no port from the pool; its kernel timeout is renewed by [`Pinholes::refresh_windows`] while
+//! the session lives, so that a crashed daemon's windows go within one pinhole timeout.
 
 mod batch;
 pub mod netlink;
@@ -37,6 +44,9 @@ const REMOVAL_CHUNK: usize = 64;
 const FIRST_PORT_POLL: Duration = Duration::from_millis(1);
 /// The longest pause between two looks.
 const MAX_PORT_POLL: Duration = Duration::from_millis(16);
+/// The server ports a window opens: every unprivileged one, where servers put passive data
+/// ports (DESIGN.md: data ports below 1024 are refused).
+pub const WINDOW_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
 
 /// Identifies an open pinhole within one daemon run.
 pub type PinholeId = u64;
@@ -46,8 +56,11 @@ pub type PinholeId = u64;
 pub struct Pinhole {
     /// The only address the data connection may come from.
     pub source: IpAddr,
-    /// The address and port the data connection is addressed to when it arrives.
+    /// The address and port the data connection is addressed to when it arrives; for a
+    /// window, its server and first port.
     pub dial: SocketAddr,
+    /// A window's last port (`None`: a pinhole, for `dial`'s port alone).
+    pub last_port: Option<u16>,
     /// Where the connection is sent instead of `dial`, if anywhere.
     pub dnat: Option<SocketAddr>,
     /// The source address the connection is given on its way out, if rewritten.
@@ -149,6 +162,18 @@ impl PinholeRequest {
     }
 }
 
+/// A session's request for a window (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRequest {
+    /// The session: its client may connect to its server's ports [`WINDOW_PORTS`].
+    pub label: Label,
+    /// The source address the connections are given: this host's address on the session's
+    /// upstream connection, which servers expect data connections from.
+    pub snat: IpAddr,
+    /// Windows the client may hold at once (`limits.max_windows_per_client`).
+    pub max_per_client: usize,
+}
+
 /// Whether a pinhole's connection has arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +183,20 @@ pub enum PinholeState {
     /// Its connection has arrived (and is tracked by conntrack); its address translation stays
     /// until the transfer ends. It admits no further connection.
     Used,
+    /// A window: it admits every new connection it matches until it is removed.
+    Open,
+}
+
+/// What an entry of `pinholes list` is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinholeKind {
+    /// One data connection to one port.
+    #[default]
+    Pinhole,
+    /// A TLS session's window: any new connection from its client to a range of its server's
+    /// ports.
+    Window,
 }
 
 /// A pinhole as the kernel holds it: what `pinholes list --json` prints.
@@ -167,7 +206,10 @@ pub struct PinholeEntry {
     /// without the daemon, or for a pinhole the daemon no longer tracks.
     #[serde(default)]
     pub id: Option<PinholeId>,
-    /// Waiting for its connection, or used.
+    /// A pinhole or a window.
+    #[serde(default)]
+    pub kind: PinholeKind,
+    /// Waiting for its connection, used, or (a window) open.
     pub state: PinholeState,
     /// Session id, or `None` when the element has no ftp-alg label.
     pub session: Option<u64>,
@@ -177,8 +219,11 @@ pub struct PinholeEntry {
     pub server: Option<IpAddr>,
     /// The only source allowed.
     pub source: IpAddr,
-    /// What the data connection dials.
+    /// What the data connection dials (a window: its server and first port).
     pub dial: SocketAddr,
+    /// A window's last port.
+    #[serde(default)]
+    pub last_port: Option<u16>,
     /// Where it is sent instead.
     pub maps_to: Option<SocketAddr>,
     /// The source address it is given.
@@ -273,6 +318,9 @@ pub enum OpenError {
     /// none was used within `pinholes.port_wait_ms`.
     #[error("every data port already waits for a connection from this peer")]
     PortsExhausted,
+    /// The client holds `limits.max_windows_per_client` windows already.
+    #[error("the client holds {0} windows already (limits.max_windows_per_client)")]
+    WindowLimit(usize),
     /// The firewall refused or failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -293,6 +341,12 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + use<Self>;
     /// Remove pinholes; one that has already expired is not an error.
     fn remove(
+        &self,
+        pinholes: Vec<Pinhole>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + use<Self>;
+    /// Write pinholes again with a fresh kernel timeout (windows, while their session lives);
+    /// one no longer open is left alone.
+    fn refresh(
         &self,
         pinholes: Vec<Pinhole>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + use<Self>;
@@ -327,6 +381,12 @@ pub struct PinholeStats {
     /// Announcements that found every port already waiting for the same peer and waited for
     /// one (whether they got it or not): how often a load asks for more ports.
     pub waited: u64,
+    /// Windows open now (not counted in `open`).
+    pub windows_open: u64,
+    /// Windows installed since start.
+    pub windows_opened: u64,
+    /// Windows refused since start: over the client's limit, or the firewall failed.
+    pub windows_refused: u64,
 }
 
 /// One open pinhole in the registry.
@@ -476,6 +536,7 @@ impl<B: Backend> Pinholes<B> {
         let pinhole = Pinhole {
             source: request.source,
             dial: SocketAddr::new(request.dial_ip, port),
+            last_port: None,
             dnat: request.dnat,
             snat: request.snat,
             label: request.label,
@@ -537,7 +598,9 @@ impl<B: Backend> Pinholes<B> {
                         reg.ports
                             .release(pinhole.source, pinhole.dial.port(), *id, dialler, now);
                     }
-                    if now.duration_since(open.opened_at) >= pinhole.timeout {
+                    if pinhole.last_port.is_some() {
+                        // A window's timeout is renewed while it is open: it never runs out.
+                    } else if now.duration_since(open.opened_at) >= pinhole.timeout {
                         reg.stats.expired += 1;
                     } else {
                         reg.stats.closed += 1;
@@ -565,6 +628,102 @@ impl<B: Backend> Pinholes<B> {
             }
             result
         }
+    }
+
+    /// Install a window for a session, unless its client holds its limit of windows already
+    /// ([`OpenError::WindowLimit`]); return once the kernel has it. Two sessions of one client
+    /// to one server share the kernel element (the backend counts its owners).
+    pub async fn open_window(&self, request: &WindowRequest) -> Result<Opened, OpenError> {
+        let first = *WINDOW_PORTS.start();
+        let window = Pinhole {
+            source: request.label.client,
+            dial: SocketAddr::new(request.label.server, first),
+            last_port: Some(*WINDOW_PORTS.end()),
+            dnat: None,
+            snat: Some(request.snat),
+            label: request.label,
+            timeout: self.timeout,
+        };
+        let id = {
+            let mut reg = self.lock();
+            if reg.refusing {
+                return Err(OpenError::ShuttingDown);
+            }
+            let held = reg
+                .open
+                .values()
+                .filter(|o| o.pinhole.last_port.is_some() && o.pinhole.source == window.source)
+                .count();
+            if held >= request.max_per_client {
+                reg.stats.windows_refused += 1;
+                return Err(OpenError::WindowLimit(held));
+            }
+            let id = reg.next_id;
+            reg.next_id += 1;
+            // In the registry before the kernel has it, so that a second session of the same
+            // client, opening at the same time, counts it against the limit.
+            reg.open.insert(
+                id,
+                OpenPinhole {
+                    pinhole: window.clone(),
+                    pooled: None,
+                    opened_at: Instant::now(),
+                },
+            );
+            id
+        };
+        let installed = self.backend.install(vec![window]).await;
+        let mut reg = self.lock();
+        match installed {
+            Ok(()) => {
+                reg.stats.windows_opened += 1;
+                Ok(Opened {
+                    id,
+                    dial_port: first,
+                })
+            }
+            Err(e) => {
+                reg.open.remove(&id);
+                reg.stats.windows_refused += 1;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Renew the kernel timeout of every open window; the daemon calls it well within one
+    /// timeout, for as long as it runs.
+    pub fn refresh_windows(
+        &self,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let windows: Vec<Pinhole> = self
+            .lock()
+            .open
+            .values()
+            .filter(|o| o.pinhole.last_port.is_some())
+            .map(|o| o.pinhole.clone())
+            .collect();
+        let refreshes: Vec<_> = windows
+            .chunks(REMOVAL_CHUNK)
+            .map(|chunk| self.backend.refresh(chunk.to_vec()))
+            .collect();
+        async move {
+            let mut result = Ok(());
+            for refresh in refreshes {
+                if let Err(e) = refresh.await {
+                    result = Err(e);
+                }
+            }
+            result
+        }
+    }
+
+    /// The session whose window `id` is; `None` when `id` is not an open window.
+    pub fn window_session(&self, id: PinholeId) -> Option<u64> {
+        self.lock()
+            .open
+            .get(&id)
+            .filter(|o| o.pinhole.last_port.is_some())
+            .map(|o| o.pinhole.label.session)
     }
 
     /// Refuse every later [`Pinholes::open`]: the daemon is about to remove every pinhole.
@@ -606,8 +765,14 @@ impl<B: Backend> Pinholes<B> {
     /// The run's counts so far.
     pub fn stats(&self) -> PinholeStats {
         let reg = self.lock();
+        let windows = reg
+            .open
+            .values()
+            .filter(|o| o.pinhole.last_port.is_some())
+            .count() as u64;
         PinholeStats {
-            open: reg.open.len() as u64,
+            open: reg.open.len() as u64 - windows,
+            windows_open: windows,
             ..reg.stats
         }
     }
@@ -652,6 +817,7 @@ mod tests {
         fail: bool,
         installed: Mutex<Vec<Pinhole>>,
         removed: Mutex<Vec<Pinhole>>,
+        refreshed: Mutex<Vec<Pinhole>>,
         used: Mutex<Vec<u16>>,
         asked: Mutex<usize>,
     }
@@ -674,6 +840,13 @@ mod tests {
             p: Vec<Pinhole>,
         ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
             self.removed.lock().unwrap().extend(p);
+            std::future::ready(Ok(()))
+        }
+        fn refresh(
+            &self,
+            p: Vec<Pinhole>,
+        ) -> impl Future<Output = Result<(), BackendError>> + Send + use<> {
+            self.refreshed.lock().unwrap().extend(p);
             std::future::ready(Ok(()))
         }
         fn waiting(
@@ -850,6 +1023,59 @@ mod tests {
         assert!(block_on(pinholes.open(&request(None))).is_err());
         assert!(block_on(pinholes.open(&request(None))).is_err());
         assert_eq!(pinholes.lock().ports.reserved(), 0);
+    }
+
+    fn window_for(client: &str, session: u64) -> WindowRequest {
+        WindowRequest {
+            label: Label {
+                session,
+                client: client.parse().unwrap(),
+                server: "203.0.113.2".parse().unwrap(),
+            },
+            snat: "203.0.113.1".parse().unwrap(),
+            max_per_client: 2,
+        }
+    }
+
+    #[test]
+    fn windows_are_limited_per_client_refreshed_and_closed() {
+        let rec = Arc::new(Recorder::default());
+        let pinholes = one_port(&rec, Duration::ZERO);
+        let a = block_on(pinholes.open_window(&window_for("198.18.0.2", 1))).unwrap();
+        let b = block_on(pinholes.open_window(&window_for("198.18.0.2", 2))).unwrap();
+        let refused = block_on(pinholes.open_window(&window_for("198.18.0.2", 3)));
+        assert!(
+            matches!(refused, Err(OpenError::WindowLimit(2))),
+            "{refused:?}"
+        );
+        // Another client has a limit of its own.
+        block_on(pinholes.open_window(&window_for("198.18.0.3", 4))).unwrap();
+        let installed = rec.installed.lock().unwrap().clone();
+        assert_eq!(installed.len(), 3);
+        assert_eq!(installed[0].dial, "203.0.113.2:1024".parse().unwrap());
+        assert_eq!(installed[0].last_port, Some(65535));
+        assert_eq!(installed[0].snat, Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(pinholes.window_session(b.id), Some(2));
+        let stats = pinholes.stats();
+        assert_eq!(
+            (
+                stats.open,
+                stats.windows_open,
+                stats.windows_opened,
+                stats.windows_refused
+            ),
+            (0, 3, 3, 1)
+        );
+        block_on(pinholes.refresh_windows()).unwrap();
+        assert_eq!(rec.refreshed.lock().unwrap().len(), 3);
+        block_on(pinholes.close(&[a.id])).unwrap();
+        assert_eq!(pinholes.window_session(a.id), None);
+        block_on(pinholes.open_window(&window_for("198.18.0.2", 5))).unwrap();
+        assert_eq!(
+            pinholes.stats().closed,
+            0,
+            "windows are not counted as pinholes"
+        );
     }
 
     #[test]

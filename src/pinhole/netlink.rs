@@ -58,6 +58,7 @@ mod uapi {
     pub const NFTA_SET_ELEM_DATA: u16 = 2;
     pub const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
     pub const NFTA_SET_ELEM_USERDATA: u16 = 6;
+    pub const NFTA_SET_ELEM_KEY_END: u16 = 10;
     pub const NFTA_DATA_VALUE: u16 = 1;
 
     pub const NFTNL_UDATA_SET_ELEM_COMMENT: u8 = 0;
@@ -459,6 +460,13 @@ fn encode_change(
                 w.nest(uapi::NFTA_SET_ELEM_KEY, |w| {
                     w.attr(uapi::NFTA_DATA_VALUE, &key(e))
                 })?;
+                // A range in an interval set with a concatenated key (a window) is its first
+                // and its last key.
+                if let Some(last) = e.last_port {
+                    w.nest(uapi::NFTA_SET_ELEM_KEY_END, |w| {
+                        w.attr(uapi::NFTA_DATA_VALUE, &key_with_port(e, last))
+                    })?;
+                }
                 if let Some(user_data) = &user_data {
                     if let Some(value) = &e.value {
                         w.nest(uapi::NFTA_SET_ELEM_DATA, |w| {
@@ -476,9 +484,14 @@ fn encode_change(
 /// The key `source . address . port`: each field in network byte order, padded with zeros to
 /// a multiple of 4 bytes (nf_tables registers), as nft concatenates.
 fn key(e: &Element) -> Vec<u8> {
+    key_with_port(e, e.dest.port())
+}
+
+/// The key with another port in its last field: a range's last key.
+fn key_with_port(e: &Element, last: u16) -> Vec<u8> {
     let mut key = address(e.source);
     key.extend(address(e.dest.ip()));
-    key.extend(port(e.dest.port()));
+    key.extend(port(last));
     key
 }
 
@@ -597,7 +610,10 @@ fn too_long() -> BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pinhole::batch::{elements, tests::pinhole};
+    use crate::pinhole::batch::{
+        elements,
+        tests::{pinhole, window},
+    };
 
     fn hex(text: &str) -> Vec<u8> {
         (0..text.len())
@@ -681,6 +697,37 @@ mod tests {
         "1100010002000000000000000000000a",
     );
 
+    /// `nft add element inet ftp_alg win_v4 { 198.18.0.2 . 203.0.113.2 . 1024-65535 timeout 30s
+    /// comment "session=3 client=198.18.0.2 server=203.0.113.2" : 203.0.113.1 }`.
+    const NFT_ADD_WIN_V4: &str = concat!(
+        "140000001000010000000000000000000000000ab40000000c0a01040100000000000000010000000c0001006674705f",
+        "616c67000b00020077696e5f763400000800040000000003800003807c0001800c000400000000000000753014000180",
+        "10000100c6120002cb0071020400000014000a8010000100c6120002cb007102ffff00000c00028008000100cb007101",
+        "35000600002f73657373696f6e3d3320636c69656e743d3139382e31382e302e32207365727665723d3230332e302e31",
+        "31332e3200000000140000001100010002000000000000000000000a",
+    );
+
+    /// `nft delete element inet ftp_alg win_v4 { 198.18.0.2 . 203.0.113.2 . 1024-65535 }`.
+    const NFT_DELETE_WIN_V4: &str = concat!(
+        "140000001000010000000000000000000000000a5c0000000e0a01000100000000000000010000000c0001006674705f",
+        "616c67000b00020077696e5f76340000300003802c0001801400018010000100c6120002cb0071020400000014000a80",
+        "10000100c6120002cb007102ffff0000140000001100010002000000000000000000000a",
+    );
+
+    #[test]
+    fn a_window_is_encoded_as_nft_encodes_a_range() {
+        let [mut window] = <[Element; 1]>::try_from(elements(&window()).unwrap()).unwrap();
+        window.comment = "session=3 client=198.18.0.2 server=203.0.113.2".into();
+        assert_eq!(
+            encode(&[change(Verb::Add, window.clone())], 0).unwrap(),
+            as_we_send(&hex(NFT_ADD_WIN_V4))
+        );
+        assert_eq!(
+            encode(&[change(Verb::Delete, window)], 0).unwrap(),
+            as_we_send(&hex(NFT_DELETE_WIN_V4))
+        );
+    }
+
     #[test]
     fn set_and_map_elements_are_encoded_as_nft_encodes_them() {
         let [mut pin, mut dnat, _] =
@@ -705,6 +752,7 @@ mod tests {
             set: "snat_v6",
             source: "2001:db8:a::2".parse().unwrap(),
             dest: "[2001:db8:b::1]:61000".parse().unwrap(),
+            last_port: None,
             value: Some(Value::Address("2001:db8:b::1".parse().unwrap())),
             timeout_secs: 3600,
             comment: "session=42 client=2001:db8:a::2 server=2001:db8:b::2".to_owned(),

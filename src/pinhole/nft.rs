@@ -15,13 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use nftables::batch::Batch;
-use nftables::expr::{Elem, Expression, NamedExpression};
+use nftables::expr::{Elem, Expression, NamedExpression, Range};
 use nftables::schema::{self, NfListObject};
 use nftables::types::NfFamily;
 use tokio::io::AsyncWriteExt;
 
 use super::batch::{Change, Element, Transaction, Value, Verb};
-use super::{BackendError, Firewall, Label, PinholeEntry, PinholeState};
+use super::{BackendError, Firewall, Label, PinholeEntry, PinholeKind, PinholeState};
 use crate::config::CtMark;
 
 /// The table the daemon owns (family inet); fixed so that any tool can find it.
@@ -163,9 +163,10 @@ impl TableListing {
                 };
                 let key: Vec<String> = parts
                     .iter()
-                    .map(|p| match p {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
+                    .map(|p| match (p, port_range(p)) {
+                        (_, Some((first, last))) => format!("{first}-{last}"),
+                        (serde_json::Value::String(s), None) => s.clone(),
+                        (other, None) => other.to_string(),
                     })
                     .collect();
                 let owner = inner["comment"].as_str().and_then(Label::owner_of);
@@ -249,13 +250,15 @@ pub async fn load_table(
 }
 
 /// The sets and maps that hold pinholes, as (kind, name) in `rules/ftp-alg.nft`.
-const PINHOLE_SETS: [(&str, &str); 6] = [
+const PINHOLE_SETS: [(&str, &str); 8] = [
     ("set", "pin_v4"),
     ("set", "pin_v6"),
     ("map", "dnat_v4"),
     ("map", "dnat_v6"),
     ("map", "snat_v4"),
     ("map", "snat_v6"),
+    ("map", "win_v4"),
+    ("map", "win_v6"),
 ];
 
 /// Remove every pinhole but keep the table's chains. While a NAT chain is registered in the
@@ -447,6 +450,7 @@ fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
     let mut pins = Vec::new();
     let mut dnat = HashMap::new();
     let mut snat = HashMap::new();
+    let mut windows = Vec::new();
     for object in objects {
         let Some(set) = object.get("set").or_else(|| object.get("map")) else {
             continue;
@@ -461,13 +465,34 @@ fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
             let Some(inner) = key.map(|k| &k["elem"]) else {
                 continue;
             };
-            let Some(tuple) = key_tuple(&inner["val"]) else {
-                continue;
-            };
             let meta = (
                 inner["comment"].as_str().and_then(Label::from_comment),
                 inner["expires"].as_u64().unwrap_or(0),
             );
+            if name.starts_with("win_") {
+                let window =
+                    window_key(&inner["val"]).zip(value.and_then(|v| v.as_str()?.parse().ok()));
+                if let Some(((source, dial, last), from)) = window {
+                    windows.push(PinholeEntry {
+                        id: None,
+                        kind: PinholeKind::Window,
+                        state: PinholeState::Open,
+                        session: meta.0.map(|l| l.session),
+                        client: meta.0.map(|l| l.client),
+                        server: meta.0.map(|l| l.server),
+                        source,
+                        dial,
+                        last_port: Some(last),
+                        maps_to: None,
+                        snat: Some(from),
+                        seconds_left: meta.1,
+                    });
+                }
+                continue;
+            }
+            let Some(tuple) = key_tuple(&inner["val"]) else {
+                continue;
+            };
             if name.starts_with("pin_") {
                 pins.push((tuple, meta));
             } else if name.starts_with("dnat_") {
@@ -486,12 +511,14 @@ fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
                  state,
                  maps_to: Option<SocketAddr>| PinholeEntry {
         id: None,
+        kind: PinholeKind::Pinhole,
         state,
         session: label.map(|l| l.session),
         client: label.map(|l| l.client),
         server: label.map(|l| l.server),
         source,
         dial,
+        last_port: None,
         maps_to,
         snat: snat
             .get(&(source, maps_to.unwrap_or(dial)))
@@ -520,7 +547,8 @@ fn parse_listing(raw: &str) -> Result<Vec<PinholeEntry>, String> {
             entries.push(entry((source, translated), meta, PinholeState::Used, None));
         }
     }
-    entries.sort_by_key(|e| (e.session, e.dial, e.source));
+    entries.extend(windows);
+    entries.sort_by_key(|e| (e.session, e.kind, e.dial, e.source));
     Ok(entries)
 }
 
@@ -547,6 +575,28 @@ fn key_tuple(val: &serde_json::Value) -> Option<(IpAddr, SocketAddr)> {
     let addr: IpAddr = addr.as_str()?.parse().ok()?;
     let port = u16::try_from(port.as_u64()?).ok()?;
     Some((source, SocketAddr::new(addr, port)))
+}
+
+/// A window's key, `{"concat": [source, address, {"range": [first, last]}]}`, as (source,
+/// address:first, last).
+fn window_key(val: &serde_json::Value) -> Option<(IpAddr, SocketAddr, u16)> {
+    let parts = val["concat"].as_array()?;
+    let [source, addr, ports] = parts.as_slice() else {
+        return None;
+    };
+    let source: IpAddr = source.as_str()?.parse().ok()?;
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    let (first, last) = port_range(ports)?;
+    Some((source, SocketAddr::new(addr, first), last))
+}
+
+/// `{"range": [first, last]}` as its two ports.
+fn port_range(val: &serde_json::Value) -> Option<(u16, u16)> {
+    let [first, last] = val.get("range")?.as_array()?.as_slice() else {
+        return None;
+    };
+    let port = |v: &serde_json::Value| u16::try_from(v.as_u64()?).ok();
+    Some((port(first)?, port(last)?))
 }
 
 /// `{"concat": [address, port]}` as address:port.
@@ -629,11 +679,18 @@ impl Transaction for Nft {
 /// `element` in nft's JSON schema: the key with its timeout and comment, and for a map
 /// element the value beside it.
 fn json_element(element: &Element) -> schema::Element<'static> {
+    let first = u32::from(element.dest.port());
+    let port = match element.last_port {
+        None => Expression::Number(first),
+        Some(last) => Expression::Range(Box::new(Range {
+            range: [
+                Expression::Number(first),
+                Expression::Number(u32::from(last)),
+            ],
+        })),
+    };
     let key = Expression::Named(NamedExpression::Elem(Elem {
-        val: Box::new(concat(
-            &[element.source, element.dest.ip()],
-            Some(element.dest.port()),
-        )),
+        val: Box::new(concat(&[element.source, element.dest.ip()], port)),
         timeout: Some(element.timeout_secs),
         expires: None,
         comment: Some(Cow::Owned(element.comment.clone())),
@@ -642,7 +699,8 @@ fn json_element(element: &Element) -> schema::Element<'static> {
     let elem = match &element.value {
         None => key,
         Some(Value::Endpoint(to)) => {
-            Expression::List(vec![key, concat(&[to.ip()], Some(to.port()))])
+            let port = Expression::Number(u32::from(to.port()));
+            Expression::List(vec![key, concat(&[to.ip()], port)])
         }
         Some(Value::Address(from)) => {
             Expression::List(vec![key, Expression::String(Cow::Owned(from.to_string()))])
@@ -656,19 +714,23 @@ fn json_element(element: &Element) -> schema::Element<'static> {
     }
 }
 
-fn concat(addrs: &[IpAddr], port: Option<u16>) -> Expression<'static> {
+/// Addresses, then a port (or a range of ports), concatenated.
+fn concat(addrs: &[IpAddr], port: Expression<'static>) -> Expression<'static> {
     let mut parts: Vec<Expression<'static>> = addrs
         .iter()
         .map(|a| Expression::String(Cow::Owned(a.to_string())))
         .collect();
-    parts.extend(port.map(|p| Expression::Number(u32::from(p))));
+    parts.push(port);
     Expression::Named(NamedExpression::Concat(parts))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pinhole::batch::{elements, tests::pinhole};
+    use crate::pinhole::batch::{
+        elements,
+        tests::{pinhole, window},
+    };
 
     /// The JSON equals what `nft -j` prints for
     /// `add element inet ftp_alg pin_v4 { 198.18.0.2 . 198.18.0.1 . 61000 timeout 30s comment "..." }`
@@ -688,6 +750,10 @@ mod tests {
                 [{"elem": {"val": {"concat": ["198.18.0.2", "198.18.0.1", 61001]},
                            "comment": "session=2 client=198.18.0.2 server=203.0.113.2"}},
                  {"concat": ["203.0.113.2", 40000]}]]}},
+            {"map": {"family": "inet", "name": "win_v4", "table": "ftp_alg", "elem": [
+                [{"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", {"range": [1024, 65535]}]},
+                           "comment": "pid=4243 session=3 client=198.18.0.2 server=203.0.113.2"}},
+                 "203.0.113.1"]]}},
             {"set": {"family": "inet", "name": "intercept_ifaces", "table": "ftp_alg",
                      "elem": ["lan0"]}},
             {"chain": {"family": "inet", "table": "ftp_alg", "name": "pinhole_prerouting"}}
@@ -708,10 +774,15 @@ mod tests {
                         "198.18.0.2 . 198.18.0.1 . 61001".into(),
                         None
                     ),
+                    (
+                        "win_v4".into(),
+                        "198.18.0.2 . 203.0.113.2 . 1024-65535".into(),
+                        Some(4243)
+                    ),
                 ],
             }
         );
-        assert_eq!(listing.owners(), vec![4242]);
+        assert_eq!(listing.owners(), vec![4242, 4243]);
         assert!(!alive_here(u32::MAX), "no such process");
         assert!(alive_here(std::process::id()));
     }
@@ -815,12 +886,14 @@ mod tests {
     fn entry(state: PinholeState, dial: &str, maps_to: Option<&str>) -> PinholeEntry {
         PinholeEntry {
             id: None,
+            kind: PinholeKind::Pinhole,
             state,
             session: Some(3),
             client: Some("198.18.0.2".parse().unwrap()),
             server: Some("203.0.113.2".parse().unwrap()),
             source: "198.18.0.2".parse().unwrap(),
             dial: dial.parse().unwrap(),
+            last_port: None,
             maps_to: maps_to.map(|m| m.parse().unwrap()),
             snat: Some("203.0.113.1".parse().unwrap()),
             seconds_left: 27,
@@ -852,6 +925,42 @@ mod tests {
         assert_eq!(
             parse_listing(&listing(false, false)).unwrap(),
             vec![entry(PinholeState::Used, "198.18.0.1:61000", None)]
+        );
+    }
+
+    /// `nft -j list map inet ftp_alg win_v4` (nft 1.0.6) with one window, as `pinholes list`
+    /// reads it; and the JSON ftp-alg writes for that window is what nft prints.
+    #[test]
+    fn a_window_is_listed_and_written_as_nft_does() {
+        let raw = r#"{"nftables": [{"map": {"family": "inet", "name": "win_v4", "table": "ftp_alg",
+            "type": ["ipv4_addr", "ipv4_addr", "inet_service"], "map": "ipv4_addr",
+            "flags": ["interval", "timeout"], "elem": [[{"elem": {"val": {"concat": ["198.18.0.2",
+            "203.0.113.2", {"range": [1024, 65535]}]}, "timeout": 30, "expires": 21,
+            "comment": "pid=7 session=3 client=198.18.0.2 server=203.0.113.2"}}, "203.0.113.1"]]}}]}"#;
+        assert_eq!(
+            parse_listing(raw).unwrap(),
+            vec![PinholeEntry {
+                kind: PinholeKind::Window,
+                state: PinholeState::Open,
+                dial: "203.0.113.2:1024".parse().unwrap(),
+                last_port: Some(65535),
+                maps_to: None,
+                seconds_left: 21,
+                ..entry(PinholeState::Open, "203.0.113.2:1024", None)
+            }]
+        );
+        let [element] = <[Element; 1]>::try_from(elements(&window()).unwrap()).unwrap();
+        let json = without_nulls(serde_json::to_value(json_element(&element)).unwrap());
+        let comment = format!(
+            "pid={} session=3 client=198.18.0.2 server=203.0.113.2",
+            std::process::id()
+        );
+        assert_eq!(
+            json,
+            serde_json::json!({"family": "inet", "table": "ftp_alg", "name": "win_v4", "elem": [[
+                {"elem": {"val": {"concat": ["198.18.0.2", "203.0.113.2", {"range": [1024, 65535]}]},
+                          "timeout": 30, "comment": comment}},
+                "203.0.113.1"]]})
         );
     }
 

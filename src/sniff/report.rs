@@ -142,6 +142,7 @@ impl Report {
                 let state = match p.state {
                     PinholeState::Waiting => "waiting",
                     PinholeState::Used => "used",
+                    PinholeState::Open => "open window",
                 };
                 // Writing to a String cannot fail.
                 let _ = write!(
@@ -168,12 +169,14 @@ mod tests {
     fn entry(dial: &str, maps_to: Option<&str>) -> PinholeEntry {
         PinholeEntry {
             id: None,
+            kind: crate::pinhole::PinholeKind::Pinhole,
             state: PinholeState::Waiting,
             session: Some(3),
             client: Some("198.18.0.2".parse().unwrap()),
             server: Some("203.0.113.2".parse().unwrap()),
             source: "203.0.113.2".parse().unwrap(),
             dial: dial.parse().unwrap(),
+            last_port: None,
             maps_to: maps_to.map(|m| m.parse().unwrap()),
             snat: None,
             seconds_left: 29,
