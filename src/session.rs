@@ -430,8 +430,9 @@ enum Pending {
     Active { eprt: bool },
     /// The server's 227 or 229.
     Passive(PassiveReply),
-    /// The server's 234 to AUTH, held until the session's window is open.
-    Window(Vec<u8>),
+    /// The server's 234 to AUTH, held until the session's window is open, and the server's
+    /// bytes read after the one that held the 234 (TLS already), which must not overtake it.
+    Window { reply: Vec<u8>, after: Vec<u8> },
 }
 
 /// One control connection's state.
@@ -588,8 +589,10 @@ impl Session {
     /// Bytes read from the server.
     pub fn handle_server_data(&mut self, data: &[u8]) {
         if self.transparent {
-            if !self.closed {
-                self.actions.push_back(Action::ToClient(data.to_vec()));
+            match &mut self.pending {
+                _ if self.closed => {}
+                Some(Pending::Window { after, .. }) => after.extend_from_slice(data),
+                _ => self.actions.push_back(Action::ToClient(data.to_vec())),
             }
             return;
         }
@@ -657,8 +660,8 @@ impl Session {
             }
             return;
         }
-        if let Pending::Window(reply) = pending {
-            return self.window_opened(result, reply);
+        if let Pending::Window { reply, after } = pending {
+            return self.window_opened(result, reply, after);
         }
         let Some(opened) = result else {
             match pending {
@@ -691,7 +694,7 @@ impl Session {
                     self.forward_command(Action::ToServer(line), Owed::Announcement(opened.id));
                 }
             }
-            Pending::Window(_) => {}
+            Pending::Window { .. } => {}
             Pending::Passive(reply) => {
                 let endpoint = match self.ctx.mode {
                     Mode::Gateway => SocketAddr::new(self.ctx.server.ip(), opened.dial_port),
@@ -718,8 +721,9 @@ impl Session {
     }
 
     /// The window for TLS is open (`Some`) or refused: forward the server's 234 that waited for
-    /// it, or end the session (see [`Reject::WindowRefused`]).
-    fn window_opened(&mut self, result: Option<Opened>, reply: Vec<u8>) {
+    /// it and the TLS bytes behind it, in the order they came, or end the session (see
+    /// [`Reject::WindowRefused`]).
+    fn window_opened(&mut self, result: Option<Opened>, reply: Vec<u8>, after: Vec<u8>) {
         match result {
             Some(opened) => {
                 tracing::info!(
@@ -728,7 +732,12 @@ impl Session {
                      server's ports 1024-65535 while the session lives"
                 );
                 self.window = Some(opened.id);
-                self.actions.push_back(Action::ToClient(reply));
+                let same_read = self.from_server.take_pending();
+                for bytes in [reply, same_read, after] {
+                    if !bytes.is_empty() {
+                        self.actions.push_back(Action::ToClient(bytes));
+                    }
+                }
             }
             None => {
                 if self.refusal_logged() {
@@ -942,8 +951,8 @@ impl Session {
         let mut answered = None;
         if complete && (200..700).contains(&code) {
             answered = self.settle(code);
-            if let Some(Pending::Window(held)) = &mut self.pending {
-                *held = canonical::reply(&raw);
+            if let Some(Pending::Window { reply, .. }) = &mut self.pending {
+                *reply = canonical::reply(&raw);
                 return;
             }
             if code == 230 || code == 232 {
@@ -1191,7 +1200,10 @@ impl Session {
                 if self.ctx.policy.tls_window {
                     // The 234 waits for the window (see `server_line`): once the client has it,
                     // its data connections may follow at once.
-                    self.pending = Some(Pending::Window(Vec::new()));
+                    self.pending = Some(Pending::Window {
+                        reply: Vec::new(),
+                        after: Vec::new(),
+                    });
                     self.actions.push_back(Action::OpenWindow(WindowRequest {
                         label: self.label(),
                         snat: self.ctx.upstream_local.ip(),
@@ -1952,12 +1964,15 @@ pub(super) mod tests {
     #[test]
     fn a_tls_window_opens_before_the_234_and_closes_with_the_session() {
         let mut s = windowed();
+        s.handle_server_data(b"\x16\x03\x01later");
+        assert_eq!(drain(&mut s), vec![], "TLS bytes wait behind the held 234");
         s.handle_opened(opened(9, 1024));
         assert_eq!(
             drain(&mut s),
             vec![
                 to_client("234 Proceed with negotiation.\r\n"),
                 Action::ToClient(b"\x16\x03\x01hello".to_vec()),
+                Action::ToClient(b"\x16\x03\x01later".to_vec()),
             ]
         );
         assert_eq!(s.tls_state(), TlsState::Transparent);

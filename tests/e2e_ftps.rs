@@ -81,3 +81,28 @@ fn implicit_curl_pasv() {
 fn sessions_and_sniff_show_tls() {
     ftps::sessions_and_sniff_show_tls();
 }
+
+#[test]
+fn gateway_window_lftp_pasv() {
+    ftps::through_window(TlsClient::Lftp);
+}
+
+#[test]
+fn gateway_window_curl_pasv() {
+    ftps::through_window(TlsClient::Curl);
+}
+
+#[test]
+fn gateway_window_ftplib_pasv() {
+    ftps::through_window(TlsClient::Ftplib);
+}
+
+#[test]
+fn gateway_window_listed_and_closed() {
+    ftps::window_listed_and_closed();
+}
+
+#[test]
+fn gateway_blocked_without_window() {
+    ftps::blocked_without_window();
+}

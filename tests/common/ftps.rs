@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::faults::daemon_log_lines;
 use super::{
     assert_same_bytes, ftplib_script, must, require_tool, DataMode, Family, Lab, Run, Server,
-    ServerLog, Setup, Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, UPLOAD_FILE, UPLOAD_LEN,
+    ServerLog, Setup, Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, S4, UPLOAD_FILE, UPLOAD_LEN,
 };
 
 /// The implicit FTPS listener's port.
@@ -109,7 +109,8 @@ struct Pki {
 }
 
 impl Pki {
-    fn make(lab: &Lab) -> Pki {
+    /// A CA and a certificate it signed for the addresses `sans`.
+    fn make(lab: &Lab, sans: &[&str]) -> Pki {
         require_tool("openssl");
         let dir = lab.dir.join("pki");
         fs::create_dir_all(&dir).expect("create the pki directory");
@@ -147,8 +148,12 @@ impl Pki {
         fs::write(
             dir.join("ext.cnf"),
             format!(
-                "subjectAltName=IP:{G_LAN4},IP:{G_LAN6}\nbasicConstraints=CA:FALSE\n\
-                 extendedKeyUsage=serverAuth\n"
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\n\
+                 extendedKeyUsage=serverAuth\n",
+                sans.iter()
+                    .map(|ip| format!("IP:{ip}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
         )
         .expect("write ext.cnf");
@@ -201,7 +206,7 @@ fn lab(topology: Topology, config: impl FnOnce(&Pki) -> String) -> (Lab, Pki) {
     let mut lab = Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |_| {
         String::new()
     });
-    let pki = Pki::make(&lab);
+    let pki = Pki::make(&lab, &[G_LAN4, G_LAN6]);
     lab.alg_config = format!("[metrics]\nlisten = \"{METRICS}\"\n{}", config(&pki));
     lab.count_mark_rule("input", "accept");
     let unmarked = format!(
@@ -223,9 +228,15 @@ fn lab(topology: Topology, config: impl FnOnce(&Pki) -> String) -> (Lab, Pki) {
 
 /// The packets counted by the rule with `comment` in G's table `inet gateway`.
 fn counted(lab: &Lab, comment: &str) -> u64 {
+    counted_in(lab, "gateway", |rule| rule["comment"] == comment)
+}
+
+/// The packets counted by the rules of G's table `inet TABLE` that `pick` chooses (from
+/// `nft -j`).
+fn counted_in(lab: &Lab, table: &str, pick: impl Fn(&serde_json::Value) -> bool) -> u64 {
     let text = must(lab.exec(
         &lab.gateway_ns(),
-        &["nft", "-j", "list", "table", "inet", "gateway"],
+        &["nft", "-j", "list", "table", "inet", table],
     ));
     let json: serde_json::Value = serde_json::from_str(&text).expect("nft -j output");
     json["nftables"]
@@ -233,7 +244,7 @@ fn counted(lab: &Lab, comment: &str) -> u64 {
         .into_iter()
         .flatten()
         .filter_map(|o| o.get("rule"))
-        .filter(|r| r["comment"] == comment)
+        .filter(|rule| pick(rule))
         .flat_map(|r| r["expr"].as_array().into_iter().flatten())
         .filter_map(|e| e.get("counter"))
         .map(|c| c["packets"].as_u64().unwrap_or(0))
@@ -352,10 +363,45 @@ impl Lab {
         }
     }
 
+    /// [`Lab::ftps_session`], which must succeed: the listing names the served file, and the
+    /// download and the upload arrive byte for byte.
+    fn ftps_transfers(&mut self, client: TlsClient, mode: DataMode, ca: &Path, implicit: bool) {
+        for run in self.ftps_session(client, mode, ca, implicit) {
+            assert!(
+                run.status.success(),
+                "{client:?} {mode:?}: FTPS session failed\n{}",
+                run.transcript
+            );
+        }
+        let runs = self.runs;
+        let listing = fs::read_to_string(self.dir.join("client-1.stdout")).unwrap_or_default();
+        assert!(
+            listing.contains(DATA_FILE),
+            "{client:?}: the listing does not name {DATA_FILE} ({runs} runs)"
+        );
+        self.assert_files_moved();
+    }
+
+    /// No download arrived: its file is absent, or empty (a client may create it before the
+    /// transfer starts).
+    fn downloaded_nothing(&self) -> bool {
+        !self.download_path().exists() || self.read(&self.download_path()).is_empty()
+    }
+
     /// [`FTPS_CLIENT`] with `ops`.
     fn ftplib_tls(&mut self, mode: DataMode, reuse: &str, ca: &str, ops: &[String]) -> Run {
         let args = self.ftplib_tls_args(mode, reuse, ca, ops);
         self.run_args(&args)
+    }
+
+    /// [`FTPS_CLIENT`] with `ops` (passive, resuming the session), started without waiting for
+    /// it.
+    fn spawn_ftplib_tls(&self, ca: &str, ops: &[String]) -> std::process::Child {
+        let args = self.ftplib_tls_args(DataMode::Pasv, "reuse", ca, ops);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.client_command(&args)
+            .spawn()
+            .expect("spawn the FTPS client")
     }
 
     /// The command line of [`FTPS_CLIENT`] with `ops`.
@@ -418,29 +464,7 @@ fn round_trip_via(topology: Topology, client: TlsClient, mode: DataMode, implici
         ),
         false => pki.section(),
     });
-    for run in lab.ftps_session(client, mode, &pki.ca, implicit) {
-        assert!(
-            run.status.success(),
-            "{client:?} {mode:?}: FTPS session failed\n{}",
-            run.transcript
-        );
-    }
-    let runs = lab.runs;
-    let listing = fs::read_to_string(lab.dir.join("client-1.stdout")).unwrap_or_default();
-    assert!(
-        listing.contains(DATA_FILE),
-        "{client:?}: the listing does not name {DATA_FILE} ({runs} runs)"
-    );
-    assert_same_bytes(
-        "download",
-        &lab.read(&lab.download_path()),
-        &lab.read(&lab.served_path()),
-    );
-    assert_same_bytes(
-        "upload",
-        &lab.read(&lab.stored_upload_path()),
-        &lab.read(&lab.upload_source_path()),
-    );
+    lab.ftps_transfers(client, mode, &pki.ca, implicit);
     let marked = counted(&lab, super::DATA_PATH);
     assert!(
         marked >= 3,
@@ -541,7 +565,7 @@ pub fn relay_refuses_strangers() {
         run.transcript
     );
     assert!(
-        !lab.download_path().exists() || lab.read(&lab.download_path()).is_empty(),
+        lab.downloaded_nothing(),
         "data arrived over a refused connection"
     );
     let refused = daemon_log_lines(&lab, "reason=\"not_resumed\"");
@@ -640,12 +664,7 @@ pub fn sessions_and_sniff_show_tls() {
 
     let ca = pki.ca.to_string_lossy().into_owned();
     let ops = ["LIST".to_owned(), "SLEEP".into(), "3".into()];
-    let args = lab.ftplib_tls_args(DataMode::Pasv, "reuse", &ca, &ops);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut client = lab
-        .client_command(&args)
-        .spawn()
-        .expect("spawn the FTPS client");
+    let mut client = lab.spawn_ftplib_tls(&ca, &ops);
     let seen = super::wait_for(Duration::from_secs(10), || {
         let sessions = listed();
         let private = sessions.as_array()?.iter().any(|s| s["tls"] == "private");
@@ -661,4 +680,183 @@ pub fn sessions_and_sniff_show_tls() {
     let note: serde_json::Value = sniffer.next_json();
     assert_eq!(note["tls"], "started", "{note}");
     assert_eq!(note["server"], format!("{G_LAN4}:21"), "{note}");
+}
+
+/// A gateway lab for FTPS straight to the server: vsftpd with TLS (its certificate for
+/// [`S4`] from the test's CA, TLS required for logins and data, `require_ssl_reuse` at its
+/// default), and the daemon passing AUTH (`policy.auth = "transparent"`), with or without
+/// `policy.tls_window`. The shipped default-deny forward chain drops, counted ([`DATA_PATH`]),
+/// every new connection that neither tcp/21 nor a pinhole or window lets through.
+fn gateway_lab(window: bool) -> (Lab, Pki) {
+    let mut pki = None;
+    let mut lab = Lab::prepared(
+        Topology::Gateway(Family::V4),
+        Server::Vsftpd,
+        Setup::AlgStopped,
+        |lab| {
+            let made = Pki::make(lab, &[S4]);
+            let options = format!(
+                "ssl_enable=YES\nallow_anon_ssl=YES\nforce_anon_logins_ssl=YES\n\
+                 force_anon_data_ssl=YES\nssl_ciphers=HIGH\nrsa_cert_file={}\n\
+                 rsa_private_key_file={}\n",
+                made.chain.display(),
+                made.key.display()
+            );
+            pki = Some(made);
+            options
+        },
+    );
+    let pki = pki.expect("the PKI is made before the server starts");
+    lab.alg_config = format!(
+        "[metrics]\nlisten = \"{METRICS}\"\n[policy]\nauth = \"transparent\"\n\
+         tls_window = {window}\n"
+    );
+    lab.start_alg();
+    (lab, pki)
+}
+
+/// The packets counted by the daemon's own window rules (`@win_v4` in its table): the first
+/// packet of every connection a window let through.
+fn window_packets(lab: &Lab) -> u64 {
+    counted_in(lab, "ftp_alg", |rule| {
+        rule["expr"].to_string().contains("@win_v4")
+    })
+}
+
+/// Gateway mode, `policy.tls_window`: `client` speaks FTPS (passive, `PROT P`) straight to a
+/// vsftpd with TLS; ftp-alg reads nothing after AUTH, and the session's window lets the data
+/// connections through the default-deny forward chain. A listing, a download and an upload,
+/// byte for byte; every data connection went through the window and none was dropped; vsftpd
+/// saw AUTH and PASV from the gateway's address, data connections included (it refuses data
+/// from another address than the control connection's); the window went with the session.
+pub fn through_window(client: TlsClient) {
+    let (mut lab, pki) = gateway_lab(true);
+    lab.ftps_transfers(client, DataMode::Pasv, &pki.ca, false);
+    let through = window_packets(&lab);
+    assert!(
+        through >= 3,
+        "{client:?}: {through} data connections went through the window, not 3"
+    );
+    assert_eq!(
+        counted(&lab, super::DATA_PATH),
+        0,
+        "dropped data connections"
+    );
+    let log = ServerLog::read(&lab);
+    assert!(
+        log.commands().iter().any(|c| c.starts_with("AUTH")),
+        "the server never saw AUTH: {:?}",
+        log.commands()
+    );
+    let verbs = log.data_verbs();
+    assert!(
+        verbs.len() >= 3 && verbs.iter().all(|v| v == "PASV" || v == "EPSV"),
+        "{client:?}: the server saw {verbs:?}"
+    );
+    assert!(metric(&lab, "ftp_alg_windows_opened_total") >= 1);
+    let closed = super::wait_for(Duration::from_secs(10), || {
+        (metric(&lab, "ftp_alg_windows_open") == 0).then_some(())
+    });
+    assert!(closed.is_some(), "a window outlived its session");
+    lab.assert_no_pinholes_left();
+}
+
+/// The window as an operator sees it: while an FTPS session lives, `pinholes list` shows one
+/// window for its client and server, ports 1024-65535, and the metrics count it open;
+/// `pinholes close` on it ends the session (the client's next operation fails) and the window
+/// is gone from the kernel.
+pub fn window_listed_and_closed() {
+    let (lab, pki) = gateway_lab(true);
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let download = lab.download_path().to_string_lossy().into_owned();
+    let ops = [
+        "LIST".to_owned(),
+        "SLEEP".into(),
+        "8".into(),
+        "RETR".into(),
+        DATA_FILE.into(),
+        download,
+    ];
+    let mut client = lab.spawn_ftplib_tls(&ca, &ops);
+    let mut listed = Vec::new();
+    let window = super::wait_for(Duration::from_secs(10), || {
+        listed = lab.pinholes();
+        listed.iter().find(|p| p.kind == "window").map(|p| {
+            (
+                p.id,
+                p.state.clone(),
+                p.client,
+                p.server,
+                p.dial,
+                p.last_port,
+            )
+        })
+    });
+    let Some((id, state, client_ip, server_ip, dial, last_port)) = window else {
+        let _ = client.kill();
+        panic!("no window listed during the session: {listed:#?}");
+    };
+    assert_eq!(state, "open");
+    assert_eq!(client_ip.to_string(), super::C4);
+    assert_eq!(server_ip.to_string(), S4);
+    assert_eq!(
+        dial,
+        format!("{S4}:1024").parse().expect("a socket address")
+    );
+    assert_eq!(last_port, Some(65535));
+    assert_eq!(metric(&lab, "ftp_alg_windows_open"), 1);
+    let id = id.expect("the daemon lists its window's id").to_string();
+    must(lab.alg_cli(&["pinholes", "close", &id]));
+    let status = client.wait().expect("wait for the FTPS client");
+    assert!(
+        !status.success(),
+        "the session went on after its window was closed"
+    );
+    assert!(
+        lab.downloaded_nothing(),
+        "data arrived after the window was closed"
+    );
+    lab.assert_no_pinholes_left();
+    assert_eq!(metric(&lab, "ftp_alg_windows_open"), 0);
+}
+
+/// The negative control of [`through_window`]: the same gateway and server without
+/// `policy.tls_window`. The TLS session logs in and asks for a passive transfer (vsftpd saw
+/// PASV), but the data connection is dropped by the forward chain (counted), and curl gives
+/// up without data.
+pub fn blocked_without_window() {
+    let (mut lab, pki) = gateway_lab(false);
+    // One download (a listing or an upload would wait out curl's --max-time as well).
+    let args: Vec<String> = CURL
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            "--ssl-reqd".into(),
+            "--cacert".into(),
+            pki.ca.to_string_lossy().into_owned(),
+            "--disable-epsv".into(),
+            format!("ftp://{S4}/{DATA_FILE}"),
+            "-o".into(),
+            lab.download_path().to_string_lossy().into_owned(),
+        ])
+        .collect();
+    let run = lab.run_args(&args);
+    assert!(
+        !run.status.success(),
+        "the download went through without a window\n{}",
+        run.transcript
+    );
+    assert!(lab.downloaded_nothing(), "data arrived without a window");
+    assert!(
+        counted(&lab, super::DATA_PATH) > 0,
+        "the forward chain dropped nothing, so the transfer failed for another reason"
+    );
+    assert!(
+        ServerLog::read(&lab)
+            .data_verbs()
+            .iter()
+            .any(|v| v == "PASV"),
+        "the session did not get as far as PASV"
+    );
+    assert_eq!(window_packets(&lab), 0);
 }

@@ -316,16 +316,7 @@ impl Scenario {
             "{self:?}: the listing does not name {DATA_FILE}\n{}",
             listing.transcript
         );
-        assert_same_bytes(
-            "download",
-            &lab.read(&lab.download_path()),
-            &lab.read(&lab.served_path()),
-        );
-        assert_same_bytes(
-            "upload",
-            &lab.read(&lab.stored_upload_path()),
-            &lab.read(&lab.upload_source_path()),
-        );
+        lab.assert_files_moved();
 
         // Every data connection (a listing, a download, an upload) was let through by the
         // `ct mark` line: a pinhole was installed, and used.
@@ -887,12 +878,16 @@ impl Drop for SyslogSink {
 struct Pinhole {
     /// The daemon's id; `None` when listed from the kernel without the daemon.
     id: Option<u64>,
+    /// `pinhole`, or `window` (`policy.tls_window`).
+    kind: String,
     state: String,
     session: u64,
     client: IpAddr,
     server: IpAddr,
     source: IpAddr,
     dial: SocketAddr,
+    /// A window's last port (its first is `dial`'s).
+    last_port: Option<u16>,
     maps_to: Option<SocketAddr>,
     snat: Option<IpAddr>,
     seconds_left: u64,
@@ -1963,6 +1958,20 @@ impl Lab {
         let mut cmd = self.exec(&self.gateway_ns(), &[ALG]);
         cmd.args(args).env("FTP_ALG_SOCKET", socket);
         cmd
+    }
+
+    /// The download arrived and the upload was stored, each byte for byte.
+    fn assert_files_moved(&self) {
+        assert_same_bytes(
+            "download",
+            &self.read(&self.download_path()),
+            &self.read(&self.served_path()),
+        );
+        assert_same_bytes(
+            "upload",
+            &self.read(&self.stored_upload_path()),
+            &self.read(&self.upload_source_path()),
+        );
     }
 
     /// `ftp-alg pinholes list --json` in G.
