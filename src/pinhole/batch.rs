@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -102,6 +103,13 @@ pub(crate) trait Transaction: Send + 'static {
     ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
 }
 
+/// This process's id, as pinhole comments name their owner: asked of the kernel once, not
+/// once per element (glibc does not cache it).
+fn own_pid() -> u32 {
+    static PID: OnceLock<u32> = OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
 /// The set and map elements that make up one pinhole, or the one element of a window.
 pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
     let mixed = || BackendError::Invalid(format!("pinhole mixes address families: {p:?}"));
@@ -116,7 +124,9 @@ pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
     }
     let name = |v4: &'static str, v6_name: &'static str| if v6 { v6_name } else { v4 };
     // Every element carries the label, so that `pinholes list` can still say whose a pinhole
-    // is after its connection has arrived and the pin element is gone.
+    // is after its connection has arrived and the pin element is gone. Formatted once: this
+    // runs for every install, liveness query and removal, on the path of the 227.
+    let comment = p.label.to_comment(own_pid());
     let element = |set, dest, value| Element {
         set,
         source: p.source,
@@ -124,7 +134,7 @@ pub(crate) fn elements(p: &Pinhole) -> Result<Vec<Element>, BackendError> {
         last_port: None,
         value,
         timeout_secs: u32::try_from(p.timeout.as_secs().max(1)).unwrap_or(u32::MAX),
-        comment: p.label.to_comment(std::process::id()),
+        comment: comment.clone(),
     };
     if let Some(last) = p.last_port {
         // A window translates its connections' source only, and its map element says to what.
