@@ -11,6 +11,7 @@ use common::{DataMode, Family, Topology};
 
 const REVERSE: Topology = Topology::Reverse(Family::V4);
 const SIDECAR: Topology = Topology::Sidecar(Family::V4);
+const REVERSE6: Topology = Topology::Reverse(Family::V6);
 
 #[test]
 fn reverse_lftp_pasv() {
@@ -84,17 +85,17 @@ fn sessions_and_sniff_show_tls() {
 
 #[test]
 fn gateway_window_lftp_pasv() {
-    ftps::through_window(TlsClient::Lftp);
+    ftps::through_window(Family::V4, TlsClient::Lftp);
 }
 
 #[test]
 fn gateway_window_curl_pasv() {
-    ftps::through_window(TlsClient::Curl);
+    ftps::through_window(Family::V4, TlsClient::Curl);
 }
 
 #[test]
 fn gateway_window_ftplib_pasv() {
-    ftps::through_window(TlsClient::Ftplib);
+    ftps::through_window(Family::V4, TlsClient::Ftplib);
 }
 
 #[test]
@@ -105,4 +106,24 @@ fn gateway_window_listed_and_closed() {
 #[test]
 fn gateway_blocked_without_window() {
     ftps::blocked_without_window();
+}
+
+#[test]
+fn reverse6_lftp_epsv() {
+    ftps::round_trip(REVERSE6, TlsClient::Lftp, DataMode::Epsv);
+}
+
+#[test]
+fn reverse6_curl_epsv() {
+    ftps::round_trip(REVERSE6, TlsClient::Curl, DataMode::Epsv);
+}
+
+#[test]
+fn reverse6_ftplib_eprt() {
+    ftps::round_trip(REVERSE6, TlsClient::Ftplib, DataMode::Eprt);
+}
+
+#[test]
+fn gateway6_window_lftp_epsv() {
+    ftps::through_window(Family::V6, TlsClient::Lftp);
 }

@@ -28,9 +28,11 @@ const INTRUDER4: &str = "198.18.0.3";
 /// Where the daemon serves its metrics, inside G.
 const METRICS: &str = "127.0.0.1:9477";
 /// curl's options in every FTPS test: quiet but for errors, bounded, logged in as anonymous.
-const CURL: [&str; 10] = [
+const CURL: [&str; 11] = [
     "curl",
     "-q",
+    // An IPv6 address in brackets is not a glob.
+    "--globoff",
     "--silent",
     "--show-error",
     "--noproxy",
@@ -682,19 +684,20 @@ pub fn sessions_and_sniff_show_tls() {
     assert_eq!(note["server"], format!("{G_LAN4}:21"), "{note}");
 }
 
-/// A gateway lab for FTPS straight to the server: vsftpd with TLS (its certificate for
-/// [`S4`] from the test's CA, TLS required for logins and data, `require_ssl_reuse` at its
-/// default), and the daemon passing AUTH (`policy.auth = "transparent"`), with or without
+/// A gateway lab for FTPS straight to the server: vsftpd with TLS (its certificate for the
+/// server's address from the test's CA, TLS required for logins and data, `require_ssl_reuse`
+/// at its default), and the daemon passing AUTH (`policy.auth = "transparent"`), with or without
 /// `policy.tls_window`. The shipped default-deny forward chain drops, counted ([`DATA_PATH`]),
 /// every new connection that neither tcp/21 nor a pinhole or window lets through.
-fn gateway_lab(window: bool) -> (Lab, Pki) {
+fn gateway_lab(family: Family, window: bool) -> (Lab, Pki) {
     let mut pki = None;
     let mut lab = Lab::prepared(
-        Topology::Gateway(Family::V4),
+        Topology::Gateway(family),
         Server::Vsftpd,
         Setup::AlgStopped,
         |lab| {
-            let made = Pki::make(lab, &[S4]);
+            let server = lab.addrs().server.to_string();
+            let made = Pki::make(lab, &[&server]);
             let options = format!(
                 "ssl_enable=YES\nallow_anon_ssl=YES\nforce_anon_logins_ssl=YES\n\
                  force_anon_data_ssl=YES\nssl_ciphers=HIGH\nrsa_cert_file={}\n\
@@ -715,11 +718,12 @@ fn gateway_lab(window: bool) -> (Lab, Pki) {
     (lab, pki)
 }
 
-/// The packets counted by the daemon's own window rules (`@win_v4` in its table): the first
-/// packet of every connection a window let through.
+/// The packets counted by the daemon's own window rules (`@win_v4` and `@win_v6` in its
+/// table): the first packet of every connection a window let through.
 fn window_packets(lab: &Lab) -> u64 {
     counted_in(lab, "ftp_alg", |rule| {
-        rule["expr"].to_string().contains("@win_v4")
+        let expr = rule["expr"].to_string();
+        expr.contains("@win_v4") || expr.contains("@win_v6")
     })
 }
 
@@ -729,9 +733,13 @@ fn window_packets(lab: &Lab) -> u64 {
 /// byte for byte; every data connection went through the window and none was dropped; vsftpd
 /// saw AUTH and PASV from the gateway's address, data connections included (it refuses data
 /// from another address than the control connection's); the window went with the session.
-pub fn through_window(client: TlsClient) {
-    let (mut lab, pki) = gateway_lab(true);
-    lab.ftps_transfers(client, DataMode::Pasv, &pki.ca, false);
+pub fn through_window(family: Family, client: TlsClient) {
+    let (mut lab, pki) = gateway_lab(family, true);
+    let mode = match family {
+        Family::V4 => DataMode::Pasv,
+        Family::V6 => DataMode::Epsv,
+    };
+    lab.ftps_transfers(client, mode, &pki.ca, false);
     let through = window_packets(&lab);
     assert!(
         through >= 3,
@@ -766,7 +774,7 @@ pub fn through_window(client: TlsClient) {
 /// `pinholes close` on it ends the session (the client's next operation fails) and the window
 /// is gone from the kernel.
 pub fn window_listed_and_closed() {
-    let (lab, pki) = gateway_lab(true);
+    let (lab, pki) = gateway_lab(Family::V4, true);
     let ca = pki.ca.to_string_lossy().into_owned();
     let download = lab.download_path().to_string_lossy().into_owned();
     let ops = [
@@ -825,7 +833,7 @@ pub fn window_listed_and_closed() {
 /// PASV), but the data connection is dropped by the forward chain (counted), and curl gives
 /// up without data.
 pub fn blocked_without_window() {
-    let (mut lab, pki) = gateway_lab(false);
+    let (mut lab, pki) = gateway_lab(Family::V4, false);
     // One download (a listing or an upload would wait out curl's --max-time as well).
     let args: Vec<String> = CURL
         .into_iter()
