@@ -178,10 +178,94 @@ pub struct TlsConfig {
     /// Implicit FTPS listeners (customarily port 990): TLS from the first byte, no AUTH.
     #[serde(default)]
     pub implicit_listen: Vec<SocketAddr>,
+    /// Towards the server: plain FTP, or ftp-alg's own `AUTH TLS` (docs/ftps.md).
+    #[serde(default)]
+    pub upstream: UpstreamProtocol,
+    /// `upstream = "tls"`: PEM file of the CA certificates the server's certificate must chain
+    /// to (exactly one of this and `upstream_pin`).
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
+    /// `upstream = "tls"`: `sha256:` and the hex SHA-256 of the server's own (end-entity)
+    /// certificate, in DER; colons between the bytes are allowed.
+    #[serde(default)]
+    pub upstream_pin: Option<String>,
+    /// `upstream = "tls"`: the name the server's certificate must carry (a DNS name or an IP
+    /// address); by default the address of `proxy.upstream`.
+    #[serde(default)]
+    pub upstream_name: Option<String>,
 }
 
 fn default_tls_relay_buffer() -> usize {
     DEFAULT_TLS_RELAY_BUFFER
+}
+
+/// `tls.upstream`: what ftp-alg speaks to the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// Plain FTP: the server needs no TLS (or has it optional).
+    #[default]
+    Plain,
+    /// ftp-alg sends `AUTH TLS` itself after the server's greeting, and `PBSZ 0` and `PROT P`;
+    /// every data connection is then relayed, TLS towards the server.
+    Tls,
+}
+
+/// How the server's certificate is checked when `tls.upstream = "tls"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTrust {
+    /// It must chain to a CA of this PEM file.
+    Ca(PathBuf),
+    /// The SHA-256 of its end-entity certificate must be this.
+    Pin([u8; 32]),
+}
+
+impl TlsConfig {
+    /// With `upstream = "tls"`, how the server's certificate is checked; `None` for a plain
+    /// upstream. The error names the keys that are wrong.
+    pub fn upstream_trust(&self) -> Result<Option<UpstreamTrust>, String> {
+        match (self.upstream, &self.upstream_ca, &self.upstream_pin) {
+            (UpstreamProtocol::Plain, None, None) if self.upstream_name.is_none() => Ok(None),
+            (UpstreamProtocol::Plain, ..) => Err(
+                "tls.upstream_ca, tls.upstream_pin and tls.upstream_name are for tls.upstream = \"tls\"; \
+                 with a plain upstream nothing is verified"
+                    .into(),
+            ),
+            (UpstreamProtocol::Tls, Some(ca), None) => Ok(Some(UpstreamTrust::Ca(ca.clone()))),
+            (UpstreamProtocol::Tls, None, Some(pin)) => parse_pin(pin).map(UpstreamTrust::Pin).map(Some),
+            (UpstreamProtocol::Tls, Some(_), Some(_)) => Err(
+                "tls.upstream_ca and tls.upstream_pin: give exactly one, not both".into(),
+            ),
+            (UpstreamProtocol::Tls, None, None) => Err(
+                "tls.upstream = \"tls\" needs tls.upstream_ca (a CA file) or tls.upstream_pin \
+                 (sha256:... of the server's certificate): an unverified server could be anyone"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// `sha256:` and 64 hex digits, optionally in colon-separated pairs (as `openssl x509
+/// -fingerprint -sha256` prints them).
+fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
+    let bad = || {
+        format!(
+            "tls.upstream_pin = {pin:?}: expected \"sha256:\" and the 64 hex digits of the \
+             SHA-256 of the server's certificate (openssl x509 -noout -fingerprint -sha256)"
+        )
+    };
+    let hex = pin
+        .strip_prefix("sha256:")
+        .ok_or_else(bad)?
+        .replace(':', "");
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 /// `[control]`: the Unix socket that `ftp-alg status`, `sessions` and `pinholes` talk to.
@@ -849,6 +933,14 @@ impl Config {
                     tls.relay_buffer
                 ));
             }
+            tls.upstream_trust()?;
+            if let Some(name) = &tls.upstream_name {
+                if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return Err(format!(
+                        "tls.upstream_name = {name:?}: neither a DNS name nor an IP address"
+                    ));
+                }
+            }
         } else if self.policy.require_tls {
             return Err("policy.require_tls needs a [tls] section with a certificate".into());
         }
@@ -1202,5 +1294,94 @@ mod tests {
         assert_eq!(vsftpd("listen_port"), upstream);
         let pasv = vsftpd("pasv_min_port")..=vsftpd("pasv_max_port");
         assert!(!range.iter().any(|p| pasv.contains(p)));
+    }
+
+    /// A reverse config with `[tls]` and the given extra `[tls]` lines.
+    fn with_upstream(lines: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            "[proxy]\nmode = \"reverse\"\nupstream = \"192.0.2.1:21\"\n\
+             [tls]\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n{lines}"
+        ))
+    }
+
+    const PIN: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+
+    #[test]
+    fn upstream_tls_takes_exactly_one_way_to_verify() {
+        let tls = |c: Config| c.tls.unwrap();
+        let plain = tls(with_upstream("").unwrap());
+        assert_eq!(plain.upstream, UpstreamProtocol::Plain);
+        assert_eq!(plain.upstream_trust(), Ok(None));
+        let ca = tls(with_upstream("upstream = \"tls\"\nupstream_ca = \"ca.pem\"\n").unwrap());
+        assert_eq!(
+            ca.upstream_trust(),
+            Ok(Some(UpstreamTrust::Ca("ca.pem".into())))
+        );
+        let pinned = tls(with_upstream(&format!(
+            "upstream = \"tls\"\nupstream_pin = \"{PIN}\"\nupstream_name = \"ftp.example.org\"\n"
+        ))
+        .unwrap());
+        let Ok(Some(UpstreamTrust::Pin(pin))) = pinned.upstream_trust() else {
+            panic!("{:?}", pinned.upstream_trust());
+        };
+        assert_eq!((pin[0], pin[1], pin[31]), (0x00, 0x11, 0xff));
+        // openssl's colon-separated form is the same pin.
+        let colons = PIN
+            .strip_prefix("sha256:")
+            .unwrap()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_pin(&format!("sha256:{colons}")), Ok(pin));
+    }
+
+    #[test]
+    fn every_bad_upstream_combination_is_named() {
+        for (lines, message) in [
+            ("upstream = \"tls\"\n", "needs tls.upstream_ca"),
+            (
+                &format!(
+                    "upstream = \"tls\"\nupstream_ca = \"ca.pem\"\nupstream_pin = \"{PIN}\"\n"
+                ),
+                "exactly one, not both",
+            ),
+            (
+                "upstream_ca = \"ca.pem\"\n",
+                "are for tls.upstream = \"tls\"",
+            ),
+            (
+                &format!("upstream_pin = \"{PIN}\"\n"),
+                "are for tls.upstream = \"tls\"",
+            ),
+            (
+                "upstream_name = \"ftp.example.org\"\n",
+                "are for tls.upstream = \"tls\"",
+            ),
+            (
+                "upstream = \"tls\"\nupstream_pin = \"00112233\"\n",
+                "expected \"sha256:\"",
+            ),
+            (
+                "upstream = \"tls\"\nupstream_pin = \"sha256:0011\"\n",
+                "expected \"sha256:\"",
+            ),
+            (
+                &format!(
+                    "upstream = \"tls\"\nupstream_pin = \"{}\"\n",
+                    PIN.replace('0', "g")
+                ),
+                "expected \"sha256:\"",
+            ),
+            (
+                "upstream = \"tls\"\nupstream_ca = \"ca.pem\"\nupstream_name = \"not a name\"\n",
+                "neither a DNS name nor an IP address",
+            ),
+            ("upstream = \"starttls\"\n", "unknown variant"),
+        ] {
+            let e = with_upstream(lines).unwrap_err().to_string();
+            assert!(e.contains(message), "{lines}: {e}");
+        }
     }
 }

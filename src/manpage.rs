@@ -163,6 +163,10 @@ mod tests {
             key: "key.pem".into(),
             relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
             implicit_listen: vec!["0.0.0.0:990".parse().unwrap()],
+            upstream: crate::config::UpstreamProtocol::Tls,
+            upstream_ca: Some("ca.pem".into()),
+            upstream_pin: None,
+            upstream_name: Some("ftp.example.org".into()),
         });
         let mut out = std::collections::BTreeSet::new();
         walk("", &serde_json::to_value(&config).unwrap(), &mut out);

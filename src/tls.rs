@@ -9,26 +9,43 @@
 //! data connection must come back with exactly that token. A third party that races the client
 //! to the data port, or a client that starts a fresh session, gets no data.
 //!
+//! Towards the server, with `tls.upstream = "tls"`, ftp-alg is the TLS client
+//! ([`Upstream`]): the server's certificate is checked against `tls.upstream_ca` or the
+//! pinned `tls.upstream_pin`, and every session gets a rustls client configuration of its own,
+//! with a session store of its own, so that the data connections of a session resume that
+//! session's control connection (vsftpd's `require_ssl_reuse=YES` refuses any other) and no
+//! other session's.
+//!
 //! Not here: the control-channel logic (which replies `AUTH`, `PBSZ` and `PROT` get is
-//! `session.rs`'s) and the data relay itself (`datarelay.rs`).
+//! `session.rs`'s, what ftp-alg sends the server is `upstream_tls.rs`'s) and the data relay
+//! itself (`datarelay.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConfig, Resumption};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::{ServerConfig, ServerConnection, ServerSessionMemoryCache};
-use rustls::HandshakeKind;
+use rustls::{CertificateError, DigitallySignedStruct, HandshakeKind, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::TlsConfig;
+use crate::config::{TlsConfig, UpstreamTrust};
 
 /// TLS 1.2 sessions kept for resumption by data connections, across all control connections.
 const SESSION_CACHE: usize = 4096;
 /// Length of the random token that binds data connections to their control session.
 const TOKEN_LEN: usize = 16;
+/// Sessions one upstream session store keeps: the control connection's, and the TLS 1.3
+/// tickets handed out on it and on its data connections (each ticket is used once).
+const UPSTREAM_SESSIONS: usize = 8;
 
 /// Why the `[tls]` files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +71,22 @@ pub enum TlsError {
     /// rustls refused the configuration (no randomness for tickets, say).
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
+    /// `tls.upstream_ca` could not be read or parsed.
+    #[error("tls.upstream_ca = {path}: {source}")]
+    UpstreamCa {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// `tls.upstream_ca` holds no certificate rustls accepts as a trust anchor.
+    #[error("tls.upstream_ca = {path}: no usable CA certificate ({detail})")]
+    NoUpstreamCa { path: PathBuf, detail: String },
+    /// `tls.upstream_name` is neither a DNS name nor an IP address.
+    #[error("tls.upstream_name = {0:?}: neither a DNS name nor an IP address")]
+    UpstreamName(String),
+    /// The `tls.upstream*` keys do not fit together (`Config::validate` says so first; only a
+    /// configuration built in code gets here).
+    #[error("tls: {0}")]
+    UpstreamConfig(String),
 }
 
 /// What `check-config` says about `[tls]`.
@@ -220,6 +253,197 @@ impl Terminator {
     }
 }
 
+/// ftp-alg as the TLS client of the upstream server (`tls.upstream = "tls"`): the verified
+/// server name and a client configuration to copy for every session.
+#[derive(Clone)]
+pub struct Upstream {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    trust: &'static str,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One session's side of [`Upstream`]: its control connection and every data connection
+/// connect with the same configuration, and so the same session store, so the data
+/// connections resume the control connection's TLS session.
+#[derive(Clone)]
+pub struct UpstreamSession {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for UpstreamSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSession")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Read `tls.upstream_ca` (or take `tls.upstream_pin`) for a server at `server`; `None`
+    /// when the upstream is plain.
+    pub fn load(config: &TlsConfig, server: SocketAddr) -> Result<Option<Upstream>, TlsError> {
+        let Some(trust) = config.upstream_trust().map_err(TlsError::UpstreamConfig)? else {
+            return Ok(None);
+        };
+        let name = match &config.upstream_name {
+            Some(name) => ServerName::try_from(name.clone())
+                .map_err(|_| TlsError::UpstreamName(name.clone()))?,
+            None => ServerName::IpAddress(server.ip().into()),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let (config, trust) = match trust {
+            UpstreamTrust::Ca(path) => {
+                let roots = CertificateDer::pem_file_iter(&path)
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .map_err(|source| TlsError::UpstreamCa {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let mut store = RootCertStore::empty();
+                let (added, ignored) = store.add_parsable_certificates(roots);
+                if added == 0 {
+                    return Err(TlsError::NoUpstreamCa {
+                        path,
+                        detail: format!("{ignored} certificate(s) that are not CA certificates"),
+                    });
+                }
+                let config = builder.with_root_certificates(store).with_no_client_auth();
+                (config, "ca")
+            }
+            UpstreamTrust::Pin(pin) => {
+                let verifier = Pinned {
+                    pin,
+                    algorithms: provider.signature_verification_algorithms,
+                };
+                let config = builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+                    .with_no_client_auth();
+                (config, "pin")
+            }
+        };
+        Ok(Some(Upstream {
+            config: Arc::new(config),
+            name,
+            trust,
+        }))
+    }
+
+    /// `"ca"` or `"pin"`: how the server is verified, for `check-config` and logs.
+    pub fn trust(&self) -> &'static str {
+        self.trust
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn name(&self) -> String {
+        self.name.to_str().into_owned()
+    }
+
+    /// A client side for one session, with a session store of its own.
+    pub fn session(&self) -> UpstreamSession {
+        let mut config = (*self.config).clone();
+        config.resumption = Resumption::in_memory_sessions(UPSTREAM_SESSIONS);
+        UpstreamSession {
+            connector: TlsConnector::from(Arc::new(config)),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl UpstreamSession {
+    /// The TLS handshake with the server, as TLS client, on a control or data connection.
+    pub async fn connect<S>(&self, stream: S) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.connector.connect(self.name.clone(), stream).await
+    }
+}
+
+/// Why a handshake failed, for a log line: rustls's own words, but for a certificate that
+/// does not match `tls.upstream_pin`, which rustls can only show as a debug dump.
+pub fn describe(e: &std::io::Error) -> String {
+    let pinned = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|inner| match inner {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                Some(other.0.to_string())
+            }
+            _ => None,
+        });
+    pinned.unwrap_or_else(|| e.to_string())
+}
+
+/// `tls.upstream_pin`: the server's end-entity certificate must have exactly this SHA-256; its
+/// handshake signatures are checked as usual, so the server must hold the certificate's key.
+#[derive(Debug)]
+struct Pinned {
+    pin: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// The server's certificate is not the pinned one.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's certificate does not match tls.upstream_pin (its SHA-256 is sha256:{found})")]
+struct PinMismatch {
+    found: String,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = Sha256::digest(end_entity.as_ref());
+        if digest[..] == self.pin[..] {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let found = digest.iter().map(|b| format!("{b:02x}")).collect();
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(PinMismatch { found })),
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// Whether a data connection's handshake resumed the session that `token` marks.
 fn binding(
     kind: Option<HandshakeKind>,
@@ -291,6 +515,10 @@ mod tests {
             key: empty.clone(),
             relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
             implicit_listen: Vec::new(),
+            upstream: Default::default(),
+            upstream_ca: None,
+            upstream_pin: None,
+            upstream_name: None,
         };
         let e = Terminator::load(&config(&missing)).unwrap_err().to_string();
         assert!(e.contains("missing.pem"), "{e}");
