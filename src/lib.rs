@@ -16,7 +16,8 @@
 //! - [`config`] and [`cli`]: the TOML configuration and the command line ([`manpage`] makes
 //!   ftp-alg.toml(5) from README.md's key table); [`origdst`] reads a
 //!   redirected connection's original destination, and [`upstream`] says where a gateway may
-//!   connect on a client's behalf and connects there;
+//!   connect on a client's behalf and connects there; [`upstream_tls`] is what ftp-alg says
+//!   to a server it speaks TLS to before the session starts (sans-IO);
 //! - [`notify`] (systemd readiness), [`reload`] (SIGHUP), [`heal`] (the table loaded again
 //!   when it is deleted under the daemon) and [`logging`] (journal or stderr): operating it as
 //!   a service;
@@ -52,3 +53,4 @@ pub mod session;
 pub mod sniff;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;
