@@ -395,6 +395,11 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
         Some(tls) => Some((tls, crate::tls::Terminator::load(tls)?)),
         None => None,
     };
+    // So is the CA file of a TLS upstream.
+    let upstream_tls = match (&config.tls, config.proxy.upstream) {
+        (Some(tls), Some(server)) => crate::tls::Upstream::load(tls, server)?,
+        _ => None,
+    };
     let p = &config.proxy;
     println!("{}: ok", file.display());
     println!("  mode:     {}", p.mode);
@@ -482,6 +487,17 @@ pub fn check_config(file: &Path) -> anyhow::Result<()> {
             }
         ),
         None => println!("  tls:      off (AUTH handled as policy.auth says)"),
+    }
+    if let Some(upstream) = &upstream_tls {
+        println!(
+            "  upstream: TLS (AUTH TLS, PBSZ 0, PROT P sent by ftp-alg), the server verified as {} \
+             by {}; every data connection relayed",
+            upstream.name(),
+            match upstream.trust() {
+                "pin" => "its pinned certificate (tls.upstream_pin)",
+                _ => "tls.upstream_ca",
+            }
+        );
     }
     for (name, networks, empty) in [
         ("allowed clients", &policy.allow_clients, "all"),
@@ -690,7 +706,10 @@ fn write_sessions(out: &mut dyn Write, sessions: &[SessionInfo]) -> std::io::Res
             or_dash(s.server),
             s.user.as_deref().unwrap_or("-"),
             if s.logged_in { "yes" } else { "no" },
-            s.tls.as_str(),
+            match s.upstream_tls {
+                true => format!("{}+up", s.tls.as_str()),
+                false => s.tls.as_str().to_owned(),
+            },
             if pinholes.is_empty() {
                 "-".to_owned()
             } else {

@@ -24,7 +24,7 @@ use crate::ports::PortPool;
 use crate::proxy::{self, Shared};
 use crate::registry::Registry;
 use crate::reload::{Live, Reloader};
-use crate::tls::Terminator;
+use crate::tls::{Terminator, Upstream};
 use crate::upstream;
 
 /// Run the daemon until SIGTERM or SIGINT, or until it has handed its listeners over to a new
@@ -111,8 +111,13 @@ pub async fn run(
     let (relay, relay_listeners) = match &config.tls {
         Some(tls) => {
             let terminator = Terminator::load(tls)?;
-            let (relay, listeners) = Relay::bind(terminator, tls.relay_buffer, metrics.clone())
-                .context("binding the PROT P data relay listener")?;
+            let upstream = match config.proxy.upstream {
+                Some(server) => Upstream::load(tls, server)?,
+                None => None,
+            };
+            let (relay, listeners) =
+                Relay::bind(terminator, upstream, tls.relay_buffer, metrics.clone())
+                    .context("binding the PROT P data relay listener")?;
             (Some(relay), listeners)
         }
         None => (None, Vec::new()),

@@ -7,13 +7,19 @@
 //! other peer. The relay reads the connection's original destination (`SO_ORIGINAL_DST`), finds
 //! the session that expects that peer on that port, and takes the expectation away, so one
 //! pinhole admits one connection here too. Then it dials the other peer and copies, with
-//! ftp-alg as the TLS server on the client's side (RFC 4217 §9), the server's side in clear:
+//! ftp-alg as the TLS server on the client's side under `PROT P` (RFC 4217 §9), and as the TLS
+//! client on the server's side with a TLS upstream (`tls.upstream = "tls"`; else that side is
+//! in clear):
 //! - passive: the client dials in (TLS, which must resume its control session, see `tls.rs`),
-//!   ftp-alg dials the server's data port from its upstream address (before the handshake:
-//!   see [`Relay::run`]); only the client's own address reaches the relay, since the pinhole
-//!   admits no other source;
-//! - active: the server dials in (clear), ftp-alg dials the client's announced port from the
+//!   ftp-alg dials the server's data port from its upstream address (before the client's
+//!   handshake: see [`Relay::run`]); only the client's own address reaches the relay, since
+//!   the pinhole admits no other source;
+//! - active: the server dials in, ftp-alg dials the client's announced port from the
 //!   address the client knows, and does the TLS handshake as server on it.
+//!
+//! Towards a TLS upstream each data connection resumes the TLS session of ftp-alg's own control
+//! connection with that server (vsftpd's `require_ssl_reuse=YES` refuses any other): the
+//! session's [`UpstreamSession`] holds that session, and only it.
 //!
 //! Memory per connection is bounded: one buffer of `tls.relay_buffer` bytes per direction,
 //! plus rustls's own bounded buffers. Bytes are counted in the metrics as they pass.
@@ -26,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::Instrument;
@@ -34,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::origdst::original_destination;
 use crate::pinhole::PinholeId;
 use crate::session::{Expectation, RelayLeg};
-use crate::tls::{Terminator, Token};
+use crate::tls::{Terminator, Token, Upstream, UpstreamSession};
 
 /// How long a data connection's TLS handshake, and the relay's connection to the other peer,
 /// may take.
@@ -50,7 +57,10 @@ const LINGER: Duration = Duration::from_secs(5);
 struct Job {
     pinhole: PinholeId,
     leg: RelayLeg,
-    token: Token,
+    /// The client's TLS sessions carry this token (`PROT P`).
+    token: Option<Token>,
+    /// The session's TLS client towards the server (a TLS upstream).
+    upstream: Option<UpstreamSession>,
     /// The session's span: the relay's log lines belong to it.
     span: tracing::Span,
     /// When its pinhole was closed (see [`LINGER`]).
@@ -73,6 +83,7 @@ type Waiting = HashMap<(IpAddr, u16), VecDeque<Job>>;
 pub struct Relay {
     port: u16,
     terminator: Terminator,
+    upstream: Option<Upstream>,
     buffer: usize,
     metrics: Arc<Metrics>,
     waiting: Mutex<Waiting>,
@@ -83,6 +94,7 @@ impl Relay {
     /// kernel; a host without IPv6 gets the IPv4 one only.
     pub fn bind(
         terminator: Terminator,
+        upstream: Option<Upstream>,
         buffer: usize,
         metrics: Arc<Metrics>,
     ) -> io::Result<(Arc<Relay>, Vec<TcpListener>)> {
@@ -96,6 +108,7 @@ impl Relay {
         let relay = Relay {
             port,
             terminator,
+            upstream,
             buffer,
             metrics,
             waiting: Mutex::new(HashMap::new()),
@@ -113,14 +126,26 @@ impl Relay {
         &self.terminator
     }
 
+    /// ftp-alg as the TLS client of the server (`tls.upstream = "tls"`).
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_ref()
+    }
+
     /// A session expects the data connection `expectation` describes; its client's TLS
-    /// session carries `token`.
-    pub fn expect(&self, expectation: Expectation, token: Token) {
+    /// session carries `token` (under `PROT P`), and `upstream` is its TLS client towards the
+    /// server (a TLS upstream).
+    pub fn expect(
+        &self,
+        expectation: Expectation,
+        token: Option<Token>,
+        upstream: Option<UpstreamSession>,
+    ) {
         let key = (expectation.leg.peer.to_canonical(), expectation.port);
         let job = Job {
             pinhole: expectation.pinhole,
             leg: expectation.leg,
             token,
+            upstream,
             span: tracing::Span::current(),
             closed: None,
         };
@@ -192,48 +217,80 @@ impl Relay {
         let leg = job.leg;
         // Both ways, the server's side is connected first: a server announces the transfer
         // (150) only once its data connection is up, and clients such as lftp start the data
-        // connection's TLS handshake only after that reply.
-        let result = if leg.passive {
-            match dial(leg).await {
-                Ok(server) => match self.client_side(accepted, &job.token).await {
-                    Some(client) => self.copy(client, server).await,
-                    None => return,
-                },
-                Err(e) => Err(e),
-            }
-        } else {
-            match dial(leg).await {
-                Ok(client) => match self.client_side(client, &job.token).await {
-                    Some(client) => self.copy(client, accepted).await,
-                    None => return,
-                },
-                Err(e) => Err(e),
+        // connection's TLS handshake only after that reply. A TLS server (vsftpd) starts its
+        // handshake right after that 150, so the server's side is secured before the client's.
+        let result = async {
+            let (server, client) = match leg.passive {
+                true => (dial(leg).await?, accepted),
+                false => (accepted, dial(leg).await?),
+            };
+            let server = self.server_side(server, leg, job.upstream.as_ref()).await?;
+            match self.client_side(client, leg, job.token.as_ref()).await {
+                Some(client) => self.copy(client, server).await,
+                None => Ok(()),
             }
         };
-        match result {
-            Ok(()) => tracing::debug!(pinhole = job.pinhole, "PROT P data connection done"),
+        match result.await {
+            Ok(()) => tracing::debug!(pinhole = job.pinhole, "relayed data connection done"),
             Err(e) => {
-                tracing::info!(pinhole = job.pinhole, error = %e, "PROT P data connection ended")
+                tracing::info!(pinhole = job.pinhole, error = %e, "relayed data connection ended")
             }
         }
     }
 
-    /// The TLS handshake with the client, as TLS server; `None` when it is refused.
+    /// The server's side: in clear, or TLS with ftp-alg as TLS client, resuming the session's
+    /// control connection to the server.
+    async fn server_side(
+        &self,
+        stream: TcpStream,
+        leg: RelayLeg,
+        upstream: Option<&UpstreamSession>,
+    ) -> io::Result<Box<dyn Duplex>> {
+        if !leg.server_tls {
+            return Ok(Box::new(stream));
+        }
+        let upstream = upstream.ok_or_else(|| {
+            io::Error::other("a TLS data connection to the server without the session's TLS client")
+        })?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, upstream.connect(stream))
+            .await
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "server's TLS handshake timed out")
+            })?
+            .map_err(|e| io::Error::new(e.kind(), format!("server's TLS handshake: {e}")))?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+        tracing::debug!(
+            resumed,
+            version = ?tls.get_ref().1.protocol_version(),
+            "TLS with the server on a data connection"
+        );
+        Ok(Box::new(tls))
+    }
+
+    /// The client's side: in clear, or the TLS handshake with the client as TLS server; `None`
+    /// when the handshake is refused.
     async fn client_side(
         &self,
         stream: TcpStream,
-        token: &Token,
-    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-        let accepted = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            self.terminator.accept_data(stream, token),
-        )
-        .await
-        .unwrap_or(Err(crate::tls::DataRefusal::Handshake));
+        leg: RelayLeg,
+        token: Option<&Token>,
+    ) -> Option<Box<dyn Duplex>> {
+        if !leg.client_tls {
+            return Some(Box::new(stream));
+        }
+        let accepted = match token {
+            Some(token) => tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                self.terminator.accept_data(stream, token),
+            )
+            .await
+            .unwrap_or(Err(crate::tls::DataRefusal::Handshake)),
+            None => Err(crate::tls::DataRefusal::Handshake),
+        };
         match accepted {
             Ok(tls) => {
                 self.metrics.tls_data_connection();
-                Some(tls)
+                Some(Box::new(tls))
             }
             Err(why) => {
                 tracing::warn!(
@@ -247,11 +304,7 @@ impl Relay {
     }
 
     /// Copy both ways until both are done, through `tls.relay_buffer` bytes per direction.
-    async fn copy(
-        &self,
-        mut client: tokio_rustls::server::TlsStream<TcpStream>,
-        server: TcpStream,
-    ) -> io::Result<()> {
+    async fn copy(&self, mut client: Box<dyn Duplex>, server: Box<dyn Duplex>) -> io::Result<()> {
         let mut server = Counted {
             inner: server,
             metrics: &self.metrics,
@@ -261,6 +314,11 @@ impl Relay {
             .map(drop)
     }
 }
+
+/// Either side of a relayed data connection: TCP, or TLS over it.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
 /// Connect to the other peer from the address it expects data from.
 async fn dial(leg: RelayLeg) -> io::Result<TcpStream> {
@@ -277,7 +335,7 @@ async fn dial(leg: RelayLeg) -> io::Result<TcpStream> {
 /// The server's side of a relay, counting what passes: what is read from it goes to the
 /// client, what is written to it came from the client.
 struct Counted<'a> {
-    inner: TcpStream,
+    inner: Box<dyn Duplex>,
     metrics: &'a Metrics,
 }
 

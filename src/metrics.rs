@@ -337,7 +337,7 @@ impl Metrics {
         counter(
             &mut out,
             "ftp_alg_upstream_connect_failures_total",
-            "Connections to the FTP server that failed or timed out.",
+            "Connections to the FTP server that failed, timed out or could not be secured.",
             &self.upstream_connect_failures,
         );
         counter(

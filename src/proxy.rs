@@ -10,10 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::accept;
@@ -24,8 +23,9 @@ use crate::origdst::original_destination;
 use crate::pinhole::{Firewall, OpenError, Pinholes};
 use crate::registry::{Admitted, Entry, LimitReached, Registry};
 use crate::session::{Action, Event, Session, SessionContext, Side, TlsContext};
-use crate::tls::Token;
+use crate::tls::{Token, UpstreamSession};
 use crate::upstream;
+use crate::upstream_tls::{self, Negotiation, Output};
 
 const READ_BUFFER: usize = 8192;
 /// Reads per readiness event before the session's actions are carried out: bounds what one
@@ -185,7 +185,35 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted,
     if let Err(e) = socket2::SockRef::from(&client).set_out_of_band_inline(true) {
         tracing::warn!(error = %e, "cannot set SO_OOBINLINE; urgent data from the client is lost");
     }
-    tracing::info!("session started");
+    let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
+    let mut client = ClientIo::Plain(client);
+    if implicit {
+        match implicit_tls(shared, client, idle_limit).await {
+            Ok(tls) => client = tls,
+            Err(e) => return tracing::info!(error = %e, "implicit FTPS: no TLS handshake"),
+        }
+    }
+    // With a TLS upstream, the connection to the server is secured before the client hears
+    // anything (an implicit FTPS client after its own handshake, so that a refusal reaches it
+    // over TLS): the server's greeting comes out of that negotiation.
+    let upstream_tls = shared
+        .relay
+        .as_ref()
+        .and_then(|relay| relay.upstream())
+        .map(|tls| tls.session());
+    let (server_io, greeting) = match &upstream_tls {
+        None => (ServerIo::plain(upstream), Vec::new()),
+        Some(tls) => match secure_upstream(upstream, tls, cfg.max_line, timeout).await {
+            Ok(secured) => secured,
+            Err((reply, why)) => {
+                tracing::warn!(reason = why.as_str(), error = %why, "cannot secure the connection to the server: session refused");
+                shared.metrics.upstream_connect_failed();
+                farewell(&mut client, &reply).await;
+                return;
+            }
+        },
+    };
+    tracing::info!(upstream_tls = upstream_tls.is_some(), "session started");
     let ctx = SessionContext {
         id,
         mode: cfg.mode,
@@ -201,19 +229,20 @@ async fn session(mut client: TcpStream, shared: Arc<Shared>, admitted: Admitted,
         tls: shared.relay.as_ref().map(|relay| TlsContext {
             relay_port: relay.port(),
             implicit,
+            upstream: upstream_tls.is_some(),
         }),
     };
     let mut session = Session::new(ctx);
-    let idle_limit = Duration::from_secs(live.limits.idle_timeout_secs);
-    let mut client = ClientIo::Plain(client);
-    if implicit {
-        match implicit_tls(shared, client, idle_limit).await {
-            Ok(tls) => client = tls,
-            Err(e) => return tracing::info!(error = %e, "implicit FTPS: no TLS handshake"),
-        }
-    }
-    let streams = (client, upstream);
-    if let Err(e) = relay(&mut session, streams, shared, entry, idle_limit).await {
+    session.handle_server_data(&greeting);
+    let streams = (client, server_io);
+    let io = relay(
+        &mut session,
+        streams,
+        shared,
+        (entry, upstream_tls.as_ref()),
+        idle_limit,
+    );
+    if let Err(e) = io.await {
         tracing::info!(error = %e, "control connection failed");
     }
     // Whatever ended the session, its pinholes go with it.
@@ -239,12 +268,11 @@ async fn refuse_unreachable(shared: &Shared, mut client: TcpStream, why: &str) {
 /// client's side closes and the server has not finished within [`HALF_CLOSE_GRACE`].
 async fn relay(
     session: &mut Session,
-    (mut client, server): (ClientIo, TcpStream),
+    (mut client, mut server): (ClientIo, ServerIo),
     shared: &Shared,
-    entry: &Entry,
+    (entry, upstream_tls): (&Entry, Option<&UpstreamSession>),
     idle_limit: Duration,
 ) -> std::io::Result<()> {
-    let (server_rx, mut server_tx) = server.into_split();
     let mut client_open = true;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
@@ -254,10 +282,10 @@ async fn relay(
         while let Some(action) = session.poll_action() {
             match action {
                 Action::ToServer(bytes) => {
-                    bounded(entry, idle_limit, server_tx.write_all(&bytes)).await?
+                    bounded(entry, idle_limit, server.write_all(&bytes)).await?
                 }
                 Action::ToServerSynch(line) => {
-                    bounded(entry, idle_limit, send_synch(&mut server_tx, &line)).await?
+                    bounded(entry, idle_limit, server.send_synch(&line)).await?
                 }
                 Action::ToClient(bytes) => {
                     bounded(entry, idle_limit, client.write_all(&bytes)).await?
@@ -269,10 +297,12 @@ async fn relay(
                     client = bounded(entry, idle_limit, client.start_tls(relay)).await?;
                     tracing::info!(tls = "control", "TLS with the client established");
                 }
-                Action::Expect(expectation) => match (&shared.relay, client.token()) {
-                    (Some(relay), Some(token)) => relay.expect(expectation, token.clone()),
-                    _ => tracing::error!(
-                        "PROT P data connection without TLS: the session core erred"
+                Action::Expect(expectation) => match &shared.relay {
+                    Some(relay) => {
+                        relay.expect(expectation, client.token().cloned(), upstream_tls.cloned())
+                    }
+                    None => tracing::error!(
+                        "relayed data connection without [tls]: the session core erred"
                     ),
                 },
                 Action::Open(request) => {
@@ -309,7 +339,7 @@ async fn relay(
                     close(shared, ids)
                 }
                 Action::EndToServer => {
-                    server_tx.shutdown().await?;
+                    server.shutdown().await?;
                     grace
                         .as_mut()
                         .reset(tokio::time::Instant::now() + HALF_CLOSE_GRACE);
@@ -332,9 +362,9 @@ async fn relay(
                     session.handle_eof(Side::Client);
                 }
             },
-            ready = server_rx.as_ref().readable() => {
+            ready = server.ready() => {
                 ready?;
-                if read_available(server_rx.as_ref(), session, Side::Server)?.eof {
+                if server.take_available(session)?.eof {
                     session.handle_eof(Side::Server);
                 }
             },
@@ -411,19 +441,72 @@ async fn farewell(client: &mut ClientIo, reply: &[u8]) {
     let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(reply)).await;
 }
 
+/// A TLS stream of a control connection, read a buffer at a time: TLS hides the socket's
+/// readiness, so a read happens before the session is asked to take its bytes.
+struct TlsIo<S> {
+    stream: Box<S>,
+    /// Decrypted bytes read and not yet given to the session, and how many.
+    buf: Box<[u8]>,
+    filled: Option<usize>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsIo<S> {
+    fn new(stream: S) -> TlsIo<S> {
+        TlsIo {
+            stream: Box::new(stream),
+            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            filled: None,
+        }
+    }
+
+    /// Wait until there is something to take. Cancel-safe: a TLS read keeps nothing until it
+    /// completes.
+    async fn ready(&mut self) -> std::io::Result<()> {
+        if self.filled.is_none() {
+            self.filled = Some(self.stream.read(&mut self.buf).await?);
+        }
+        Ok(())
+    }
+
+    /// Feed the session what [`TlsIo::ready`] read from `side`.
+    fn take(&mut self, session: &mut Session, side: Side) -> Read {
+        match self.filled.take() {
+            Some(0) => Read {
+                bytes: 0,
+                eof: true,
+            },
+            Some(n) => {
+                match side {
+                    Side::Client => session.handle_client_data(&self.buf[..n]),
+                    Side::Server => session.handle_server_data(&self.buf[..n]),
+                }
+                Read {
+                    bytes: n,
+                    eof: false,
+                }
+            }
+            None => Read {
+                bytes: 0,
+                eof: false,
+            },
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+}
+
 /// The client's side of the control connection: plain TCP, or TLS ended by ftp-alg after
 /// `AUTH TLS`.
 enum ClientIo {
     Plain(TcpStream),
     Tls {
-        stream: Box<TlsStream<TcpStream>>,
+        io: TlsIo<tokio_rustls::server::TlsStream<TcpStream>>,
         /// The random value this session's TLS sessions carry: a `PROT P` data connection
         /// must resume one of them.
         token: Token,
-        /// Decrypted bytes read and not yet given to the session, and how many: TLS hides the
-        /// socket's readiness, so a read happens before the session is asked to take it.
-        buf: Box<[u8]>,
-        filled: Option<usize>,
     },
 }
 
@@ -433,17 +516,7 @@ impl ClientIo {
     async fn ready(&mut self) -> std::io::Result<()> {
         match self {
             ClientIo::Plain(stream) => stream.readable().await,
-            ClientIo::Tls {
-                stream,
-                buf,
-                filled,
-                ..
-            } => {
-                if filled.is_none() {
-                    *filled = Some(stream.read(buf).await?);
-                }
-                Ok(())
-            }
+            ClientIo::Tls { io, .. } => io.ready().await,
         }
     }
 
@@ -451,33 +524,14 @@ impl ClientIo {
     fn take_available(&mut self, session: &mut Session) -> std::io::Result<Read> {
         match self {
             ClientIo::Plain(stream) => read_available(stream, session, Side::Client),
-            ClientIo::Tls { buf, filled, .. } => Ok(match filled.take() {
-                Some(0) => Read {
-                    bytes: 0,
-                    eof: true,
-                },
-                Some(n) => {
-                    session.handle_client_data(&buf[..n]);
-                    Read {
-                        bytes: n,
-                        eof: false,
-                    }
-                }
-                None => Read {
-                    bytes: 0,
-                    eof: false,
-                },
-            }),
+            ClientIo::Tls { io, .. } => Ok(io.take(session, Side::Client)),
         }
     }
 
     async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             ClientIo::Plain(stream) => stream.write_all(bytes).await,
-            ClientIo::Tls { stream, .. } => {
-                stream.write_all(bytes).await?;
-                stream.flush().await
-            }
+            ClientIo::Tls { io, .. } => io.write_all(bytes).await,
         }
     }
 
@@ -500,14 +554,152 @@ impl ClientIo {
                     .map_err(std::io::Error::other)?;
                 let tls = relay.terminator().accept_control(stream, &token).await?;
                 Ok(ClientIo::Tls {
-                    stream: Box::new(tls),
+                    io: TlsIo::new(tls),
                     token,
-                    buf: vec![0; READ_BUFFER].into_boxed_slice(),
-                    filled: None,
                 })
             }
             ClientIo::Tls { .. } => Err(std::io::Error::other("TLS is already on")),
         }
+    }
+}
+
+/// The server's side of the control connection: plain TCP, or TLS with ftp-alg as TLS client
+/// (`tls.upstream = "tls"`).
+enum ServerIo {
+    Plain {
+        rx: OwnedReadHalf,
+        tx: OwnedWriteHalf,
+    },
+    Tls(TlsIo<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl ServerIo {
+    fn plain(stream: TcpStream) -> ServerIo {
+        let (rx, tx) = stream.into_split();
+        ServerIo::Plain { rx, tx }
+    }
+
+    /// As [`ClientIo::ready`].
+    async fn ready(&mut self) -> std::io::Result<()> {
+        match self {
+            ServerIo::Plain { rx, .. } => rx.as_ref().readable().await,
+            ServerIo::Tls(io) => io.ready().await,
+        }
+    }
+
+    /// Feed the session what [`ServerIo::ready`] found.
+    fn take_available(&mut self, session: &mut Session) -> std::io::Result<Read> {
+        match self {
+            ServerIo::Plain { rx, .. } => read_available(rx.as_ref(), session, Side::Server),
+            ServerIo::Tls(io) => Ok(io.take(session, Side::Server)),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ServerIo::Plain { tx, .. } => tx.write_all(bytes).await,
+            ServerIo::Tls(io) => io.write_all(bytes).await,
+        }
+    }
+
+    /// An ABOR line: with RFC 959's Synch in clear; over TLS there is no urgent data to mark
+    /// (the Telnet bytes would reach the server as part of the line), so the line goes alone,
+    /// as FTPS clients send it.
+    async fn send_synch(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            ServerIo::Plain { tx, .. } => send_synch(tx, line).await,
+            ServerIo::Tls(io) => io.write_all(line).await,
+        }
+    }
+
+    /// Shut down the write half (over TLS: after a close_notify).
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            ServerIo::Plain { tx, .. } => tx.shutdown().await,
+            ServerIo::Tls(io) => io.stream.shutdown().await,
+        }
+    }
+}
+
+/// Carry out `upstream_tls.rs`'s negotiation with the server on `upstream` (`AUTH TLS`, the
+/// handshake as TLS client, `PBSZ 0`, `PROT P`), within `limit`: the secured connection and the
+/// server's greeting for the session, or the reply for the client and why.
+async fn secure_upstream(
+    upstream: TcpStream,
+    tls: &UpstreamSession,
+    max_line: usize,
+    limit: Duration,
+) -> Result<(ServerIo, Vec<u8>), (Vec<u8>, upstream_tls::Refusal)> {
+    let negotiate = async {
+        let mut negotiation = Negotiation::new(max_line);
+        let mut plain = Some(upstream);
+        let mut secured: Option<tokio_rustls::client::TlsStream<TcpStream>> = None;
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            while let Some(output) = negotiation.poll_output() {
+                match output {
+                    Output::ToServer(bytes) => {
+                        let written = match (&mut plain, &mut secured) {
+                            (Some(stream), _) => stream.write_all(&bytes).await,
+                            (None, Some(stream)) => match stream.write_all(&bytes).await {
+                                Ok(()) => stream.flush().await,
+                                Err(e) => Err(e),
+                            },
+                            (None, None) => Err(std::io::ErrorKind::NotConnected.into()),
+                        };
+                        if let Err(e) = written {
+                            tracing::debug!(error = %e, "writing to the server failed");
+                            negotiation.handle_eof();
+                        }
+                    }
+                    Output::StartTls => {
+                        let result = match plain.take() {
+                            Some(stream) => tls.connect(stream).await,
+                            None => Err(std::io::ErrorKind::NotConnected.into()),
+                        };
+                        match result {
+                            Ok(stream) => {
+                                let conn = stream.get_ref().1;
+                                tracing::info!(version = ?conn.protocol_version(), "TLS with the server established");
+                                secured = Some(stream);
+                                negotiation.handle_tls(Ok(()));
+                            }
+                            Err(e) => negotiation.handle_tls(Err(crate::tls::describe(&e))),
+                        }
+                    }
+                    Output::Ready(greeting) => {
+                        return match secured {
+                            Some(stream) => Ok((ServerIo::Tls(TlsIo::new(stream)), greeting)),
+                            None => Err((
+                                upstream_tls::REFUSED_REPLY.to_vec(),
+                                upstream_tls::Refusal::Closed,
+                            )),
+                        };
+                    }
+                    Output::Refuse(reply, why) => return Err((reply, why)),
+                }
+            }
+            let read = match (&mut plain, &mut secured) {
+                (Some(stream), _) => stream.read(&mut buf).await,
+                (None, Some(stream)) => stream.read(&mut buf).await,
+                (None, None) => Ok(0),
+            };
+            match read {
+                Ok(0) => negotiation.handle_eof(),
+                Ok(n) => negotiation.handle_server_data(&buf[..n]),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the server failed");
+                    negotiation.handle_eof();
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(limit, negotiate).await {
+        Ok(result) => result,
+        Err(_) => Err((
+            upstream_tls::REFUSED_REPLY.to_vec(),
+            upstream_tls::Refusal::Timeout,
+        )),
     }
 }
 

@@ -37,6 +37,9 @@ pub struct SessionInfo {
     /// TLS on the session (absent in the answer of an older daemon: plain).
     #[serde(default)]
     pub tls: TlsState,
+    /// ftp-alg speaks TLS to the server (`tls.upstream = "tls"`; absent from an older daemon).
+    #[serde(default)]
+    pub upstream_tls: bool,
     /// The pinholes the session holds.
     pub pinholes: Vec<PinholeId>,
     /// When it started, in seconds since the Unix epoch.
@@ -100,6 +103,7 @@ struct Live {
     user: Option<String>,
     logged_in: bool,
     tls: TlsState,
+    upstream_tls: bool,
     pinholes: Vec<PinholeId>,
     last_active: Instant,
 }
@@ -173,6 +177,7 @@ impl Registry {
                 user: None,
                 logged_in: false,
                 tls: TlsState::Plain,
+                upstream_tls: false,
                 pinholes: Vec::new(),
                 last_active: Instant::now(),
             }),
@@ -255,6 +260,7 @@ impl Entry {
         let mut live = self.live();
         live.logged_in = session.logged_in();
         live.tls = session.tls_state();
+        live.upstream_tls = session.upstream_tls();
         if live.user.as_deref() != session.user() {
             live.user = session.user().map(str::to_owned);
         }
@@ -277,6 +283,7 @@ impl Entry {
             user: live.user.clone(),
             logged_in: live.logged_in,
             tls: live.tls,
+            upstream_tls: live.upstream_tls,
             pinholes: live.pinholes.clone(),
             started_unix: self
                 .started

@@ -77,6 +77,10 @@ pub struct TlsContext {
     pub relay_port: u16,
     /// The client came in on an implicit FTPS listener: TLS is on from the start.
     pub implicit: bool,
+    /// The connection to the server is TLS too (`tls.upstream = "tls"`, negotiated before the
+    /// session started, see `upstream_tls.rs`), with `PROT P`: every data connection is TLS
+    /// towards the server, so every one is relayed, whatever the client's `PROT`.
+    pub upstream: bool,
 }
 
 /// A `PROT P` data connection that ftp-alg relays itself: its pinhole sends it to the relay
@@ -98,13 +102,18 @@ pub struct RelayLeg {
     /// Who dials in: the client (passive) or the server (active).
     pub peer: IpAddr,
     /// Passive: the client dials in, and ftp-alg dials the server. Active: the server dials in,
-    /// and ftp-alg dials the client. The client's side is TLS either way, with ftp-alg as the
-    /// TLS server (RFC 4217 §9).
+    /// and ftp-alg dials the client.
     pub passive: bool,
     /// Where ftp-alg dials the other leg.
     pub dial: SocketAddr,
     /// The local address it dials from: the one the other peer expects data from.
     pub bind: IpAddr,
+    /// The client's side is TLS (`PROT P`), with ftp-alg as the TLS server whoever dials
+    /// (RFC 4217 §9); else it is in clear.
+    pub client_tls: bool,
+    /// The server's side is TLS (`tls.upstream = "tls"`), with ftp-alg as the TLS client
+    /// whoever dials; else it is in clear.
+    pub server_tls: bool,
 }
 
 /// Whether a session logs its `n`th refusal (see [`LOGGED_REFUSALS`]).
@@ -532,6 +541,11 @@ impl Session {
             (_, true, false) => TlsState::Control,
             _ => TlsState::Plain,
         }
+    }
+
+    /// Whether ftp-alg speaks TLS to the server (`tls.upstream = "tls"`), for operators.
+    pub fn upstream_tls(&self) -> bool {
+        self.ctx.tls.is_some_and(|t| t.upstream)
     }
 
     /// The user name of the client's last USER command.
@@ -1126,14 +1140,16 @@ impl Session {
         }
     }
 
-    /// Under `PROT P` the data connection is TLS towards the client and ftp-alg must end it:
+    /// Under `PROT P` the data connection is TLS towards the client and ftp-alg must end it,
+    /// and with a TLS upstream it is TLS towards the server, which only ftp-alg can speak:
     /// the pinhole sends it to the relay listener on the address it was dialled at, untranslated
     /// at source, and the relay dials the pinhole's real destination from the address the
-    /// source translation would have given (see [`Expectation`]). Under `PROT C` (or without
-    /// TLS) the request is the kernel's, unchanged.
+    /// source translation would have given (see [`Expectation`]). Under `PROT C` to a plain
+    /// server (or without TLS) the request is the kernel's, unchanged.
     fn through_relay(&mut self, mut request: PinholeRequest, passive: bool) -> PinholeRequest {
         self.pending_relay = None;
-        let (Some(tls), true, Some(dial)) = (self.ctx.tls, self.private, request.dnat) else {
+        let relayed = self.private || self.ctx.tls.is_some_and(|t| t.upstream);
+        let (Some(tls), true, Some(dial)) = (self.ctx.tls, relayed, request.dnat) else {
             return request;
         };
         let bind = match passive {
@@ -1145,6 +1161,8 @@ impl Session {
             passive,
             dial,
             bind,
+            client_tls: self.private,
+            server_tls: tls.upstream,
         });
         request.dnat = Some(SocketAddr::new(request.dial_ip, tls.relay_port));
         request.snat = None;
@@ -1307,7 +1325,9 @@ impl Session {
                 _ => b"504 PROT: unknown protection level.\r\n",
             },
             "CCC" => b"534 CCC refused: the control connection stays encrypted.\r\n",
-            "REIN" if self.client_tls => b"502 REIN is not available on a TLS session.\r\n",
+            "REIN" if self.client_tls || self.ctx.tls.is_some_and(|t| t.upstream) => {
+                b"502 REIN is not available on a TLS session.\r\n"
+            }
             _ => return false,
         };
         self.blocked = Some(Blocked::Answer(reply.to_vec()));
@@ -2016,10 +2036,16 @@ pub(super) mod tests {
 
     /// A reverse session with `[tls]`, greeted by the server, nothing else yet.
     fn terminating(policy: PolicyConfig) -> Session {
+        terminating_to(policy, false)
+    }
+
+    /// [`terminating`], with a TLS upstream (`upstream`) or a plain one.
+    fn terminating_to(policy: PolicyConfig, upstream: bool) -> Session {
         let mut s = Session::new(SessionContext {
             tls: Some(TlsContext {
                 relay_port: 45000,
                 implicit: false,
+                upstream,
             }),
             policy: Arc::new(policy),
             ..ctx(Mode::Reverse)
@@ -2109,6 +2135,21 @@ pub(super) mod tests {
         );
     }
 
+    /// A login accepted, then `commands`, then a PASV answered by the server: the pinhole the
+    /// session asks for.
+    fn pasv_after_login(s: &mut Session, commands: &[u8]) -> PinholeRequest {
+        s.handle_client_data(b"USER anonymous\r\n");
+        drain(s);
+        s.handle_server_data(b"230 ok\r\n");
+        s.handle_client_data(&[commands, b"PASV\r\n"].concat());
+        drain(s);
+        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,64).\r\n");
+        match s.poll_action() {
+            Some(Action::Open(request)) => request,
+            other => panic!("no pinhole asked for: {other:?}"),
+        }
+    }
+
     /// Under PROT P a pinhole leads to the relay, and the relay learns both legs before the
     /// announcement goes out; under PROT C the kernel's pinhole is unchanged.
     #[test]
@@ -2116,15 +2157,7 @@ pub(super) mod tests {
         let mut s = terminating(PolicyConfig::default());
         s.handle_client_data(b"AUTH TLS\r\n");
         drain(&mut s);
-        s.handle_client_data(b"USER anonymous\r\n");
-        drain(&mut s);
-        s.handle_server_data(b"230 ok\r\n");
-        s.handle_client_data(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
-        drain(&mut s);
-        s.handle_server_data(b"227 Entering Passive Mode (203,0,113,2,156,64).\r\n");
-        let Some(Action::Open(request)) = s.poll_action() else {
-            panic!("no pinhole asked for");
-        };
+        let request = pasv_after_login(&mut s, b"PBSZ 0\r\nPROT P\r\n");
         assert_eq!(request.source, ip("198.18.0.2"));
         assert_eq!(request.dnat, Some("198.18.0.1:45000".parse().unwrap()));
         assert_eq!(request.snat, None);
@@ -2140,6 +2173,8 @@ pub(super) mod tests {
                         passive: true,
                         dial: "203.0.113.2:40000".parse().unwrap(),
                         bind: ip("203.0.113.1"),
+                        client_tls: true,
+                        server_tls: false,
                     },
                 }),
                 to_client("227 Entering Passive Mode (198,18,0,1,238,72).\r\n"),
@@ -2161,6 +2196,62 @@ pub(super) mod tests {
         assert_eq!(request.snat, Some(ip("198.18.0.1")));
         s.handle_opened(opened(4, 61001));
         assert!(!drain(&mut s).iter().any(|a| matches!(a, Action::Expect(_))));
+    }
+
+    /// With a TLS upstream every data connection is relayed (TLS towards the server), whether
+    /// the client chose `PROT P`, `PROT C`, or no TLS at all; and REIN, which would reset the
+    /// server's TLS state behind ftp-alg's back, never reaches it.
+    #[test]
+    fn a_tls_upstream_relays_every_data_connection() {
+        let expected = |passive: bool, client_tls: bool, pinhole: PinholeId| {
+            let (peer, dial, bind) = match passive {
+                true => ("198.18.0.2", "203.0.113.2:40000", "203.0.113.1"),
+                false => ("203.0.113.2", "198.18.0.2:50001", "198.18.0.1"),
+            };
+            Action::Expect(Expectation {
+                pinhole,
+                port: 61000 + pinhole as u16,
+                leg: RelayLeg {
+                    peer: ip(peer),
+                    passive,
+                    dial: dial.parse().unwrap(),
+                    bind: ip(bind),
+                    client_tls,
+                    server_tls: true,
+                },
+            })
+        };
+        for (auth, protection, client_tls) in [
+            (true, &b"PBSZ 0\r\nPROT P\r\n"[..], true),
+            (true, b"PBSZ 0\r\nPROT C\r\n", false),
+            (false, b"", false),
+        ] {
+            let mut s = terminating_to(PolicyConfig::default(), true);
+            if auth {
+                s.handle_client_data(b"AUTH TLS\r\n");
+                drain(&mut s);
+            }
+            let request = pasv_after_login(&mut s, protection);
+            assert_eq!(request.dnat, Some("198.18.0.1:45000".parse().unwrap()));
+            assert_eq!(request.snat, None);
+            s.handle_opened(opened(0, 61000));
+            assert_eq!(drain(&mut s)[0], expected(true, client_tls, 0));
+            s.handle_client_data(b"PORT 198,18,0,2,195,81\r\n");
+            let actions = drain(&mut s);
+            let Some(Action::Open(request)) = actions.last() else {
+                panic!("no pinhole asked for: {actions:?}");
+            };
+            assert_eq!(request.dnat, Some("203.0.113.1:45000".parse().unwrap()));
+            s.handle_opened(opened(1, 61001));
+            assert_eq!(drain(&mut s)[0], expected(false, client_tls, 1));
+            s.handle_server_data(b"200 PORT ok\r\n");
+            drain(&mut s);
+            s.handle_client_data(b"REIN\r\n");
+            assert_eq!(
+                drain(&mut s),
+                vec![to_client("502 REIN is not available on a TLS session.\r\n")]
+            );
+        }
     }
 
     #[test]
