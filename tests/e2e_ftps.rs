@@ -1,12 +1,13 @@
 //! FTPS end to end (docs/ftps.md): ftp-alg ends TLS in front of a vsftpd without TLS, in
 //! reverse and sidecar mode, with lftp, curl and Python's ftplib, passive and active, `PROT P`
-//! data relayed; and the negative controls of `tests/common/ftps.rs`.
+//! data relayed; the same with TLS towards a vsftpd that requires it (`tls.upstream = "tls"`);
+//! and the negative controls of `tests/common/ftps.rs`.
 
 // Each test binary uses its own part of the shared harness (this one not its macro).
 #[allow(unused)]
 mod common;
 
-use common::ftps::{self, TlsClient};
+use common::ftps::{self, TlsClient, Trust, UpstreamFault};
 use common::{DataMode, Family, Topology};
 
 const REVERSE: Topology = Topology::Reverse(Family::V4);
@@ -126,4 +127,49 @@ fn reverse6_ftplib_eprt() {
 #[test]
 fn gateway6_window_lftp_epsv() {
     ftps::through_window(Family::V6, TlsClient::Lftp);
+}
+
+#[test]
+fn upstream_lftp_pasv() {
+    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Pasv, Trust::Ca);
+}
+
+#[test]
+fn upstream_lftp_port() {
+    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Port, Trust::Ca);
+}
+
+#[test]
+fn upstream_curl_pasv() {
+    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca);
+}
+
+#[test]
+fn upstream_ftplib_pasv_pinned() {
+    ftps::upstream_round_trip(TlsClient::Ftplib, DataMode::Pasv, Trust::Pin);
+}
+
+#[test]
+fn upstream_plain_client() {
+    ftps::upstream_plain_client();
+}
+
+#[test]
+fn upstream_shown_in_sessions_list() {
+    ftps::upstream_shown_in_sessions_list();
+}
+
+#[test]
+fn upstream_refused_wrong_pin() {
+    ftps::upstream_refused(UpstreamFault::WrongPin);
+}
+
+#[test]
+fn upstream_refused_other_ca() {
+    ftps::upstream_refused(UpstreamFault::OtherCa);
+}
+
+#[test]
+fn upstream_refused_no_tls() {
+    ftps::upstream_refused(UpstreamFault::NoTls);
 }

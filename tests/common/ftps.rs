@@ -103,91 +103,114 @@ run_ops(ftp, ops, extra)
 ftp.quit()
 "#;
 
-/// The test CA and the certificate ftp-alg presents (for G's client-side addresses).
+/// The test CA and the certificate ftp-alg presents (for G's client-side addresses), and with
+/// [`Pki::issue`] more certificates from the same CA (vsftpd's, for S4).
 struct Pki {
+    dir: PathBuf,
     ca: PathBuf,
     chain: PathBuf,
     key: PathBuf,
 }
 
+/// The elliptic-curve key options of every `openssl req` here.
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+fn openssl(args: &[&str]) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(args);
+    must(cmd);
+}
+
 impl Pki {
-    /// A CA and a certificate it signed for the addresses `sans`.
+    /// A CA in the lab's directory `pki`, and ftp-alg's certificate for `sans` (IP addresses).
     fn make(lab: &Lab, sans: &[&str]) -> Pki {
+        Pki::make_in(&lab.dir.join("pki"), sans)
+    }
+
+    fn make_in(dir: &Path, sans: &[&str]) -> Pki {
         require_tool("openssl");
-        let dir = lab.dir.join("pki");
-        fs::create_dir_all(&dir).expect("create the pki directory");
-        let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-        let openssl = |args: &[&str]| {
-            let mut cmd = Command::new("openssl");
-            cmd.args(args);
-            must(cmd);
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
+        fs::create_dir_all(dir).expect("create the pki directory");
+        let ca = dir.join("ca.pem");
+        let ca_key = dir.join("ca.key");
+        // Named after its directory: another CA of the same name would be taken for this one's
+        // issuer and fail on its signature, not for being unknown.
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let subject = format!("/CN=ftp-alg e2e CA {name}");
         openssl(
             &[
                 &["req", "-x509"][..],
-                &ec,
-                &["-keyout", &file("ca.key"), "-out", &file("ca.pem")],
-                &["-days", "2", "-subj", "/CN=ftp-alg e2e CA"],
+                &EC,
+                &["-keyout", &ca_key.to_string_lossy()],
+                &["-out", &ca.to_string_lossy()],
+                &["-days", "2", "-subj", &subject],
             ]
             .concat(),
         );
+        let mut pki = Pki {
+            dir: dir.to_owned(),
+            ca,
+            chain: PathBuf::new(),
+            key: PathBuf::new(),
+        };
+        (pki.chain, pki.key) = pki.issue("server", sans);
+        pki
+    }
+
+    /// A certificate from this CA named `name`, for the IP addresses `sans`: its chain as a
+    /// server sends it (its own certificate, then the CA's) and its key.
+    fn issue(&self, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
+        let file = |suffix: &str| self.dir.join(format!("{name}.{suffix}"));
+        let path = |suffix: &str| file(suffix).to_string_lossy().into_owned();
         openssl(
             &[
                 &["req"][..],
-                &ec,
-                &["-keyout", &file("server.key"), "-out", &file("server.csr")],
+                &EC,
+                &["-keyout", &path("key"), "-out", &path("csr")],
                 &["-subj", "/CN=ftp-alg e2e"],
             ]
             .concat(),
         );
+        let sans: Vec<String> = sans.iter().map(|a| format!("IP:{a}")).collect();
         fs::write(
-            dir.join("ext.cnf"),
+            file("ext"),
             format!(
-                "subjectAltName={}\nbasicConstraints=CA:FALSE\n\
-                 extendedKeyUsage=serverAuth\n",
-                sans.iter()
-                    .map(|ip| format!("IP:{ip}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
             ),
         )
-        .expect("write ext.cnf");
+        .expect("write the extensions");
+        let ca = self.ca.to_string_lossy();
+        let ca_key = self.dir.join("ca.key").to_string_lossy().into_owned();
         openssl(&[
             "x509",
             "-req",
             "-in",
-            &file("server.csr"),
+            &path("csr"),
             "-CA",
-            &file("ca.pem"),
+            &ca,
             "-CAkey",
-            &file("ca.key"),
+            &ca_key,
             "-CAcreateserial",
             "-days",
             "2",
             "-extfile",
-            &file("ext.cnf"),
+            &path("ext"),
             "-out",
-            &file("server.pem"),
+            &path("pem"),
         ]);
-        // The chain as a server sends it: its own certificate, then the CA's.
         let chain = [
-            fs::read(dir.join("server.pem")).expect("server.pem"),
-            fs::read(dir.join("ca.pem")).expect("ca.pem"),
+            fs::read(file("pem")).expect("the certificate"),
+            fs::read(&self.ca).expect("ca.pem"),
         ]
         .concat();
-        fs::write(dir.join("chain.pem"), chain).expect("write chain.pem");
-        Pki {
-            ca: dir.join("ca.pem"),
-            chain: dir.join("chain.pem"),
-            key: dir.join("server.key"),
-        }
+        fs::write(file("chain"), chain).expect("write the chain");
+        (file("chain"), file("key"))
     }
 
     /// The daemon's `[tls]` section.
@@ -205,10 +228,23 @@ impl Pki {
 /// chain is counted, since a `PROT P` data connection ends at the relay on G; connections to
 /// the pinhole ports that it does not accept are dropped by a counted rule ([`UNMARKED`]).
 fn lab(topology: Topology, config: impl FnOnce(&Pki) -> String) -> (Lab, Pki) {
-    let mut lab = Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |_| {
-        String::new()
+    lab_with_server(topology, |_| String::new(), config)
+}
+
+/// [`lab`] with `vsftpd_options` (given the test's PKI) at the end of vsftpd.conf.
+fn lab_with_server(
+    topology: Topology,
+    vsftpd_options: impl FnOnce(&Pki) -> String,
+    config: impl FnOnce(&Pki) -> String,
+) -> (Lab, Pki) {
+    let mut made = None;
+    let mut lab = Lab::prepared(topology, Server::Vsftpd, Setup::AlgStopped, |lab| {
+        let pki = Pki::make(lab, &[G_LAN4, G_LAN6]);
+        let options = vsftpd_options(&pki);
+        made = Some(pki);
+        options
     });
-    let pki = Pki::make(&lab, &[G_LAN4, G_LAN6]);
+    let pki = made.expect("the PKI is made before the server starts");
     lab.alg_config = format!("[metrics]\nlisten = \"{METRICS}\"\n{}", config(&pki));
     lab.count_mark_rule("input", "accept");
     let unmarked = format!(
@@ -466,33 +502,7 @@ fn round_trip_via(topology: Topology, client: TlsClient, mode: DataMode, implici
         ),
         false => pki.section(),
     });
-    lab.ftps_transfers(client, mode, &pki.ca, implicit);
-    let marked = counted(&lab, super::DATA_PATH);
-    assert!(
-        marked >= 3,
-        "{client:?} {mode:?}: {marked} data connections went through a pinhole, not 3"
-    );
-    assert_eq!(counted(&lab, UNMARKED), 0, "unmarked data connections");
-    let to_client = metric(
-        &lab,
-        "ftp_alg_tls_relay_bytes_total{direction=\"to_client\"}",
-    );
-    let to_server = metric(
-        &lab,
-        "ftp_alg_tls_relay_bytes_total{direction=\"to_server\"}",
-    );
-    assert!(
-        to_client >= DATA_LEN as u64 && to_server >= UPLOAD_LEN as u64,
-        "relay counted {to_client} bytes to the client, {to_server} to the server"
-    );
-    assert!(metric(&lab, "ftp_alg_tls_data_connections_total") >= 3);
-    let log = ServerLog::read(&lab);
-    let verbs = log.data_verbs();
-    assert!(
-        verbs.len() >= 3 && verbs.iter().all(|v| v == mode.verb()),
-        "{client:?}: the server saw {verbs:?}, not {}",
-        mode.verb()
-    );
+    let log = transfer_and_check(&mut lab, &pki, client, mode, implicit);
     if implicit {
         let implicit_sessions = daemon_log_lines(&lab, "implicit FTPS: TLS with the client");
         assert!(
@@ -507,6 +517,285 @@ fn round_trip_via(topology: Topology, client: TlsClient, mode: DataMode, implici
             log.commands()
         );
     }
+    lab.assert_no_pinholes_left();
+}
+
+/// One session of `client` with its listing, download and upload checked byte for byte, every
+/// data connection through a pinhole to the relay, the relay's byte counters covering the
+/// files, and the scenario's data command seen by the server; its log, for more checks.
+fn transfer_and_check(
+    lab: &mut Lab,
+    pki: &Pki,
+    client: TlsClient,
+    mode: DataMode,
+    implicit: bool,
+) -> ServerLog {
+    lab.ftps_transfers(client, mode, &pki.ca, implicit);
+    let marked = counted(lab, super::DATA_PATH);
+    assert!(
+        marked >= 3,
+        "{client:?} {mode:?}: {marked} data connections went through a pinhole, not 3"
+    );
+    assert_eq!(counted(lab, UNMARKED), 0, "unmarked data connections");
+    assert_relay_counted_files(lab);
+    assert!(metric(lab, "ftp_alg_tls_data_connections_total") >= 3);
+    let log = ServerLog::read(lab);
+    let verbs = log.data_verbs();
+    assert!(
+        verbs.len() >= 3 && verbs.iter().all(|v| v == mode.verb()),
+        "{client:?}: the server saw {verbs:?}, not {}",
+        mode.verb()
+    );
+    log
+}
+
+/// `sessions list --json` of the daemon.
+fn sessions_json(lab: &Lab) -> serde_json::Value {
+    let text = must(lab.alg_cli(&["sessions", "list", "--json"]));
+    serde_json::from_str(&text).expect("sessions list --json")
+}
+
+/// The relay's byte counters cover the download and the upload of a round trip.
+fn assert_relay_counted_files(lab: &Lab) {
+    let relayed = |direction: &str| {
+        metric(
+            lab,
+            &format!("ftp_alg_tls_relay_bytes_total{{direction=\"{direction}\"}}"),
+        )
+    };
+    let (to_client, to_server) = (relayed("to_client"), relayed("to_server"));
+    assert!(
+        to_client >= DATA_LEN as u64 && to_server >= UPLOAD_LEN as u64,
+        "relay counted {to_client} bytes to the client, {to_server} to the server"
+    );
+}
+
+/// vsftpd.conf lines for TLS with a certificate from `pki` for S4: anonymous logins and their
+/// data connections must be TLS, and (vsftpd's default `require_ssl_reuse=YES`, left as it is)
+/// every data connection must resume the control connection's TLS session. `debug_ssl` puts
+/// the TLS version and whether a data connection resumed into vsftpd's log.
+fn vsftpd_tls(pki: &Pki) -> String {
+    let (chain, key) = pki.issue("vsftpd", &[S4]);
+    format!(
+        "ssl_enable=YES\nallow_anon_ssl=YES\nforce_anon_logins_ssl=YES\n\
+         force_anon_data_ssl=YES\ndebug_ssl=YES\nrsa_cert_file={}\nrsa_private_key_file={}\n",
+        chain.display(),
+        key.display()
+    )
+}
+
+/// The `[tls]` lines for a TLS upstream that `trust` verifies (`upstream_ca = ...` or
+/// `upstream_pin = ...`).
+fn upstream_section(pki: &Pki, trust: &str) -> String {
+    format!("{}upstream = \"tls\"\n{trust}\n", pki.section())
+}
+
+/// The SHA-256 of a certificate, as `openssl x509 -fingerprint` prints it (`AB:CD:...`).
+fn fingerprint(cert: &Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cert);
+    let out = must(cmd);
+    out.trim()
+        .rsplit_once('=')
+        .map(|(_, hex)| hex.to_owned())
+        .unwrap_or_else(|| panic!("no fingerprint in {out:?}"))
+}
+
+/// How the daemon verifies a TLS vsftpd in [`upstream_round_trip`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// `tls.upstream_ca`: the test CA, which signed vsftpd's certificate.
+    Ca,
+    /// `tls.upstream_pin`: the SHA-256 of vsftpd's certificate.
+    Pin,
+}
+
+/// FTPS end to end with TLS on both sides: vsftpd with TLS required for logins and data (and
+/// its default `require_ssl_reuse=YES`) behind ftp-alg with `tls.upstream = "tls"`. The
+/// transfers are checked as in [`round_trip`], and vsftpd's log must show ftp-alg's own
+/// `AUTH TLS`, `PBSZ 0` and `PROT P` before the login, once per session, and the scenario's data
+/// command; every data connection resumed ftp-alg's session (vsftpd refuses it otherwise).
+pub fn upstream_round_trip(client: TlsClient, mode: DataMode, trust: Trust) {
+    let (mut lab, pki) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
+        let line = match trust {
+            Trust::Ca => format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+            Trust::Pin => format!(
+                "upstream_pin = \"sha256:{}\"",
+                fingerprint(&pki.dir.join("vsftpd.pem"))
+            ),
+        };
+        upstream_section(pki, &line)
+    });
+    let log = transfer_and_check(&mut lab, &pki, client, mode, false);
+    let commands = log.commands();
+    let sessions = commands.iter().filter(|c| **c == "AUTH TLS").count();
+    let expected = if client == TlsClient::Curl { 3 } else { 1 };
+    assert_eq!(sessions, expected, "AUTH TLS per session: {commands:?}");
+    for (i, session) in commands.split(|c| *c == "AUTH TLS").skip(1).enumerate() {
+        assert_eq!(
+            session.get(..2),
+            Some(&["PBSZ 0", "PROT P"][..]),
+            "session {i}: {commands:?}"
+        );
+        assert!(
+            session.contains(&"USER anonymous"),
+            "session {i}: {commands:?}"
+        );
+        assert!(
+            !session[2..]
+                .iter()
+                .any(|c| c.starts_with("PBSZ") || c.starts_with("PROT") || c.starts_with("AUTH")),
+            "the client's own TLS commands reached the server: {commands:?}"
+        );
+    }
+    let secured = daemon_log_lines(&lab, "TLS with the server established");
+    assert_eq!(secured.len(), expected, "{secured:?}");
+    lab.assert_no_pinholes_left();
+}
+
+/// What is wrong with the TLS upstream in [`upstream_refused`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFault {
+    /// `tls.upstream_pin` names another certificate.
+    WrongPin,
+    /// `tls.upstream_ca` is a CA that did not sign vsftpd's certificate.
+    OtherCa,
+    /// vsftpd has no TLS at all (`ssl_enable=NO`): it refuses `AUTH TLS`.
+    NoTls,
+}
+
+/// Negative controls of the TLS upstream: when ftp-alg cannot secure its connection to the
+/// server, the client's first reply is a 421 within seconds (before it could send a password),
+/// the server never sees anything after `AUTH TLS`, and the daemon says why.
+pub fn upstream_refused(fault: UpstreamFault) {
+    let (mut lab, _) = lab_with_server(
+        Topology::Reverse(Family::V4),
+        |pki| match fault {
+            UpstreamFault::NoTls => String::new(),
+            _ => vsftpd_tls(pki),
+        },
+        |pki| {
+            let line = match fault {
+                UpstreamFault::WrongPin => format!("upstream_pin = \"sha256:{}\"", "ab".repeat(32)),
+                UpstreamFault::OtherCa => {
+                    let other = Pki::make_in(&pki.dir.join("other"), &[S4]);
+                    format!("upstream_ca = {:?}", other.ca.display().to_string())
+                }
+                UpstreamFault::NoTls => format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+            };
+            upstream_section(pki, &line)
+        },
+    );
+    let dial = lab.addrs().dial;
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{}', {}), timeout=15)\n\
+         f = s.makefile('rb')\n\
+         print(f.readline().decode().strip())\n\
+         try:\n    s.sendall(b'USER anonymous\\r\\n')\n    rest = f.read().decode().strip()\n\
+         except ConnectionResetError:\n    rest = ''\n\
+         print('after:', rest or 'closed')\n",
+        dial.ip(),
+        dial.port()
+    );
+    let args = ["python3".to_owned(), "-c".into(), script];
+    let run = lab.run_args(&args);
+    assert!(run.status.success(), "{}", run.transcript);
+    assert!(
+        run.stdout.starts_with("421 ") && run.elapsed < Duration::from_secs(10),
+        "{fault:?}: the client did not get a 421 at once\n{}",
+        run.transcript
+    );
+    assert!(run.stdout.contains("after: closed"), "{}", run.transcript);
+    assert_eq!(
+        ServerLog::read(&lab).commands(),
+        ["AUTH TLS"],
+        "{fault:?}: the server saw more than ftp-alg's AUTH TLS"
+    );
+    let reason = match fault {
+        UpstreamFault::NoTls => "reason=\"auth_refused\"",
+        _ => "reason=\"handshake\"",
+    };
+    let why = match fault {
+        UpstreamFault::WrongPin => "does not match tls.upstream_pin",
+        UpstreamFault::OtherCa => "UnknownIssuer",
+        UpstreamFault::NoTls => "the server refused AUTH TLS: 530",
+    };
+    let refused = daemon_log_lines(&lab, "cannot secure the connection to the server");
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains(reason) && l.contains(why)),
+        "{fault:?}: the daemon did not say why ({reason}, {why}): {refused:?}"
+    );
+    assert_eq!(metric(&lab, "ftp_alg_upstream_connect_failures_total"), 1);
+}
+
+/// `sessions list` shows that a session speaks TLS to the server: `private+up` in the table,
+/// `"upstream_tls": true` in JSON, while an ftplib session with `PROT P` lingers.
+pub fn upstream_shown_in_sessions_list() {
+    let (lab, pki) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
+        upstream_section(
+            pki,
+            &format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+        )
+    });
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let ops = ["LIST".to_owned(), "SLEEP".into(), "3".into()];
+    let mut client = lab.spawn_ftplib_tls(&ca, &ops);
+    let listed = || sessions_json(&lab);
+    let seen = super::wait_for(Duration::from_secs(10), || {
+        let sessions = listed();
+        let up = sessions
+            .as_array()?
+            .iter()
+            .any(|s| s["tls"] == "private" && s["upstream_tls"] == true);
+        up.then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "no private upstream-TLS session listed: {}",
+        listed()
+    );
+    let table = must(lab.alg_cli(&["sessions", "list"]));
+    assert!(table.contains("private+up"), "{table}");
+    assert!(client.wait().expect("wait for the client").success());
+}
+
+/// A client without TLS in front of a TLS upstream: its data connections are relayed, in clear
+/// on its side and TLS on the server's (vsftpd requires it), so no client-side TLS data
+/// connection is counted while the relay's byte counters cover the files.
+pub fn upstream_plain_client() {
+    let (mut lab, _) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
+        upstream_section(
+            pki,
+            &format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+        )
+    });
+    let dial = lab.addrs().dial;
+    let host = format!("ftp://{}", dial.ip());
+    let download = lab.download_path().to_string_lossy().into_owned();
+    let upload = lab.upload_source_path().to_string_lossy().into_owned();
+    for op in [
+        vec![format!("{host}/{DATA_FILE}"), "-o".into(), download],
+        vec!["-T".into(), upload, format!("{host}/up/{UPLOAD_FILE}")],
+    ] {
+        let args: Vec<String> = CURL
+            .into_iter()
+            .map(str::to_owned)
+            .chain(["--disable-epsv".to_owned()])
+            .chain(op)
+            .collect();
+        let run = lab.run_args(&args);
+        assert!(run.status.success(), "{}", run.transcript);
+    }
+    lab.assert_files_moved();
+    let log = ServerLog::read(&lab);
+    let secured = log.commands().iter().filter(|c| **c == "PROT P").count();
+    assert_eq!(secured, 2, "{:?}", log.commands());
+    assert_eq!(metric(&lab, "ftp_alg_tls_data_connections_total"), 0);
+    assert_relay_counted_files(&lab);
     lab.assert_no_pinholes_left();
 }
 
@@ -643,10 +932,7 @@ fn lab_required() -> (Lab, Pki) {
 pub fn sessions_and_sniff_show_tls() {
     let (lab, pki) = lab(Topology::Reverse(Family::V4), Pki::section);
     let sniffer = super::sniff::Sniffer::start(&lab, "tls", &["--json", "--timeout", "30"]);
-    let listed = || -> serde_json::Value {
-        let text = must(lab.alg_cli(&["sessions", "list", "--json"]));
-        serde_json::from_str(&text).expect("sessions list --json")
-    };
+    let listed = || sessions_json(&lab);
     // A plain session first: a raw connection that only reads the greeting.
     let plain = [
         "python3",
