@@ -131,22 +131,27 @@ fn gateway6_window_lftp_epsv() {
 
 #[test]
 fn upstream_lftp_pasv() {
-    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Pasv, Trust::Ca);
+    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Pasv, Trust::Ca, false);
 }
 
 #[test]
 fn upstream_lftp_port() {
-    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Port, Trust::Ca);
+    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Port, Trust::Ca, false);
 }
 
 #[test]
 fn upstream_curl_pasv() {
-    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca);
+    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca, false);
 }
 
 #[test]
 fn upstream_ftplib_pasv_pinned() {
-    ftps::upstream_round_trip(TlsClient::Ftplib, DataMode::Pasv, Trust::Pin);
+    ftps::upstream_round_trip(TlsClient::Ftplib, DataMode::Pasv, Trust::Pin, false);
+}
+
+#[test]
+fn upstream_implicit_curl_pasv() {
+    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca, true);
 }
 
 #[test]

@@ -616,18 +616,23 @@ pub enum Trust {
 /// transfers are checked as in [`round_trip`], and vsftpd's log must show ftp-alg's own
 /// `AUTH TLS`, `PBSZ 0` and `PROT P` before the login, once per session, and the scenario's data
 /// command; every data connection resumed ftp-alg's session (vsftpd refuses it otherwise).
-pub fn upstream_round_trip(client: TlsClient, mode: DataMode, trust: Trust) {
+/// With `implicit`, lftp and curl dial the implicit FTPS listener: the client's handshake comes
+/// first, then ftp-alg's negotiation with the server.
+pub fn upstream_round_trip(client: TlsClient, mode: DataMode, trust: Trust, implicit: bool) {
     let (mut lab, pki) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
-        let line = match trust {
+        let mut lines = match trust {
             Trust::Ca => format!("upstream_ca = {:?}", pki.ca.display().to_string()),
             Trust::Pin => format!(
                 "upstream_pin = \"sha256:{}\"",
                 fingerprint(&pki.dir.join("vsftpd.pem"))
             ),
         };
-        upstream_section(pki, &line)
+        if implicit {
+            lines += &format!("\nimplicit_listen = [\"{G_LAN4}:{IMPLICIT_PORT}\"]");
+        }
+        upstream_section(pki, &lines)
     });
-    let log = transfer_and_check(&mut lab, &pki, client, mode, false);
+    let log = transfer_and_check(&mut lab, &pki, client, mode, implicit);
     let commands = log.commands();
     let sessions = commands.iter().filter(|c| **c == "AUTH TLS").count();
     let expected = if client == TlsClient::Curl { 3 } else { 1 };
