@@ -155,6 +155,11 @@ fn upstream_implicit_curl_pasv() {
 }
 
 #[test]
+fn upstream_many_transfers_resume() {
+    ftps::upstream_many_transfers_resume();
+}
+
+#[test]
 fn upstream_plain_client() {
     ftps::upstream_plain_client();
 }

@@ -659,6 +659,31 @@ pub fn upstream_round_trip(client: TlsClient, mode: DataMode, trust: Trust, impl
     lab.assert_no_pinholes_left();
 }
 
+/// Many data connections in one session to a TLS upstream: each must resume ftp-alg's control
+/// session with vsftpd (TLS 1.3 tickets are used once each, so the store must be refilled by the
+/// tickets the data connections bring), and vsftpd's `debug_ssl` log says `reused` for every one.
+pub fn upstream_many_transfers_resume() {
+    const LISTINGS: usize = 12;
+    let (mut lab, pki) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
+        upstream_section(
+            pki,
+            &format!("upstream_ca = {:?}", pki.ca.display().to_string()),
+        )
+    });
+    let ca = pki.ca.to_string_lossy().into_owned();
+    let ops = vec!["LIST".to_owned(); LISTINGS];
+    let run = lab.ftplib_tls(DataMode::Pasv, "reuse", &ca, &ops);
+    assert!(run.status.success(), "{}", run.transcript);
+    let log = fs::read_to_string(lab.dir.join("vsftpd.log")).expect("vsftpd's log");
+    let data: Vec<&str> = log.lines().filter(|l| l.contains("SSL version:")).collect();
+    // The control connection's own handshake is the first, a full one.
+    assert_eq!(data.len(), LISTINGS + 1, "{data:#?}");
+    assert!(
+        data[1..].iter().all(|l| l.contains(", reused,")),
+        "a data connection did not resume: {data:#?}"
+    );
+}
+
 /// What is wrong with the TLS upstream in [`upstream_refused`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamFault {
