@@ -504,6 +504,68 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_is_loaded_only_when_asked_for_and_its_ca_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("ftp-alg-upstream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let server: SocketAddr = "203.0.113.2:21".parse().unwrap();
+        let mut config = TlsConfig {
+            certificate: empty.clone(),
+            key: empty.clone(),
+            relay_buffer: crate::config::DEFAULT_TLS_RELAY_BUFFER,
+            implicit_listen: Vec::new(),
+            upstream: crate::config::UpstreamProtocol::Plain,
+            upstream_ca: None,
+            upstream_pin: None,
+            upstream_name: None,
+        };
+        assert!(Upstream::load(&config, server).unwrap().is_none());
+        config.upstream = crate::config::UpstreamProtocol::Tls;
+        config.upstream_pin = Some(format!("sha256:{}", "00".repeat(32)));
+        let pinned = Upstream::load(&config, server).unwrap().unwrap();
+        assert_eq!(
+            (pinned.trust(), pinned.name()),
+            ("pin", "203.0.113.2".into())
+        );
+        config.upstream_pin = None;
+        for (ca, message) in [
+            (dir.join("missing.pem"), "missing.pem"),
+            (empty.clone(), "empty.pem"),
+        ] {
+            config.upstream_ca = Some(ca);
+            let e = Upstream::load(&config, server).unwrap_err().to_string();
+            assert!(e.contains("tls.upstream_ca") && e.contains(message), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pin_mismatch_is_told_in_words() {
+        let mismatch = rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(PinMismatch {
+                found: "ab".repeat(32),
+            })),
+        ));
+        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, mismatch);
+        assert_eq!(
+            describe(&e),
+            format!(
+                "the server's certificate does not match tls.upstream_pin (its SHA-256 is sha256:{})",
+                "ab".repeat(32)
+            )
+        );
+        let unknown = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        );
+        assert_eq!(
+            describe(&unknown),
+            "invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    #[test]
     fn missing_and_empty_files_are_named() {
         let dir = std::env::temp_dir().join(format!("ftp-alg-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
