@@ -131,32 +131,47 @@ fn gateway6_window_lftp_epsv() {
 
 #[test]
 fn upstream_lftp_pasv() {
-    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Pasv, Trust::Ca, false);
+    ftps::upstream_round_trip(REVERSE, TlsClient::Lftp, DataMode::Pasv, (Trust::Ca, false));
 }
 
 #[test]
 fn upstream_lftp_port() {
-    ftps::upstream_round_trip(TlsClient::Lftp, DataMode::Port, Trust::Ca, false);
+    ftps::upstream_round_trip(REVERSE, TlsClient::Lftp, DataMode::Port, (Trust::Ca, false));
 }
 
 #[test]
 fn upstream_curl_pasv() {
-    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca, false);
+    ftps::upstream_round_trip(REVERSE, TlsClient::Curl, DataMode::Pasv, (Trust::Ca, false));
 }
 
 #[test]
 fn upstream_ftplib_pasv_pinned() {
-    ftps::upstream_round_trip(TlsClient::Ftplib, DataMode::Pasv, Trust::Pin, false);
+    ftps::upstream_round_trip(
+        REVERSE,
+        TlsClient::Ftplib,
+        DataMode::Pasv,
+        (Trust::Pin, false),
+    );
 }
 
 #[test]
 fn upstream_implicit_curl_pasv() {
-    ftps::upstream_round_trip(TlsClient::Curl, DataMode::Pasv, Trust::Ca, true);
+    ftps::upstream_round_trip(REVERSE, TlsClient::Curl, DataMode::Pasv, (Trust::Ca, true));
 }
 
 #[test]
 fn upstream_many_transfers_resume() {
     ftps::upstream_many_transfers_resume();
+}
+
+#[test]
+fn upstream_sidecar_lftp_pasv() {
+    ftps::upstream_round_trip(SIDECAR, TlsClient::Lftp, DataMode::Pasv, (Trust::Ca, false));
+}
+
+#[test]
+fn upstream_sidecar_lftp_port() {
+    ftps::upstream_round_trip(SIDECAR, TlsClient::Lftp, DataMode::Port, (Trust::Ca, false));
 }
 
 #[test]

@@ -570,12 +570,14 @@ fn assert_relay_counted_files(lab: &Lab) {
     );
 }
 
-/// vsftpd.conf lines for TLS with a certificate from `pki` for S4: anonymous logins and their
-/// data connections must be TLS, and (vsftpd's default `require_ssl_reuse=YES`, left as it is)
-/// every data connection must resume the control connection's TLS session. `debug_ssl` puts
+/// vsftpd.conf lines for TLS with a certificate from `pki` for the server's address (S4 in
+/// reverse mode, G's client-side address for a sidecar: the certificate names both): anonymous
+/// logins and their data connections must be TLS, and (vsftpd's default
+/// `require_ssl_reuse=YES`, left as it is) every data connection must resume the control
+/// connection's TLS session. `debug_ssl` puts
 /// the TLS version and whether a data connection resumed into vsftpd's log.
 fn vsftpd_tls(pki: &Pki) -> String {
-    let (chain, key) = pki.issue("vsftpd", &[S4]);
+    let (chain, key) = pki.issue("vsftpd", &[S4, G_LAN4]);
     format!(
         "ssl_enable=YES\nallow_anon_ssl=YES\nforce_anon_logins_ssl=YES\n\
          force_anon_data_ssl=YES\ndebug_ssl=YES\nrsa_cert_file={}\nrsa_private_key_file={}\n",
@@ -618,8 +620,13 @@ pub enum Trust {
 /// command; every data connection resumed ftp-alg's session (vsftpd refuses it otherwise).
 /// With `implicit`, lftp and curl dial the implicit FTPS listener: the client's handshake comes
 /// first, then ftp-alg's negotiation with the server.
-pub fn upstream_round_trip(client: TlsClient, mode: DataMode, trust: Trust, implicit: bool) {
-    let (mut lab, pki) = lab_with_server(Topology::Reverse(Family::V4), vsftpd_tls, |pki| {
+pub fn upstream_round_trip(
+    topology: Topology,
+    client: TlsClient,
+    mode: DataMode,
+    (trust, implicit): (Trust, bool),
+) {
+    let (mut lab, pki) = lab_with_server(topology, vsftpd_tls, |pki| {
         let mut lines = match trust {
             Trust::Ca => format!("upstream_ca = {:?}", pki.ca.display().to_string()),
             Trust::Pin => format!(
