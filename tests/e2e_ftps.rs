@@ -175,6 +175,26 @@ fn upstream_sidecar_lftp_port() {
 }
 
 #[test]
+fn upstream6_lftp_epsv() {
+    ftps::upstream_round_trip(
+        REVERSE6,
+        TlsClient::Lftp,
+        DataMode::Epsv,
+        (Trust::Ca, false),
+    );
+}
+
+#[test]
+fn upstream6_ftplib_eprt() {
+    ftps::upstream_round_trip(
+        REVERSE6,
+        TlsClient::Ftplib,
+        DataMode::Eprt,
+        (Trust::Pin, false),
+    );
+}
+
+#[test]
 fn upstream_plain_client() {
     ftps::upstream_plain_client();
 }

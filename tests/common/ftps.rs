@@ -18,7 +18,8 @@ use std::time::Duration;
 use super::faults::daemon_log_lines;
 use super::{
     assert_same_bytes, ftplib_script, must, require_tool, DataMode, Family, Lab, Run, Server,
-    ServerLog, Setup, Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, S4, UPLOAD_FILE, UPLOAD_LEN,
+    ServerLog, Setup, Topology, DATA_FILE, DATA_LEN, G_LAN4, G_LAN6, S4, S6, UPLOAD_FILE,
+    UPLOAD_LEN,
 };
 
 /// The implicit FTPS listener's port.
@@ -570,14 +571,15 @@ fn assert_relay_counted_files(lab: &Lab) {
     );
 }
 
-/// vsftpd.conf lines for TLS with a certificate from `pki` for the server's address (S4 in
-/// reverse mode, G's client-side address for a sidecar: the certificate names both): anonymous
+/// vsftpd.conf lines for TLS with a certificate from `pki` for the server's address (S4 or S6
+/// in reverse mode, G's client-side address for a sidecar: the certificate names them all):
+/// anonymous
 /// logins and their data connections must be TLS, and (vsftpd's default
 /// `require_ssl_reuse=YES`, left as it is) every data connection must resume the control
 /// connection's TLS session. `debug_ssl` puts
 /// the TLS version and whether a data connection resumed into vsftpd's log.
 fn vsftpd_tls(pki: &Pki) -> String {
-    let (chain, key) = pki.issue("vsftpd", &[S4, G_LAN4]);
+    let (chain, key) = pki.issue("vsftpd", &[S4, S6, G_LAN4, G_LAN6]);
     format!(
         "ssl_enable=YES\nallow_anon_ssl=YES\nforce_anon_logins_ssl=YES\n\
          force_anon_data_ssl=YES\ndebug_ssl=YES\nrsa_cert_file={}\nrsa_private_key_file={}\n",
