@@ -197,7 +197,7 @@ pub enum TlsState {
     #[default]
     Plain,
     /// The control connection is TLS, ended by ftp-alg; data connections are in clear
-    /// (`PROT C`, kernel pinholes).
+    /// (`PROT C`, kernel pinholes; relayed, TLS on the server's side, to a TLS upstream).
     Control,
     /// Control and data (`PROT P`) are TLS, ended by ftp-alg; data is relayed.
     Private,
