@@ -227,7 +227,9 @@ pub async fn run(
         )));
     }
     services.push(tokio::spawn(crate::heal::guard(shared.clone())));
-    services.push(tokio::spawn(renew_windows(shared.clone())));
+    // Not a service: the sessions that outlive the listeners during a grace period keep
+    // their windows, so the renewals stop only once the grace is over.
+    let renewals = tokio::spawn(renew_windows(shared.clone()));
     if let Some(taken) = taken {
         // Accepting already: the old process may stop now.
         let from = taken.pid;
@@ -318,6 +320,7 @@ pub async fn run(
             () = signals.next_stop(|| tracing::warn!("SIGHUP while stopping: not reloaded")) => {}
         }
     }
+    renewals.abort();
     if let Some((task, socket)) = control {
         task.abort();
         drop(socket);
@@ -535,6 +538,21 @@ async fn renew_windows(shared: Arc<Shared>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        // A session that ended without closing its window (its task panicked) must not keep
+        // it alive: only a live session's window is renewed.
+        let orphans: Vec<u64> = shared
+            .pinholes
+            .windows()
+            .into_iter()
+            .filter(|&(_, session)| !shared.registry.is_live(session))
+            .map(|(id, _)| id)
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(windows = ?orphans, "closing windows whose session is gone");
+            if let Err(e) = shared.pinholes.close(&orphans).await {
+                tracing::warn!(error = %e, "cannot close the windows of ended sessions");
+            }
+        }
         if let Err(e) = shared.pinholes.refresh_windows().await {
             tracing::warn!(error = %e, "cannot renew the windows' kernel timeout");
         }

@@ -208,6 +208,11 @@ impl Registry {
         infos
     }
 
+    /// Whether session `id` is still running.
+    pub fn is_live(&self, id: SessionId) -> bool {
+        self.lock().sessions.contains_key(&id)
+    }
+
     /// Ask session `id` to end; `false` when there is no such session.
     pub fn kill(&self, id: SessionId) -> bool {
         let entry = self.lock().sessions.get(&id).cloned();

@@ -643,11 +643,7 @@ impl Session {
                     self.actions
                         .push_back(Action::ToClient(canonical::reply(&rest)));
                 }
-                for owed in std::mem::take(&mut self.owed) {
-                    if let Owed::Transfer { ids, .. } = owed {
-                        self.pinholes.extend(ids);
-                    }
-                }
+                self.take_owed_pinholes();
                 self.pinholes.extend(self.window.take());
                 self.close_pinholes();
                 self.actions.push_back(Action::Shutdown);
@@ -765,6 +761,8 @@ impl Session {
                     Reject::WindowRefused.client_reply().to_vec(),
                 ));
                 self.closed = true;
+                // A transfer pipelined ahead of AUTH holds a pinhole too.
+                self.take_owed_pinholes();
                 self.close_pinholes();
                 self.actions.push_back(Action::Shutdown);
             }
@@ -1279,6 +1277,16 @@ impl Session {
         self.events.push_back(Event::Refused(reason));
         self.actions
             .push_back(Action::ToClient(reason.passive_reply().to_vec()));
+    }
+
+    /// The pinholes of transfers whose final reply will never come now (the session is
+    /// ending): they join those to close.
+    fn take_owed_pinholes(&mut self) {
+        for owed in std::mem::take(&mut self.owed) {
+            if let Owed::Transfer { ids, .. } = owed {
+                self.pinholes.extend(ids);
+            }
+        }
     }
 
     fn close_pinholes(&mut self) {

@@ -717,6 +717,16 @@ impl<B: Backend> Pinholes<B> {
         }
     }
 
+    /// Every open window's id and session.
+    pub fn windows(&self) -> Vec<(PinholeId, u64)> {
+        self.lock()
+            .open
+            .iter()
+            .filter(|(_, o)| o.pinhole.last_port.is_some())
+            .map(|(id, o)| (*id, o.pinhole.label.session))
+            .collect()
+    }
+
     /// The session whose window `id` is; `None` when `id` is not an open window.
     pub fn window_session(&self, id: PinholeId) -> Option<u64> {
         self.lock()
