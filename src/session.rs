@@ -441,7 +441,12 @@ enum Pending {
     Passive(PassiveReply),
     /// The server's 234 to AUTH, held until the session's window is open, and the server's
     /// bytes read after the one that held the 234 (TLS already), which must not overtake it.
-    Window { reply: Vec<u8>, after: Vec<u8> },
+    Window {
+        reply: Vec<u8>,
+        after: Vec<u8>,
+        /// The client's bytes read meanwhile: like every action, they wait for the window.
+        to_server: Vec<u8>,
+    },
 }
 
 /// One control connection's state.
@@ -575,9 +580,11 @@ impl Session {
     /// Bytes read from the client.
     pub fn handle_client_data(&mut self, data: &[u8]) {
         if self.transparent {
-            // A session ended by a refused window forwards nothing more.
-            if !self.closed {
-                self.actions.push_back(Action::ToServer(data.to_vec()));
+            match &mut self.pending {
+                // A session ended by a refused window forwards nothing more.
+                _ if self.closed => {}
+                Some(Pending::Window { to_server, .. }) => to_server.extend_from_slice(data),
+                _ => self.actions.push_back(Action::ToServer(data.to_vec())),
             }
         } else if !self.client_eof {
             self.from_client.push(data);
@@ -670,8 +677,13 @@ impl Session {
             }
             return;
         }
-        if let Pending::Window { reply, after } = pending {
-            return self.window_opened(result, reply, after);
+        if let Pending::Window {
+            reply,
+            after,
+            to_server,
+        } = pending
+        {
+            return self.window_opened(result, reply, after, to_server);
         }
         let Some(opened) = result else {
             match pending {
@@ -733,7 +745,13 @@ impl Session {
     /// The window for TLS is open (`Some`) or refused: forward the server's 234 that waited for
     /// it and the TLS bytes behind it, in the order they came, or end the session (see
     /// [`Reject::WindowRefused`]).
-    fn window_opened(&mut self, result: Option<Opened>, reply: Vec<u8>, after: Vec<u8>) {
+    fn window_opened(
+        &mut self,
+        result: Option<Opened>,
+        reply: Vec<u8>,
+        after: Vec<u8>,
+        to_server: Vec<u8>,
+    ) {
         match result {
             Some(opened) => {
                 tracing::info!(
@@ -747,6 +765,9 @@ impl Session {
                     if !bytes.is_empty() {
                         self.actions.push_back(Action::ToClient(bytes));
                     }
+                }
+                if !to_server.is_empty() {
+                    self.actions.push_back(Action::ToServer(to_server));
                 }
             }
             None => {
@@ -1219,6 +1240,7 @@ impl Session {
                     self.pending = Some(Pending::Window {
                         reply: Vec::new(),
                         after: Vec::new(),
+                        to_server: Vec::new(),
                     });
                     self.actions.push_back(Action::OpenWindow(WindowRequest {
                         label: self.label(),
@@ -1993,6 +2015,7 @@ pub(super) mod tests {
     fn a_tls_window_opens_before_the_234_and_closes_with_the_session() {
         let mut s = windowed();
         s.handle_server_data(b"\x16\x03\x01later");
+        s.handle_client_data(b"\x16\x03\x01early");
         assert_eq!(drain(&mut s), vec![], "TLS bytes wait behind the held 234");
         s.handle_opened(opened(9, 1024));
         assert_eq!(
@@ -2001,6 +2024,7 @@ pub(super) mod tests {
                 to_client("234 Proceed with negotiation.\r\n"),
                 Action::ToClient(b"\x16\x03\x01hello".to_vec()),
                 Action::ToClient(b"\x16\x03\x01later".to_vec()),
+                Action::ToServer(b"\x16\x03\x01early".to_vec()),
             ]
         );
         assert_eq!(s.tls_state(), TlsState::Transparent);
