@@ -1235,6 +1235,9 @@ impl Session {
             Some(Owed::Auth) if code == 234 => {
                 self.transparent = true;
                 if self.ctx.policy.tls_window {
+                    // The pinholes of the plain part end first: nothing may follow the window's
+                    // request until its result is in.
+                    self.close_pinholes();
                     // The 234 waits for the window (see `server_line`): once the client has it,
                     // its data connections may follow at once.
                     self.pending = Some(Pending::Window {
