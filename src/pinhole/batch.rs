@@ -633,17 +633,10 @@ pub(crate) mod tests {
     /// connections given the source 203.0.113.1.
     pub(crate) fn window() -> Pinhole {
         Pinhole {
-            source: "198.18.0.2".parse().unwrap(),
             dial: "203.0.113.2:1024".parse().unwrap(),
             last_port: Some(65535),
             dnat: None,
-            snat: Some("203.0.113.1".parse().unwrap()),
-            label: Label {
-                session: 3,
-                client: "198.18.0.2".parse().unwrap(),
-                server: "203.0.113.2".parse().unwrap(),
-            },
-            timeout: Duration::from_secs(30),
+            ..pinhole()
         }
     }
 

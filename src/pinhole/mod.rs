@@ -613,21 +613,8 @@ impl<B: Backend> Pinholes<B> {
         if !removed.is_empty() {
             self.released.notify_waiters();
         }
-        // In chunks: one transaction for thousands of pinholes (a flush) could outgrow what
-        // the kernel takes in one message, and would fail whole.
-        let removals: Vec<_> = removed
-            .chunks(REMOVAL_CHUNK)
-            .map(|chunk| self.backend.remove(chunk.to_vec()))
-            .collect();
-        async move {
-            let mut result = Ok(());
-            for removal in removals {
-                if let Err(e) = removal.await {
-                    result = Err(e);
-                }
-            }
-            result
-        }
+        let sent = removed.chunks(REMOVAL_CHUNK);
+        all_chunks(sent.map(|c| self.backend.remove(c.to_vec())).collect())
     }
 
     /// Install a window for a session, unless its client holds its limit of windows already
@@ -702,19 +689,8 @@ impl<B: Backend> Pinholes<B> {
             .filter(|o| o.pinhole.last_port.is_some())
             .map(|o| o.pinhole.clone())
             .collect();
-        let refreshes: Vec<_> = windows
-            .chunks(REMOVAL_CHUNK)
-            .map(|chunk| self.backend.refresh(chunk.to_vec()))
-            .collect();
-        async move {
-            let mut result = Ok(());
-            for refresh in refreshes {
-                if let Err(e) = refresh.await {
-                    result = Err(e);
-                }
-            }
-            result
-        }
+        let sent = windows.chunks(REMOVAL_CHUNK);
+        all_chunks(sent.map(|c| self.backend.refresh(c.to_vec())).collect())
     }
 
     /// Every open window's id and session.
@@ -794,6 +770,22 @@ impl<B: Backend> Pinholes<B> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Wait for every chunk's transaction; the last error, if any. Removals and renewals go in
+/// chunks of [`REMOVAL_CHUNK`]: one transaction for thousands of pinholes (a flush) could
+/// outgrow what the kernel takes in one message, and would fail whole.
+async fn all_chunks<F>(sent: Vec<F>) -> Result<(), BackendError>
+where
+    F: Future<Output = Result<(), BackendError>>,
+{
+    let mut result = Ok(());
+    for chunk in sent {
+        if let Err(e) = chunk.await {
+            result = Err(e);
+        }
+    }
+    result
 }
 
 #[cfg(test)]
